@@ -1,0 +1,131 @@
+// Public C++ API of batchnorm: Keras-exact batch normalization over strided tensors.
+// Free functions work on raw strided views (for framework authors who own their buffers);
+// no backend header is included here, so this compiles without OpenMP or CUDA.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace batchnorm {
+
+inline constexpr int kMaxRank = 8;
+
+enum class DType : std::uint8_t { float16, bfloat16, float32, float64, boolean };
+
+enum class DeviceType : std::uint8_t { cpu, cuda };
+
+struct Device {
+  DeviceType type = DeviceType::cpu;
+  int index = 0;
+};
+
+// Name of a dtype as NumPy spells it ("float32", "bfloat16", ...), for error messages.
+const char* dtype_name(DType dtype);
+
+// A non-owning strided view. Strides count elements, not bytes, and may be zero or negative.
+struct TensorRef {
+  void* data = nullptr;
+  DType dtype = DType::float32;
+  int rank = 0;
+  std::array<std::int64_t, kMaxRank> shape{};
+  std::array<std::int64_t, kMaxRank> strides{};
+  Device device{};
+
+  std::int64_t numel() const;
+};
+
+// A contiguous C-order view of `shape` at `data`.
+TensorRef contiguous_view(void* data, DType dtype, const std::vector<std::int64_t>& shape,
+                          Device device = {});
+
+// Layer hyper-parameters, as in Keras' BatchNormalization.
+struct Options {
+  // Feature axes; negative values count from the end. Resolved against the input rank.
+  std::vector<int> axes{-1};
+  double momentum = 0.99;
+  double epsilon = 1e-3;
+  bool renorm = false;
+  double renorm_momentum = 0.99;
+  // Batch-renorm clipping: r is clipped to [rmin, rmax] and d to [-dmax, dmax]. The infinite
+  // defaults mean "no bound", as a missing key in Keras' renorm_clipping dict.
+  double rmin = -std::numeric_limits<double>::infinity();
+  double rmax = std::numeric_limits<double>::infinity();
+  double dmax = std::numeric_limits<double>::infinity();
+  // Ghost-batch size (0 = off). The batch axis 0 must be a multiple of it.
+  std::int64_t virtual_batch_size = 0;
+};
+
+// Per-feature vectors of length C (the product of the feature-axis sizes, C order over the
+// feature axes), contiguous, all of `dtype` (float32 for 16/32-bit data, float64 for float64
+// data) on the data's device. gamma/beta may be null (scale=False / center=False). The three
+// renorm vectors are needed only when Options::renorm is set.
+struct Weights {
+  void* gamma = nullptr;
+  void* beta = nullptr;
+  void* moving_mean = nullptr;
+  void* moving_variance = nullptr;
+  void* moving_stddev = nullptr;
+  void* renorm_mean = nullptr;
+  void* renorm_stddev = nullptr;
+  DType dtype = DType::float32;
+  Device device{};
+};
+
+// Optional training-time adjustment (Keras' `adjustment`): per-feature scale and bias vectors
+// with the same dtype/device rules as Weights.
+struct Adjustment {
+  const void* scale = nullptr;
+  const void* bias = nullptr;
+};
+
+// What a training forward pass keeps for its backward pass: per (ghost group g, feature c)
+// statistics at index g * features + c, and per-feature renorm/adjustment factors.
+struct TrainingContext {
+  std::int64_t groups = 0;
+  std::int64_t features = 0;
+  std::vector<double> count;    // valid positions in the group
+  std::vector<double> mean;     // batch mean used for the output (0 where count == 0)
+  std::vector<double> inv_std;  // 1 / sqrt(var + epsilon)
+  std::vector<double> zscale;   // r * adjustment scale (per feature)
+  std::vector<double> zshift;   // d * adjustment scale + adjustment bias (per feature)
+  bool has_mask = false;
+};
+
+// Training forward: y = ((x - mean) / sqrt(var + eps) * r + d) * a_s + a_b) * gamma + beta with
+// the batch (or ghost-batch, masked) statistics, and the Keras moving-statistics update applied
+// in place to `weights` when `update_moving` is set. `mask` (nullable) is a boolean view with
+// x's shape (stride 0 on the feature axes for broadcasting); only valid positions feed the
+// statistics. Statistics accumulate in float64 from per-block shifted sums merged by Chan's
+// formula in a fixed order: results are bitwise identical for every thread count.
+void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask,
+                   const Options& options, const Weights& weights, const Adjustment* adjustment,
+                   bool update_moving, TrainingContext& context);
+
+// Inference: y = (x - moving_mean) * gamma / sqrt(moving_variance + eps) + beta, computed in
+// float32 (float64 for float64 data). Elementwise, so trivially deterministic.
+void infer_forward(const TensorRef& x, const TensorRef& y, const Options& options,
+                   const Weights& weights);
+
+// Backward of train_forward (renorm r/d and adjustment held constant, as in Keras): writes dx
+// and, where non-null, dgamma/dbeta (weights' dtype, length C). The reductions sum in float64
+// in a fixed order (deterministic); `x` and `mask` must be those of the forward call.
+void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                    const TensorRef* mask, const Options& options, const Weights& weights,
+                    const TrainingContext& context, void* dgamma, void* dbeta);
+
+// Backward of infer_forward: dx = dy * gamma / sqrt(moving_variance + eps),
+// dgamma = sum(dy * (x - moving_mean)) / sqrt(moving_variance + eps), dbeta = sum(dy).
+void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                    const Options& options, const Weights& weights, void* dgamma, void* dbeta);
+
+// Whether this build carries the CUDA backend and a CUDA device is visible.
+bool cuda_available();
+
+// Number of features C for `shape` and `options.axes` (validates the axes).
+std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options);
+
+}  // namespace batchnorm

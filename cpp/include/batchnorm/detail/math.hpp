@@ -1,0 +1,230 @@
+// The per-feature scalar math of batch normalization, shared by every backend: Chan's merge of
+// partial moments, the Keras training/inference coefficients and moving updates, and the
+// backward coefficients. Everything runs in float64; kernels receive the folded coefficients
+// so that each element costs one subtract and one multiply-add.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "batchnorm/detail/config.hpp"
+
+namespace batchnorm::detail {
+
+// Running (count, mean, sum of squared deviations) of a set of values.
+struct Moments {
+  double count = 0.0;
+  double mean = 0.0;
+  double m2 = 0.0;
+};
+
+// Chan et al.'s pairwise merge: exact for data whose mean dwarfs its spread, unlike E[x^2]-E[x]^2.
+BATCHNORM_HD inline void merge_into(Moments& into, const Moments& other) {
+  if (other.count == 0.0) return;
+  if (into.count == 0.0) {
+    into = other;
+    return;
+  }
+  const double total = into.count + other.count;
+  const double delta = other.mean - into.mean;
+  into.mean += delta * (other.count / total);
+  into.m2 += other.m2 + delta * delta * (into.count * other.count / total);
+  into.count = total;
+}
+
+// Moments of a block from sums of (value - shift) and its square; the shift is a value of the
+// block, so the sums stay small and float64 keeps them exact enough.
+BATCHNORM_HD inline Moments moments_from_shifted_sums(double count, double shift, double sum,
+                                                      double sum_squares) {
+  Moments result;
+  if (count == 0.0) return result;
+  const double mean_offset = sum / count;
+  result.count = count;
+  result.mean = shift + mean_offset;
+  const double m2 = sum_squares - sum * mean_offset;
+  result.m2 = m2 > 0.0 ? m2 : 0.0;
+  return result;
+}
+
+BATCHNORM_HD inline double clamp(double value, double low, double high) {
+  return value < low ? low : (value > high ? high : value);
+}
+
+// Scalars of one training step.
+struct TrainScalars {
+  double epsilon;
+  double momentum;
+  double renorm_momentum;
+  double rmin, rmax, dmax;
+  bool renorm;
+  bool update_moving;
+};
+
+// The layer's per-feature vectors (nullable where absent).
+template <class W>
+struct WeightPtrs {
+  W* gamma;
+  W* beta;
+  W* moving_mean;
+  W* moving_variance;
+  W* moving_stddev;
+  W* renorm_mean;
+  W* renorm_stddev;
+  const W* adjust_scale;
+  const W* adjust_bias;
+};
+
+// Per-(group, feature) statistics of a training step, index g * C + c.
+struct GroupStats {
+  const double* count;
+  double* mean;     // in: batch mean; out: the mean used (0 where count == 0)
+  double* var;      // in: biased batch variance; out: the variance used
+  double* inv_std;  // out: 1 / sqrt(var + epsilon)
+  double* zscale;   // out, per feature: r * adjustment scale
+  double* zshift;   // out, per feature: d * adjustment scale + adjustment bias
+};
+
+// Folded elementwise coefficients, index g * C + c: out = (in - shift) * scale + offset for the
+// forward; for dx the kernels use dx = dy * scale + valid * ((x - shift) * slope + offset).
+template <class Acc>
+struct Coefficients {
+  Acc* shift;
+  Acc* scale;
+  Acc* slope;
+  Acc* offset;
+};
+
+template <class W>
+BATCHNORM_HD inline double value_or(const W* values, std::int64_t i, double fallback) {
+  return values ? static_cast<double>(values[i]) : fallback;
+}
+
+// Training step for feature c across its G ghost groups (G = 1 without ghost batches).
+template <class W, class Acc>
+BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
+                                const TrainScalars& s, GroupStats stats, WeightPtrs<W> w,
+                                Coefficients<Acc> out) {
+  // Ghost batches feed the moving statistics and renorm with the mean over ghost batches of
+  // their means and variances (Keras); groups without a valid position are left out.
+  double mean_sum = 0.0, var_sum = 0.0, valid_groups = 0.0;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t k = g * features + c;
+    if (stats.count[k] > 0.0) {
+      mean_sum += stats.mean[k];
+      var_sum += stats.var[k];
+      valid_groups += 1.0;
+    } else {
+      stats.mean[k] = 0.0;
+      stats.var[k] = 0.0;
+    }
+    stats.inv_std[k] = 1.0 / std::sqrt(stats.var[k] + s.epsilon);
+  }
+  const double batch_mean = valid_groups > 0.0 ? mean_sum / valid_groups : 0.0;
+  const double batch_var = valid_groups > 0.0 ? var_sum / valid_groups : 0.0;
+  const double batch_std = std::sqrt(batch_var + s.epsilon);
+
+  double r = 1.0, d = 0.0;
+  if (s.renorm) {
+    const double renorm_std = fmax(static_cast<double>(w.renorm_stddev[c]), std::sqrt(s.epsilon));
+    r = clamp(batch_std / renorm_std, s.rmin, s.rmax);
+    d = clamp((batch_mean - static_cast<double>(w.renorm_mean[c])) / renorm_std, -s.dmax, s.dmax);
+  }
+  const double adjust_scale = value_or(w.adjust_scale, c, 1.0);
+  const double adjust_bias = value_or(w.adjust_bias, c, 0.0);
+  const double zscale = r * adjust_scale;
+  const double zshift = d * adjust_scale + adjust_bias;
+  stats.zscale[c] = zscale;
+  stats.zshift[c] = zshift;
+
+  const double gamma = value_or(w.gamma, c, 1.0);
+  const double beta = value_or(w.beta, c, 0.0);
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t k = g * features + c;
+    out.shift[k] = static_cast<Acc>(stats.mean[k]);
+    out.scale[k] = static_cast<Acc>(stats.inv_std[k] * zscale * gamma);
+    out.offset[k] = static_cast<Acc>(zshift * gamma + beta);
+  }
+
+  if (!s.update_moving || valid_groups == 0.0) return;
+  const double m = s.momentum;
+  w.moving_mean[c] =
+      static_cast<W>(static_cast<double>(w.moving_mean[c]) * m + batch_mean * (1 - m));
+  if (s.renorm) {
+    const double rm = s.renorm_momentum;
+    w.renorm_mean[c] =
+        static_cast<W>(static_cast<double>(w.renorm_mean[c]) * rm + batch_mean * (1 - rm));
+    w.renorm_stddev[c] =
+        static_cast<W>(static_cast<double>(w.renorm_stddev[c]) * rm + batch_std * (1 - rm));
+    const double stddev = static_cast<double>(w.moving_stddev[c]) * m + batch_std * (1 - m);
+    w.moving_stddev[c] = static_cast<W>(stddev);
+    // Keras assigns (not averages) the variance from the averaged stddev, clamped at zero.
+    const double stored = static_cast<double>(w.moving_stddev[c]);
+    w.moving_variance[c] = static_cast<W>(fmax(stored * stored - s.epsilon, 0.0));
+  } else {
+    w.moving_variance[c] =
+        static_cast<W>(static_cast<double>(w.moving_variance[c]) * m + batch_var * (1 - m));
+  }
+}
+
+// Inference coefficients for feature c: y = (x - moving_mean) * gamma / sqrt(mv + eps) + beta.
+template <class W, class Acc>
+BATCHNORM_HD void inference_feature(std::int64_t c, double epsilon, const WeightPtrs<W>& w,
+                                    Coefficients<Acc> out) {
+  const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
+  out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
+  out.scale[c] = static_cast<Acc>(value_or(w.gamma, c, 1.0) * inv_std);
+  out.offset[c] = static_cast<Acc>(value_or(w.beta, c, 0.0));
+}
+
+// Per-(group, feature) sums of the backward pass over all positions, index g * C + c.
+struct BackwardSums {
+  const double* dy;           // sum of dy
+  const double* dy_centered;  // sum of dy * (x - shift)
+};
+
+// Training backward for feature c. With g = dy * gamma * zscale and s the group's std:
+// dx = g / s - valid * (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all positions.
+template <class W, class Acc>
+BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
+                                         const double* count, const double* inv_std,
+                                         const double* zscale, const double* zshift,
+                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
+                                         Coefficients<Acc> out) {
+  const double gamma = value_or(gamma_ptr, c, 1.0);
+  const double k = gamma * zscale[c];
+  double sum_dy = 0.0, sum_dy_xhat = 0.0;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const std::int64_t i = g * features + c;
+    const double inv = inv_std[i];
+    const double group_dy = sums.dy[i];
+    const double group_dy_xhat = sums.dy_centered[i] * inv;
+    sum_dy += group_dy;
+    sum_dy_xhat += group_dy_xhat;
+    out.scale[i] = static_cast<Acc>(k * inv);
+    if (count[i] > 0.0) {
+      out.offset[i] = static_cast<Acc>(-k * inv * group_dy / count[i]);
+      out.slope[i] = static_cast<Acc>(-k * inv * inv * group_dy_xhat / count[i]);
+    } else {
+      out.offset[i] = Acc(0);
+      out.slope[i] = Acc(0);
+    }
+  }
+  if (dgamma) dgamma[c] = static_cast<W>(zscale[c] * sum_dy_xhat + zshift[c] * sum_dy);
+  if (dbeta) dbeta[c] = static_cast<W>(sum_dy);
+}
+
+// Inference backward for feature c: dx = dy * gamma * inv_std, dgamma = inv_std * sum(dy * (x -
+// mm)), dbeta = sum(dy); the shift coefficient must already hold the moving mean.
+template <class W, class Acc>
+BATCHNORM_HD void inference_backward_feature(std::int64_t c, double epsilon, const WeightPtrs<W>& w,
+                                             BackwardSums sums, W* dgamma, W* dbeta,
+                                             Coefficients<Acc> out) {
+  const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
+  out.scale[c] = static_cast<Acc>(value_or(w.gamma, c, 1.0) * inv_std);
+  out.slope[c] = Acc(0);
+  out.offset[c] = Acc(0);
+  if (dgamma) dgamma[c] = static_cast<W>(sums.dy_centered[c] * inv_std);
+  if (dbeta) dbeta[c] = static_cast<W>(sums.dy[c]);
+}
+
+}  // namespace batchnorm::detail

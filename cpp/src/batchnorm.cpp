@@ -1,0 +1,334 @@
+// Public entry points: argument checks, canonical plans, and the one place where a runtime
+// dtype and device become a template argument and a backend.
+#include "batchnorm/batchnorm.hpp"
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "batchnorm/detail/backend.hpp"
+
+namespace batchnorm {
+
+using detail::bfloat16;
+using detail::compute_t;
+using detail::float16;
+using detail::Plan;
+using detail::TrainScalars;
+using detail::WeightPtrs;
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::float16:
+      return "float16";
+    case DType::bfloat16:
+      return "bfloat16";
+    case DType::float32:
+      return "float32";
+    case DType::float64:
+      return "float64";
+    case DType::boolean:
+      return "bool";
+  }
+  return "unknown";
+}
+
+std::int64_t TensorRef::numel() const {
+  std::int64_t n = 1;
+  for (int i = 0; i < rank; ++i) n *= shape[i];
+  return n;
+}
+
+TensorRef contiguous_view(void* data, DType dtype, const std::vector<std::int64_t>& shape,
+                          Device device) {
+  if (shape.size() > static_cast<std::size_t>(kMaxRank)) {
+    throw std::invalid_argument("batchnorm: rank " + std::to_string(shape.size()) +
+                                " exceeds the supported maximum of " + std::to_string(kMaxRank));
+  }
+  TensorRef t;
+  t.data = data;
+  t.dtype = dtype;
+  t.rank = static_cast<int>(shape.size());
+  t.device = device;
+  std::int64_t stride = 1;
+  for (int i = t.rank - 1; i >= 0; --i) {
+    t.shape[i] = shape[static_cast<std::size_t>(i)];
+    t.strides[i] = stride;
+    stride *= shape[static_cast<std::size_t>(i)];
+  }
+  return t;
+}
+
+namespace {
+
+[[noreturn]] void fail(const char* op, const std::string& message) {
+  throw std::invalid_argument(std::string("batchnorm.") + op + ": " + message);
+}
+
+std::string shape_string(const TensorRef& t) {
+  std::string s = "(";
+  for (int i = 0; i < t.rank; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.rank == 1 ? ",)" : ")");
+}
+
+bool same_device(const Device& a, const Device& b) {
+  return a.type == b.type && (a.type == DeviceType::cpu || a.index == b.index);
+}
+
+std::uint32_t resolve_axes(const char* op, int rank, const std::vector<int>& axes) {
+  if (rank < 1 || rank > kMaxRank) {
+    fail(op, "input rank " + std::to_string(rank) + " is outside the supported range 1.." +
+                 std::to_string(kMaxRank));
+  }
+  if (axes.empty()) fail(op, "axis list is empty");
+  std::uint32_t mask = 0;
+  for (int axis : axes) {
+    const int resolved = axis < 0 ? axis + rank : axis;
+    if (resolved < 0 || resolved >= rank) {
+      fail(op, "axis " + std::to_string(axis) + " is out of range for an input of rank " +
+                   std::to_string(rank));
+    }
+    if (mask & (1u << resolved)) {
+      fail(op, "axis " + std::to_string(axis) + " is repeated (axes resolve to the same axis)");
+    }
+    mask |= 1u << resolved;
+  }
+  return mask;
+}
+
+DType weight_dtype_for(DType data) {
+  return data == DType::float64 ? DType::float64 : DType::float32;
+}
+
+// Everything a call needs, checked once.
+struct Checked {
+  std::uint32_t feature_axes = 0;
+  std::int64_t groups = 1;
+  std::int64_t features = 1;
+};
+
+void check_like(const char* op, const char* name, const TensorRef& t, const TensorRef& x) {
+  if (t.data == nullptr && t.numel() != 0) fail(op, std::string(name) + " has no data pointer");
+  if (t.rank != x.rank) {
+    fail(op, std::string(name) + " has rank " + std::to_string(t.rank) + ", expected " +
+                 std::to_string(x.rank));
+  }
+  for (int i = 0; i < x.rank; ++i) {
+    if (t.shape[i] != x.shape[i]) {
+      fail(op,
+           std::string(name) + " has shape " + shape_string(t) + ", expected " + shape_string(x));
+    }
+  }
+  if (t.dtype != x.dtype) {
+    fail(op, std::string(name) + " has dtype " + dtype_name(t.dtype) + ", expected " +
+                 dtype_name(x.dtype));
+  }
+  if (!same_device(t.device, x.device)) fail(op, std::string(name) + " is on another device");
+}
+
+Checked check_common(const char* op, const TensorRef& x, const Options& o, const Weights& w,
+                     bool training) {
+  Checked c;
+  c.feature_axes = resolve_axes(op, x.rank, o.axes);
+  if (x.dtype == DType::boolean) fail(op, "input dtype bool is not a floating-point type");
+  if (x.data == nullptr && x.numel() != 0) fail(op, "input has no data pointer");
+  for (int i = 0; i < x.rank; ++i) {
+    if (x.shape[i] < 0) fail(op, "input shape " + shape_string(x) + " has a negative size");
+    if (c.feature_axes & (1u << i)) c.features *= x.shape[i];
+  }
+  if (!(o.epsilon > 0.0)) fail(op, "epsilon must be > 0, got " + std::to_string(o.epsilon));
+  if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
+    fail(op, "momentum must be in [0, 1], got " + std::to_string(o.momentum));
+  }
+  if (w.dtype != weight_dtype_for(x.dtype)) {
+    fail(op, std::string("weights have dtype ") + dtype_name(w.dtype) + " but " +
+                 dtype_name(x.dtype) + " data needs " + dtype_name(weight_dtype_for(x.dtype)));
+  }
+  if (!same_device(w.device, x.device)) fail(op, "weights and input are on different devices");
+  if (!w.moving_mean || !w.moving_variance)
+    fail(op, "moving_mean and moving_variance are required");
+  if (training && o.renorm) {
+    if (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev) {
+      fail(op, "renorm needs moving_stddev, renorm_mean and renorm_stddev");
+    }
+    if (!(o.renorm_momentum >= 0.0 && o.renorm_momentum <= 1.0)) {
+      fail(op, "renorm_momentum must be in [0, 1]");
+    }
+    if (o.rmax < o.rmin) fail(op, "renorm clipping needs rmax >= rmin");
+    if (o.dmax < 0.0) fail(op, "renorm clipping needs dmax >= 0");
+  }
+  if (training && o.virtual_batch_size != 0) {
+    if (o.virtual_batch_size < 0) fail(op, "virtual_batch_size must be > 0");
+    if (c.feature_axes & 1u) fail(op, "axis 0 cannot be a feature axis with virtual_batch_size");
+    if (x.shape[0] % o.virtual_batch_size != 0) {
+      fail(op, "the batch size " + std::to_string(x.shape[0]) +
+                   " is not a multiple of virtual_batch_size " +
+                   std::to_string(o.virtual_batch_size));
+    }
+    if (x.shape[0] > 0) c.groups = x.shape[0] / o.virtual_batch_size;
+  }
+  return c;
+}
+
+void check_mask(const char* op, const TensorRef* mask, const TensorRef& x, std::uint32_t axes) {
+  if (!mask) return;
+  if (mask->dtype != DType::boolean) fail(op, "mask must be boolean");
+  if (mask->rank != x.rank) fail(op, "mask must be given with the input's rank");
+  if (!same_device(mask->device, x.device)) fail(op, "mask is on another device than the input");
+  for (int i = 0; i < x.rank; ++i) {
+    if (mask->shape[i] != x.shape[i]) {
+      fail(op,
+           "mask shape " + shape_string(*mask) + " does not match the input " + shape_string(x));
+    }
+    if ((axes & (1u << i)) && x.shape[i] > 1 && mask->strides[i] != 0) {
+      fail(op, "mask must not vary along the feature axis " + std::to_string(i));
+    }
+  }
+}
+
+template <class W>
+WeightPtrs<W> typed_weights(const Weights& w, const Adjustment* adjustment) {
+  WeightPtrs<W> p{static_cast<W*>(w.gamma),
+                  static_cast<W*>(w.beta),
+                  static_cast<W*>(w.moving_mean),
+                  static_cast<W*>(w.moving_variance),
+                  static_cast<W*>(w.moving_stddev),
+                  static_cast<W*>(w.renorm_mean),
+                  static_cast<W*>(w.renorm_stddev),
+                  nullptr,
+                  nullptr};
+  if (adjustment) {
+    p.adjust_scale = static_cast<const W*>(adjustment->scale);
+    p.adjust_bias = static_cast<const W*>(adjustment->bias);
+  }
+  return p;
+}
+
+// The single dtype/device dispatch: calls f(T{}, Backend{}) for the element type and backend.
+template <class F>
+void dispatch(const char* op, const TensorRef& x, F&& f) {
+  auto on_backend = [&](auto element) {
+    if (x.device.type == DeviceType::cuda) {
+      f(element, detail::CudaBackend{});
+    } else {
+      f(element, detail::CpuBackend{});
+    }
+  };
+  switch (x.dtype) {
+    case DType::float32:
+      return on_backend(float{});
+    case DType::float64:
+      return on_backend(double{});
+    case DType::float16:
+      return on_backend(float16{});
+    case DType::bfloat16:
+      return on_backend(bfloat16{});
+    default:
+      fail(op, std::string("unsupported dtype ") + dtype_name(x.dtype));
+  }
+}
+
+const std::uint8_t* mask_data(const TensorRef* mask) {
+  return mask ? static_cast<const std::uint8_t*>(mask->data) : nullptr;
+}
+
+}  // namespace
+
+std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options) {
+  const std::uint32_t axes =
+      resolve_axes("feature_count", static_cast<int>(shape.size()), options.axes);
+  std::int64_t n = 1;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (axes & (1u << i)) n *= shape[i];
+  }
+  return n;
+}
+
+void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask,
+                   const Options& options, const Weights& weights, const Adjustment* adjustment,
+                   bool update_moving, TrainingContext& context) {
+  const char* op = "train_forward";
+  const Checked c = check_common(op, x, options, weights, true);
+  check_like(op, "output", y, x);
+  check_mask(op, mask, x, c.feature_axes);
+  const TensorRef* stats_ops[] = {&x, mask ? mask : &x};
+  const TensorRef* apply_ops[] = {&x, &y};
+  const Plan stats_plan =
+      detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1);
+  const Plan apply_plan = detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1);
+  const TrainScalars scalars{options.epsilon, options.momentum, options.renorm_momentum,
+                             options.rmin,    options.rmax,     options.dmax,
+                             options.renorm,  update_moving};
+  dispatch(op, x, [&](auto element, auto backend) {
+    using T = decltype(element);
+    using W = compute_t<T>;
+    decltype(backend)::template train_forward<T>(
+        stats_plan, apply_plan, static_cast<const T*>(x.data), static_cast<T*>(y.data),
+        mask_data(mask), scalars, typed_weights<W>(weights, adjustment), context);
+  });
+}
+
+void infer_forward(const TensorRef& x, const TensorRef& y, const Options& options,
+                   const Weights& weights) {
+  const char* op = "infer_forward";
+  const Checked c = check_common(op, x, options, weights, false);
+  check_like(op, "output", y, x);
+  const TensorRef* ops[] = {&x, &y};
+  const Plan plan = detail::make_plan(x, c.feature_axes, 1, ops, 2, -1);
+  dispatch(op, x, [&](auto element, auto backend) {
+    using T = decltype(element);
+    decltype(backend)::template infer_forward<T>(plan, static_cast<const T*>(x.data),
+                                                 static_cast<T*>(y.data), options.epsilon,
+                                                 typed_weights<compute_t<T>>(weights, nullptr));
+  });
+}
+
+void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                    const TensorRef* mask, const Options& options, const Weights& weights,
+                    const TrainingContext& context, void* dgamma, void* dbeta) {
+  const char* op = "train_backward";
+  const Checked c = check_common(op, x, options, weights, true);
+  check_like(op, "dy", dy, x);
+  check_like(op, "dx", dx, x);
+  check_mask(op, mask, x, c.feature_axes);
+  if (context.groups != c.groups || context.features != c.features) {
+    fail(op, "the training context does not belong to an input of this shape");
+  }
+  const TensorRef* sums_ops[] = {&dy, &x};
+  const TensorRef* dx_ops[] = {&dy, &x, &dx, mask ? mask : &x};
+  const Plan sums_plan = detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1);
+  const Plan dx_plan =
+      detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1);
+  dispatch(op, x, [&](auto element, auto backend) {
+    using T = decltype(element);
+    using W = compute_t<T>;
+    decltype(backend)::template train_backward<T>(
+        sums_plan, dx_plan, static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
+        static_cast<T*>(dx.data), mask_data(mask), typed_weights<W>(weights, nullptr), context,
+        static_cast<W*>(dgamma), static_cast<W*>(dbeta));
+  });
+}
+
+void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
+                    const Options& options, const Weights& weights, void* dgamma, void* dbeta) {
+  const char* op = "infer_backward";
+  const Checked c = check_common(op, x, options, weights, false);
+  check_like(op, "dy", dy, x);
+  check_like(op, "dx", dx, x);
+  const TensorRef* sums_ops[] = {&dy, &x};
+  const TensorRef* dx_ops[] = {&dy, &x, &dx};
+  const Plan sums_plan = detail::make_plan(x, c.feature_axes, 1, sums_ops, 2, -1);
+  const Plan dx_plan = detail::make_plan(x, c.feature_axes, 1, dx_ops, 3, -1);
+  dispatch(op, x, [&](auto element, auto backend) {
+    using T = decltype(element);
+    using W = compute_t<T>;
+    decltype(backend)::template infer_backward<T>(
+        sums_plan, dx_plan, static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
+        static_cast<T*>(dx.data), options.epsilon, typed_weights<W>(weights, nullptr),
+        static_cast<W*>(dgamma), static_cast<W*>(dbeta));
+  });
+}
+
+bool cuda_available() { return detail::CudaBackend::available(); }
+
+}  // namespace batchnorm

@@ -1,0 +1,44 @@
+// Stand-in for the CUDA backend in builds without CUDA: same symbols, each call explains why
+// it cannot run. Keeps the bindings and the dispatch free of #ifdefs.
+#include <stdexcept>
+
+#include "batchnorm/detail/backend.hpp"
+
+namespace batchnorm::detail {
+
+namespace {
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error(
+      "batchnorm was built without CUDA support; rebuild with BATCHNORM_ENABLE_CUDA=ON and nvcc "
+      "available to run on CUDA devices");
+}
+}  // namespace
+
+bool CudaBackend::available() { return false; }
+
+template <class T>
+void CudaBackend::train_forward(const Plan&, const Plan&, const T*, T*, const std::uint8_t*,
+                                const TrainScalars&, const WeightPtrs<compute_t<T>>&,
+                                TrainingContext&) {
+  no_cuda();
+}
+template <class T>
+void CudaBackend::infer_forward(const Plan&, const T*, T*, double,
+                                const WeightPtrs<compute_t<T>>&) {
+  no_cuda();
+}
+template <class T>
+void CudaBackend::train_backward(const Plan&, const Plan&, const T*, const T*, T*,
+                                 const std::uint8_t*, const WeightPtrs<compute_t<T>>&,
+                                 const TrainingContext&, compute_t<T>*, compute_t<T>*) {
+  no_cuda();
+}
+template <class T>
+void CudaBackend::infer_backward(const Plan&, const Plan&, const T*, const T*, T*, double,
+                                 const WeightPtrs<compute_t<T>>&, compute_t<T>*, compute_t<T>*) {
+  no_cuda();
+}
+
+BATCHNORM_INSTANTIATE_BACKEND(CudaBackend)
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,10 @@
+// Registration functions of the extension's areas, called from module.cpp.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+namespace batchnorm::python {
+
+void bind_operations(nanobind::module_& m);
+
+}  // namespace batchnorm::python

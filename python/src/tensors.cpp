@@ -1,0 +1,97 @@
+// ndarray -> TensorRef conversion: dtype/device mapping and the zero-copy checks.
+#include "tensors.hpp"
+
+#include <string>
+
+namespace batchnorm::python {
+
+namespace {
+
+DType dtype_of(const nb::dlpack::dtype& dt, const char* name, bool bfloat16) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(dt.code);
+  if (dt.lanes == 1) {
+    if (code == Code::Float && dt.bits == 16) return DType::float16;
+    if (code == Code::Float && dt.bits == 32) return DType::float32;
+    if (code == Code::Float && dt.bits == 64) return DType::float64;
+    if (code == Code::Bfloat && dt.bits == 16) return DType::bfloat16;
+    if (code == Code::UInt && dt.bits == 16 && bfloat16) return DType::bfloat16;
+    if (code == Code::Bool && dt.bits == 8) return DType::boolean;
+  }
+  throw nb::type_error((std::string(name) + ": unsupported element type (code " +
+                        std::to_string(dt.code) + ", " + std::to_string(dt.bits) +
+                        " bits); expected float16, bfloat16, float32 or float64")
+                           .c_str());
+}
+
+Device device_of(int type, int id, const char* name) {
+  if (type == nb::device::cpu::value) return Device{DeviceType::cpu, 0};
+  if (type == nb::device::cuda::value) return Device{DeviceType::cuda, id};
+  throw nb::value_error(
+      (std::string(name) + ": arrays must live on the CPU or a CUDA device").c_str());
+}
+
+template <class Array>
+TensorRef convert(const Array& a, const char* name, bool bfloat16) {
+  if (a.ndim() > static_cast<std::size_t>(kMaxRank)) {
+    throw nb::value_error((std::string(name) + ": rank " + std::to_string(a.ndim()) +
+                           " exceeds the supported maximum of " + std::to_string(kMaxRank))
+                              .c_str());
+  }
+  TensorRef t;
+  t.data = const_cast<void*>(static_cast<const void*>(a.data()));
+  t.dtype = dtype_of(a.dtype(), name, bfloat16);
+  t.rank = static_cast<int>(a.ndim());
+  for (int i = 0; i < t.rank; ++i) {
+    t.shape[i] = static_cast<std::int64_t>(a.shape(i));
+    t.strides[i] = a.stride(i);
+  }
+  t.device = device_of(a.device_type(), a.device_id(), name);
+  return t;
+}
+
+}  // namespace
+
+TensorRef to_tensor(const InputArray& array, const char* name, bool bfloat16) {
+  return convert(array, name, bfloat16);
+}
+
+TensorRef to_tensor(const OutputArray& array, const char* name, bool bfloat16) {
+  return convert(array, name, bfloat16);
+}
+
+TensorRef to_mask(const InputArray& array) {
+  TensorRef t = convert(array, "mask", false);
+  const auto dt = array.dtype();
+  if (dt.bits == 8 && dt.lanes == 1 &&
+      (dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bool) ||
+       dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::UInt))) {
+    t.dtype = DType::boolean;
+    return t;
+  }
+  throw nb::type_error("mask: expected bool or uint8 (0/1) elements");
+}
+
+void* weight_pointer(const nb::handle& handle, std::int64_t n, DType dtype, const Device& device,
+                     const char* name) {
+  if (handle.is_none()) return nullptr;
+  const auto array = nb::cast<OutputArray>(handle);
+  const TensorRef t = convert(array, name, false);
+  if (t.rank != 1 || t.shape[0] != n || (n > 1 && t.strides[0] != 1)) {
+    throw nb::value_error(
+        (std::string(name) + ": expected a contiguous vector of " + std::to_string(n) + " elements")
+            .c_str());
+  }
+  if (t.dtype != dtype) {
+    throw nb::type_error((std::string(name) + ": expected dtype " + dtype_name(dtype) + ", got " +
+                          dtype_name(t.dtype))
+                             .c_str());
+  }
+  if (t.device.type != device.type || t.device.index != device.index) {
+    throw nb::value_error(
+        (std::string(name) + ": weights must live on the same device as the input").c_str());
+  }
+  return t.data;
+}
+
+}  // namespace batchnorm::python
