@@ -31,8 +31,11 @@ Device device_of(int type, int id, const char* name) {
       (std::string(name) + ": arrays must live on the CPU or a CUDA device").c_str());
 }
 
+// Masks are checked by the caller; their element type is fixed to boolean here.
+enum class Kind { data, mask };
+
 template <class Array>
-TensorRef convert(const Array& a, const char* name, bool bfloat16) {
+TensorRef convert(const Array& a, const char* name, bool bfloat16, Kind kind = Kind::data) {
   if (a.ndim() > static_cast<std::size_t>(kMaxRank)) {
     throw nb::value_error((std::string(name) + ": rank " + std::to_string(a.ndim()) +
                            " exceeds the supported maximum of " + std::to_string(kMaxRank))
@@ -40,7 +43,7 @@ TensorRef convert(const Array& a, const char* name, bool bfloat16) {
   }
   TensorRef t;
   t.data = const_cast<void*>(static_cast<const void*>(a.data()));
-  t.dtype = dtype_of(a.dtype(), name, bfloat16);
+  t.dtype = kind == Kind::mask ? DType::boolean : dtype_of(a.dtype(), name, bfloat16);
   t.rank = static_cast<int>(a.ndim());
   for (int i = 0; i < t.rank; ++i) {
     t.shape[i] = static_cast<std::int64_t>(a.shape(i));
@@ -61,13 +64,11 @@ TensorRef to_tensor(const OutputArray& array, const char* name, bool bfloat16) {
 }
 
 TensorRef to_mask(const InputArray& array) {
-  TensorRef t = convert(array, "mask", false);
   const auto dt = array.dtype();
   if (dt.bits == 8 && dt.lanes == 1 &&
       (dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bool) ||
        dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::UInt))) {
-    t.dtype = DType::boolean;
-    return t;
+    return convert(array, "mask", false, Kind::mask);
   }
   throw nb::type_error("mask: expected bool or uint8 (0/1) elements");
 }

@@ -80,10 +80,10 @@ os.environ.pop("TF_USE_LEGACY_KERAS", None)
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
-import keras  # noqa: E402
 
 assert tf_keras.__version__.startswith("2."), tf_keras.__version__
 assert keras.__version__.startswith("3."), keras.__version__

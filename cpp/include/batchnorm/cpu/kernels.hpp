@@ -343,7 +343,7 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   }
 }
 
-// dx = dy * scale + valid * ((x - shift) * slope + offset) (operands: dy, x, dx, mask).
+// dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask).
 template <class T, class Acc>
 void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* mask, T* dx,
                  const detail::Coefficients<Acc>& k) {
@@ -374,7 +374,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
           for (std::int64_t c = 0; c < n; ++c) {
             const Acc gd = detail::load<Acc>(g[c * f.stride[0]]);
             const Acc xc = detail::load<Acc>(v[c * f.stride[1]]) - m[c];
-            out[c * f.stride[2]] = detail::store<T>(gd * a[c] + (xc * b[c] + o[c]));
+            out[c * f.stride[2]] = detail::store<T>(a[c] * (gd - (o[c] + xc * b[c])));
           }
         } else {
           for (std::int64_t c = 0; c < n; ++c) {
@@ -394,15 +394,15 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
         if (!mask && gs == 1 && xs == 1 && ds == 1) {
           for (std::int64_t i = 0; i < n; ++i) {
             const Acc xc = detail::load<Acc>(v[i]) - m;
-            out[i] = detail::store<T>(detail::load<Acc>(g[i]) * a + (xc * b + o));
+            out[i] = detail::store<T>(a * (detail::load<Acc>(g[i]) - (o + xc * b)));
           }
           continue;
         }
         const std::uint8_t* valid = mask ? mask + base[3] + walk.offset[3] : nullptr;
         for (std::int64_t i = 0; i < n; ++i) {
-          Acc value = detail::load<Acc>(g[i * gs]) * a;
-          if (!valid || valid[i * ms]) value += (detail::load<Acc>(v[i * xs]) - m) * b + o;
-          out[i * ds] = detail::store<T>(value);
+          Acc value = detail::load<Acc>(g[i * gs]);
+          if (!valid || valid[i * ms]) value -= o + (detail::load<Acc>(v[i * xs]) - m) * b;
+          out[i * ds] = detail::store<T>(a * value);
         }
       }
     }

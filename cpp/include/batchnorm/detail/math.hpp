@@ -85,7 +85,7 @@ struct GroupStats {
 };
 
 // Folded elementwise coefficients, index g * C + c: out = (in - shift) * scale + offset for the
-// forward; for dx the kernels use dx = dy * scale + valid * ((x - shift) * slope + offset).
+// forward; for dx the kernels use dx = scale * (dy - valid * (offset + (x - shift) * slope)).
 template <class Acc>
 struct Coefficients {
   Acc* shift;
@@ -184,12 +184,14 @@ struct BackwardSums {
 
 // Training backward for feature c. With g = dy * gamma * zscale and s the group's std:
 // dx = g / s - valid * (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all positions.
+// Kernels evaluate it as scale * (dy - valid * (offset + (x - shift) * slope)): the bracket
+// cancels in the data type before scaling, so e.g. a batch of one gives exactly zero.
 template <class W, class Acc>
 BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
                                          const double* count, const double* inv_std,
                                          const double* zscale, const double* zshift,
-                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
-                                         Coefficients<Acc> out) {
+                                         const W* gamma_ptr, BackwardSums sums, W* dgamma,
+                                         W* dbeta, Coefficients<Acc> out) {
   const double gamma = value_or(gamma_ptr, c, 1.0);
   const double k = gamma * zscale[c];
   double sum_dy = 0.0, sum_dy_xhat = 0.0;
@@ -202,8 +204,8 @@ BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, 
     sum_dy_xhat += group_dy_xhat;
     out.scale[i] = static_cast<Acc>(k * inv);
     if (count[i] > 0.0) {
-      out.offset[i] = static_cast<Acc>(-k * inv * group_dy / count[i]);
-      out.slope[i] = static_cast<Acc>(-k * inv * inv * group_dy_xhat / count[i]);
+      out.offset[i] = static_cast<Acc>(group_dy / count[i]);
+      out.slope[i] = static_cast<Acc>(inv * group_dy_xhat / count[i]);
     } else {
       out.offset[i] = Acc(0);
       out.slope[i] = Acc(0);

@@ -1,0 +1,18 @@
+"""batchnorm: Keras' BatchNormalization layer with exact Keras numbers, computed by C++/OpenMP
+kernels at memory-bandwidth speed, zero-copy on NumPy arrays."""
+
+from . import constraints, initializers, regularizers
+from ._core import cuda_available
+from .layer import BatchNormalization, Variable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormalization",
+    "Variable",
+    "constraints",
+    "cuda_available",
+    "initializers",
+    "regularizers",
+    "__version__",
+]

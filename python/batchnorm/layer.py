@@ -1,0 +1,638 @@
+"""`BatchNormalization`: the Keras layer (training, inference, moving statistics, masks, batch
+renormalization, ghost batches, adjustment, regularizers, constraints and the backward pass) on
+top of the compiled kernels in `batchnorm._core`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core, constraints, initializers, regularizers
+from ._arrays import as_numpy, cast, check_numeric, kernel_view
+from ._dtypes import Policy, data_dtype, numpy_dtype, policy_from
+
+_layer_ids = itertools.count()
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+class Variable:
+    """A layer weight: Keras-shaped to the user, a flat contiguous vector to the kernels."""
+
+    def __init__(self, name: str, layer: BatchNormalization, value: np.ndarray, trainable: bool):
+        self.name = name
+        self.path = f"{layer.name}/{name}"
+        self._shape = tuple(value.shape)
+        self._storage = np.ascontiguousarray(value, dtype=value.dtype).reshape(-1).copy()
+        self._trainable = trainable
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._storage.dtype
+
+    def numpy(self) -> np.ndarray:
+        """A copy of the value in the Keras weight shape."""
+        return self._storage.reshape(self._shape).copy()
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.numpy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        value = self.numpy()
+        return value if dtype is None else value.astype(dtype)
+
+    def assign(self, value: Any) -> None:
+        """Overwrites the value with an array of the same number of elements (any layout)."""
+        array = np.asarray(value, dtype=self._storage.dtype)
+        if array.size != self._storage.size:
+            raise ValueError(
+                f"{self.path}: expected {self._storage.size} values (shape {self._shape}), got "
+                f"an array of shape {array.shape}"
+            )
+        self._storage[...] = array.reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"<Variable path={self.path} shape={self._shape} dtype={self.dtype.name}>"
+
+
+def _check_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_axis(axis: Any) -> int | list[int]:
+    def is_int(a: Any) -> bool:
+        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+    if is_int(axis):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
+        return [int(a) for a in axis]
+    raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, got {axis!r}")
+
+
+def _check_clipping(clipping: Any) -> dict[str, float] | None:
+    if clipping is None:
+        return None
+    if not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be a dict or None, got {clipping!r}")
+    unknown = set(clipping) - set(_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"renorm_clipping: unknown keys {sorted(unknown)}; allowed: {list(_CLIPPING_KEYS)}"
+        )
+    result = {
+        key: _check_number(value, f"renorm_clipping[{key!r}]")
+        for key, value in clipping.items()
+        if value is not None
+    }
+    if "rmax" in result and "rmin" in result and result["rmax"] < result["rmin"]:
+        raise ValueError(
+            f"renorm_clipping: rmax ({result['rmax']}) must be >= rmin ({result['rmin']})"
+        )
+    if result.get("dmax", 0.0) < 0:
+        raise ValueError(f"renorm_clipping: dmax must be >= 0, got {result['dmax']}")
+    return result
+
+
+class BatchNormalization:
+    """Keras' BatchNormalization layer, computed by the batchnorm kernels.
+
+    Call it on an array (`layer(x, training=True)`), then `layer.backward(dy)` for dx and the
+    parameter gradients in `layer.gradients`, and `layer.apply_gradients(lr)` for an SGD step.
+    """
+
+    def __init__(
+        self,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        fused: bool | None = None,
+        trainable: bool = True,
+        virtual_batch_size: int | None = None,
+        adjustment: Callable[[tuple[int, ...]], tuple[Any, Any]] | None = None,
+        synchronized: bool = False,
+        name: str | None = None,
+        dtype: Any = None,
+    ) -> None:
+        self._axis_arg = _check_axis(axis)
+        self.momentum = _check_number(momentum, "momentum")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.epsilon = _check_number(epsilon, "epsilon")
+        if not self.epsilon > 0.0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _check_clipping(renorm_clipping)
+        self.renorm_momentum = _check_number(renorm_momentum, "renorm_momentum")
+        if not 0.0 <= self.renorm_momentum <= 1.0:
+            raise ValueError(f"renorm_momentum must be in [0, 1], got {renorm_momentum}")
+        if fused not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(
+                virtual_batch_size, numbers.Integral
+            ):
+                raise TypeError(f"virtual_batch_size must be an int, got {virtual_batch_size!r}")
+            if virtual_batch_size <= 0:
+                raise ValueError(f"virtual_batch_size must be > 0, got {virtual_batch_size}")
+            if adjustment is not None:
+                raise ValueError("adjustment cannot be combined with virtual_batch_size")
+            if 0 in (self._axis_arg if isinstance(self._axis_arg, list) else [self._axis_arg]):
+                raise ValueError("axis 0 cannot be a feature axis when virtual_batch_size is set")
+            virtual_batch_size = int(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError("adjustment must be a callable taking the input shape")
+        self.adjustment = adjustment
+        if not isinstance(synchronized, bool):
+            raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
+        self.synchronized = synchronized
+        self._policy: Policy = policy_from(dtype)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {name!r}")
+        index = next(_layer_ids)
+        self.name = name or ("batch_normalization" + (f"_{index}" if index else ""))
+        self._trainable = bool(trainable)
+
+        self.built = False
+        self._input_rank: int | None = None
+        self._axes: list[int] = []
+        self._feature_shape: tuple[int, ...] = ()
+        self._param_shape: tuple[int, ...] = ()
+        self._variables: dict[str, Variable] = {}
+        self._last: dict[str, Any] | None = None
+        self.gradients: dict[str, np.ndarray] = {}
+
+    # ---- properties --------------------------------------------------------------------------
+    @property
+    def axis(self) -> int | list[int]:
+        """The resolved feature axes after build (the constructor's value before)."""
+        if not self.built:
+            return self._axis_arg
+        return self._axes[0] if len(self._axes) == 1 else list(self._axes)
+
+    @property
+    def dtype(self) -> str:
+        """The variable dtype (Keras' `layer.dtype`)."""
+        return self._policy.variable
+
+    @property
+    def compute_dtype(self) -> str:
+        return self._policy.compute
+
+    @property
+    def dtype_policy(self) -> str:
+        return self._policy.name
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        for key in ("gamma", "beta"):
+            if key in self._variables:
+                self._variables[key]._trainable = self._trainable
+
+    @property
+    def weights(self) -> list[Variable]:
+        return list(self._variables.values())
+
+    @property
+    def trainable_weights(self) -> list[Variable]:
+        return [v for v in self._variables.values() if v.trainable]
+
+    @property
+    def non_trainable_weights(self) -> list[Variable]:
+        return [v for v in self._variables.values() if not v.trainable]
+
+    @property
+    def variables(self) -> list[Variable]:
+        return self.weights
+
+    def __getattr__(self, name: str) -> Variable:
+        # gamma, beta, moving_mean, ... as attributes, like Keras' layer.moving_mean.
+        variables = self.__dict__.get("_variables", {})
+        if name in variables:
+            return variables[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def losses(self) -> list[float]:
+        """Regularization losses, one float per regularized weight (Keras values)."""
+        result = []
+        for key, regularizer in (
+            ("gamma", self.gamma_regularizer),
+            ("beta", self.beta_regularizer),
+        ):
+            if regularizer is not None and key in self._variables:
+                result.append(float(regularizer(self._variables[key].numpy())))
+        return result
+
+    # ---- build -------------------------------------------------------------------------------
+    def _resolve_axes(self, rank: int) -> list[int]:
+        raw = self._axis_arg if isinstance(self._axis_arg, list) else [self._axis_arg]
+        resolved = []
+        for a in raw:
+            r = a + rank if a < 0 else a
+            if not 0 <= r < rank:
+                raise ValueError(f"axis {a} is out of range for an input of rank {rank}")
+            if r in resolved:
+                raise ValueError(f"axis {raw} contains duplicates once resolved (axis {r})")
+            resolved.append(r)
+        if self.virtual_batch_size is not None and 0 in resolved:
+            raise ValueError("axis 0 cannot be a feature axis when virtual_batch_size is set")
+        return sorted(resolved)
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
+        if self.built:
+            return
+        shape = tuple(input_shape)
+        rank = len(shape)
+        if rank == 0:
+            raise ValueError("BatchNormalization needs inputs of rank >= 1")
+        if rank > 8:
+            raise ValueError(f"inputs of rank {rank} exceed the supported maximum of 8")
+        axes = self._resolve_axes(rank)
+        feature_shape = []
+        for a in axes:
+            if shape[a] is None:
+                raise ValueError(f"axis {a} of the input shape {shape} must be known to build")
+            feature_shape.append(int(shape[a]))
+        if len(axes) == 1:
+            param_shape: tuple[int, ...] = (feature_shape[0],)
+        else:
+            param_shape = tuple(int(shape[i]) if i in axes else 1 for i in range(rank))
+        variable_dtype = numpy_dtype(self._policy.variable)
+
+        def make(initializer: Any) -> np.ndarray:
+            value = np.asarray(initializer(param_shape, dtype=variable_dtype.name))
+            return np.broadcast_to(value, param_shape).astype(variable_dtype)
+
+        variables: dict[str, Variable] = {}
+        if self.scale:
+            variables["gamma"] = Variable("gamma", self, make(self.gamma_initializer), True)
+        if self.center:
+            variables["beta"] = Variable("beta", self, make(self.beta_initializer), True)
+        moving_mean = make(self.moving_mean_initializer)
+        moving_variance = make(self.moving_variance_initializer)
+        variables["moving_mean"] = Variable("moving_mean", self, moving_mean, False)
+        variables["moving_variance"] = Variable("moving_variance", self, moving_variance, False)
+        if self.renorm:
+            stddev = np.sqrt(moving_variance)
+            variables["moving_stddev"] = Variable("moving_stddev", self, stddev, False)
+            variables["renorm_mean"] = Variable("renorm_mean", self, moving_mean, False)
+            variables["renorm_stddev"] = Variable("renorm_stddev", self, stddev, False)
+        for key in ("gamma", "beta"):
+            if key in variables:
+                variables[key]._trainable = self._trainable
+        self._input_rank = rank
+        self._axes = axes
+        self._feature_shape = tuple(feature_shape)
+        self._param_shape = param_shape
+        self._variables = variables
+        self.built = True
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        return tuple(input_shape)
+
+    # ---- weights -----------------------------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self._variables.values()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
+        Validates everything before changing anything; constraints are not applied (as Keras)."""
+        if not self.built:
+            raise ValueError(f"{self.name}: build the layer (or call it) before set_weights")
+        expected = list(self._variables.values())
+        weights = list(weights)
+        if len(weights) != len(expected):
+            names = [v.name for v in expected]
+            raise ValueError(
+                f"{self.name}: set_weights expected {len(expected)} arrays {names}, got "
+                f"{len(weights)}"
+            )
+        arrays = []
+        for variable, value in zip(expected, weights):
+            array = np.asarray(value)
+            if array.size != variable._storage.size:
+                raise ValueError(
+                    f"{self.name}: weight {variable.name!r} expects shape {variable.shape} "
+                    f"({variable._storage.size} values), got shape {array.shape}"
+                )
+            check_numeric(array, f"weight {variable.name!r}")
+            arrays.append(array)
+        for variable, array in zip(expected, arrays):
+            variable.assign(array)
+
+    # ---- calls -------------------------------------------------------------------------------
+    def _weight_vectors(self) -> list[np.ndarray | None]:
+        names = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev")
+        names += ("renorm_mean", "renorm_stddev")
+        return [self._variables[n]._storage if n in self._variables else None for n in names]
+
+    def _options(self) -> Any:
+        options = _core.Options()
+        options.axes = list(self._axes)
+        options.momentum = self.momentum
+        options.epsilon = self.epsilon
+        options.renorm = self.renorm
+        options.renorm_momentum = self.renorm_momentum
+        clipping = self.renorm_clipping or {}
+        options.rmin = clipping.get("rmin", -math.inf)
+        options.rmax = clipping.get("rmax", math.inf)
+        options.dmax = clipping.get("dmax", math.inf)
+        options.virtual_batch_size = self.virtual_batch_size or 0
+        return options
+
+    def _prepare_input(self, inputs: Any) -> np.ndarray:
+        array = as_numpy(inputs, "inputs")
+        check_numeric(array, "inputs")
+        if array.ndim == 0:
+            raise ValueError("inputs must have rank >= 1")
+        if not self.built:
+            self.build(array.shape)
+        if array.ndim != self._input_rank:
+            raise ValueError(
+                f"{self.name}: expected inputs of rank {self._input_rank}, got shape {array.shape}"
+            )
+        actual = tuple(array.shape[a] for a in self._axes)
+        if actual != self._feature_shape:
+            raise ValueError(
+                f"{self.name}: the feature axes {self._axes} have sizes {actual}, but the layer "
+                f"was built for {self._feature_shape} (input shape {array.shape})"
+            )
+        return cast(array, data_dtype(self._policy, array.dtype))
+
+    def _prepare_mask(self, mask: Any, x: np.ndarray) -> np.ndarray | None:
+        if mask is None:
+            return None
+        array = as_numpy(mask, "mask")
+        if array.dtype != np.bool_:
+            check_numeric(array, "mask")
+            values = np.asarray(array)
+            if values.size and not np.all((values == 0) | (values == 1)):
+                raise ValueError("mask: values must be booleans or 0/1")
+            array = values.astype(bool)
+        reduced_axes = [i for i in range(x.ndim) if i not in self._axes]
+        reduced_shape = tuple(x.shape[i] for i in reduced_axes)
+        if array.ndim == x.ndim and all(array.shape[a] == 1 for a in self._axes):
+            array = array.reshape(tuple(array.shape[i] for i in reduced_axes))
+        try:
+            array = np.broadcast_to(array, reduced_shape)
+        except ValueError:
+            raise ValueError(
+                f"mask: shape {np.shape(mask)} is not broadcastable to {reduced_shape}, the input "
+                f"shape {x.shape} without the feature axes {self._axes}"
+            ) from None
+        full = np.expand_dims(array, tuple(self._axes))
+        return np.broadcast_to(full, x.shape).view(np.uint8)
+
+    def _adjustment_vectors(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        assert self.adjustment is not None
+        result = self.adjustment(shape)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise ValueError("adjustment must return a pair (scale, bias)")
+        dtype = numpy_dtype(self._policy.variable)
+        vectors = []
+        for label, value in zip(("scale", "bias"), result):
+            array = np.asarray(value, dtype=np.float64)
+            squeezed = array.reshape(-1) if array.size > 1 else array.reshape(())
+            try:
+                if squeezed.ndim == 0:
+                    full = np.full(self._feature_shape, squeezed)
+                else:
+                    full = np.broadcast_to(
+                        array.reshape(self._param_shape)
+                        if array.size == math.prod(self._param_shape)
+                        else array,
+                        self._param_shape,
+                    )
+            except ValueError:
+                raise ValueError(
+                    f"adjustment {label}: shape {array.shape} is not broadcastable to the feature "
+                    f"shape {self._param_shape}"
+                ) from None
+            vectors.append(np.ascontiguousarray(full, dtype=dtype).reshape(-1))
+        return vectors[0], vectors[1]
+
+    def _output_array(self, x: np.ndarray, out: Any) -> np.ndarray:
+        if out is None:
+            return np.empty_like(x)
+        if not isinstance(out, np.ndarray):
+            raise TypeError("out must be a NumPy array")
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(
+                f"out: expected shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
+            )
+        if not out.flags.writeable:
+            raise ValueError("out: the array is read-only")
+        if np.shares_memory(out, x):
+            raise ValueError("out: must not overlap the input")
+        return out
+
+    def __call__(
+        self, inputs: Any, training: bool | None = None, mask: Any = None, out: Any = None
+    ) -> np.ndarray:
+        """Normalizes `inputs`. `training` truthy uses (and updates) batch statistics unless the
+        layer is frozen (`trainable=False`); `mask` selects the positions the statistics use;
+        `out` receives the result in place."""
+        x = self._prepare_input(inputs)
+        y = self._output_array(x, out)
+        x_view, bfloat16 = kernel_view(x)
+        y_view, _ = kernel_view(y)
+        options = self._options()
+        if training and self._trainable:
+            mask_view = self._prepare_mask(mask, x)
+            adjust = (None, None)
+            if self.adjustment is not None:
+                adjust = self._adjustment_vectors(tuple(x.shape))
+            context = _core.TrainingContext()
+            _core.train_forward(
+                x_view,
+                y_view,
+                mask_view,
+                options,
+                self._weight_vectors(),
+                adjust[0],
+                adjust[1],
+                True,
+                context,
+                bfloat16,
+            )
+            self._last = {"training": True, "x": x, "mask": mask_view, "context": context}
+        else:
+            if mask is not None:
+                self._prepare_mask(mask, x)  # validated, but unused at inference (as Keras)
+            _core.infer_forward(x_view, y_view, options, self._weight_vectors(), bfloat16)
+            self._last = {"training": False, "x": x}
+        return y
+
+    def backward(self, dy: Any, out: Any = None) -> np.ndarray:
+        """Gradient of the last call: returns dx and fills `gradients` ({"gamma", "beta"})."""
+        if self._last is None:
+            raise ValueError(f"{self.name}: backward needs a forward call first")
+        x = self._last["x"]
+        dy_array = as_numpy(dy, "dy")
+        check_numeric(dy_array, "dy")
+        if dy_array.shape != x.shape:
+            raise ValueError(
+                f"dy: expected shape {x.shape} (the last input's), got {dy_array.shape}"
+            )
+        dy_array = cast(dy_array, x.dtype)
+        dx = self._output_array(x, out)
+        weight_dtype = numpy_dtype(self._policy.variable)
+        features = math.prod(self._feature_shape)
+        dgamma = np.zeros(features, weight_dtype) if self.scale else None
+        dbeta = np.zeros(features, weight_dtype) if self.center else None
+        dy_view, bfloat16 = kernel_view(dy_array)
+        x_view, _ = kernel_view(x)
+        dx_view, _ = kernel_view(dx)
+        options = self._options()
+        if self._last["training"]:
+            _core.train_backward(
+                dy_view,
+                x_view,
+                dx_view,
+                self._last["mask"],
+                options,
+                self._weight_vectors(),
+                self._last["context"],
+                dgamma,
+                dbeta,
+                bfloat16,
+            )
+        else:
+            _core.infer_backward(
+                dy_view, x_view, dx_view, options, self._weight_vectors(), dgamma, dbeta, bfloat16
+            )
+        gradients = {}
+        if dgamma is not None:
+            gradients["gamma"] = dgamma.reshape(self._param_shape)
+        if dbeta is not None:
+            gradients["beta"] = dbeta.reshape(self._param_shape)
+        self.gradients = gradients
+        return dx
+
+    def apply_gradients(self, learning_rate: float) -> None:
+        """One plain SGD step on gamma/beta with the stored gradients plus the regularizers'
+        gradients, then the constraints, as a Keras optimizer applies them."""
+        lr = _check_number(learning_rate, "learning_rate")
+        if not self.gradients:
+            raise ValueError(f"{self.name}: apply_gradients needs a backward call first")
+        if not self._trainable:
+            return
+        updates = {}
+        for key, regularizer, constraint in (
+            ("gamma", self.gamma_regularizer, self.gamma_constraint),
+            ("beta", self.beta_regularizer, self.beta_constraint),
+        ):
+            if key not in self._variables:
+                continue
+            value = self._variables[key].numpy()
+            step = self.gradients[key].astype(np.float64)
+            if regularizer is not None:
+                step = step + regularizers.gradient(regularizer, value)
+            new_value = (value - lr * step).astype(value.dtype)
+            if constraint is not None:
+                new_value = np.asarray(constraint(new_value), dtype=value.dtype)
+            updates[key] = new_value
+        for key, value in updates.items():
+            self._variables[key].assign(value)
+
+    # ---- config ------------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        if self.adjustment is not None:
+            warnings.warn(
+                "adjustment is a Python callable and is not serialized by get_config",
+                stacklevel=2,
+            )
+        return {
+            "name": self.name,
+            "trainable": self._trainable,
+            "dtype": {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": self._policy.name},
+                "registered_name": None,
+            },
+            "axis": self._axis_arg,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "renorm": self.renorm,
+            "renorm_clipping": dict(self.renorm_clipping) if self.renorm_clipping else None,
+            "renorm_momentum": self.renorm_momentum,
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+            "fused": self.fused,
+        }
+
+    # Keys Keras writes that carry no behaviour here.
+    _IGNORED_CONFIG_KEYS = frozenset({"batch_input_shape", "build_config", "input_shape"})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
+        """Rebuilds a layer from `get_config()` or from a tf.keras 2 / Keras 3 config."""
+        kwargs = {k: v for k, v in config.items() if k not in cls._IGNORED_CONFIG_KEYS}
+        if kwargs.get("renorm_clipping") == {}:
+            kwargs["renorm_clipping"] = None
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNormalization(name={self.name!r}, axis={self.axis!r}, momentum={self.momentum},"
+            f" epsilon={self.epsilon}, dtype={self._policy.name!r}, built={self.built})"
+        )
