@@ -21,9 +21,18 @@ small fraction of the reference array's largest magnitude):
   tf-keras' moving-average decay ``1 - momentum``; Keras 3's masked moments divide by
   ``count + 1e-7``. These relative ~2e-8 deviations propagate into array-scale absolute
   differences (seen up to ~1e-8 * max|ref| on near-zero outputs after an SGD step).
-* 16-bit (16-bit inputs or a 16-bit/mixed dtype policy): rtol 1e-2, atol 2e-3 * max|ref|.
-  bfloat16 has a unit roundoff of 2**-9 (~2e-3) and results pass through one or two 16-bit
-  roundings; Keras 3 16-bit layers also keep 16-bit weights while SPEC keeps float32.
+* 16-bit (16-bit inputs or a 16-bit/mixed dtype policy): float16 rtol 1e-2, bfloat16 rtol 2e-2,
+  atol 2e-3 * max|ref|. Two implementations that round slightly different float32 values to
+  16 bits can disagree by one unit in the last place: 2**-10 (~1e-3) relative for float16,
+  up to 2**-7 (~8e-3) for bfloat16, so bfloat16 needs ~2.5 ulp of room. Keras 3 16-bit layers
+  also keep 16-bit weights (rounded moving statistics) while SPEC keeps float32.
+
+The gamma/beta gradients are sums over the ``n`` reduced positions of each feature. Their
+rounding error scales with the sum of the magnitudes of the terms, about ``sqrt(n)`` times the
+typical result (terms of random sign), so for them the atol floor above is multiplied by
+``sqrt(n)``. This matters only for near-zero gradient entries; measured against an exact
+float64 model, tf-keras' own float32 dgamma already uses half of the unscaled floor
+(e.g. -0.39614 vs -0.39624 next to 12.86 for n=180).
 """
 
 import json
@@ -58,7 +67,8 @@ def _np_dtype(name):
 def _tolerance(meta):
     layer_dtype = meta["config"].get("dtype")
     if meta.get("input_dtype") or layer_dtype in SIXTEEN_BIT_DTYPES:
-        return 1e-2, 2e-3
+        bf16 = "bfloat16" in (meta.get("input_dtype"), meta["output_dtype"])
+        return (2e-2 if bf16 else 1e-2), 2e-3
     if layer_dtype == "float64":
         return 1e-7, 5e-8
     return 2e-4, 1e-5
@@ -85,6 +95,11 @@ def _output_dtype_is_specified(meta):
     return not (meta.get("input_dtype") and meta["config"].get("dtype") in (None, "float32"))
 
 
+def test_fixtures_present():
+    # An empty parametrization would silently pass; the recorder writes 133 cases.
+    assert len(CASE_FILES) >= 100 and len(CONFIGS) >= 20
+
+
 @pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
 def test_keras_reference_case(path):
     meta, a = _load(path)
@@ -98,10 +113,10 @@ def test_keras_reference_case(path):
     layer.build(tuple(meta["input_shape"]))
     n = meta["n_weights"]
     w0 = [a[f"w0_{i}"] for i in range(n)]
-    ours = layer.get_weights()
-    assert len(ours) == n
-    # Our weights use SPEC shapes; the recorded ones may be another Keras layout.
-    layer.set_weights([np.reshape(w, np.shape(o)) for w, o in zip(w0, ours)])
+    assert len(layer.get_weights()) == n
+    # Passed as recorded: SPEC section 2 has set_weights accept same-size arrays in another
+    # Keras layout (tf-keras gives (1,1,C) etc. with virtual_batch_size).
+    layer.set_weights(w0)
     for i, (got, ref) in enumerate(zip(layer.get_weights(), w0)):
         _close(f"w0_{i}", got, ref, tol)
 
@@ -131,8 +146,10 @@ def test_keras_reference_case(path):
 
         grads = layer.gradients
         assert sorted(grads) == sorted(present), where
+        n_reduced = x.size // a["w0_0"].size  # every weight has one entry per feature
+        tol_sum = (tol[0], tol[1] * np.sqrt(n_reduced))
         for p in present:
-            _close(f"{where}: d{p}", grads[p], a[f"d{p}_{s}"], tol)
+            _close(f"{where}: d{p}", grads[p], a[f"d{p}_{s}"], tol_sum)
 
         losses = [float(v) for v in layer.losses]
         ref_losses = a[f"losses_{s}"]
