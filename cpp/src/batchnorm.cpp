@@ -246,11 +246,14 @@ std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options
 
 void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask,
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
-                   bool update_moving, TrainingContext& context) {
+                   bool update_moving, TrainingContext& context, const Communicator* communicator) {
   const char* op = "train_forward";
   const Checked c = check_common(op, x, options, weights, true);
   check_like(op, "output", y, x);
   check_mask(op, mask, x, c.feature_axes);
+  if (communicator && communicator->size > 1 && !communicator->allgather) {
+    fail(op, "a communicator of size > 1 needs an allgather function");
+  }
   const TensorRef* stats_ops[] = {&x, mask ? mask : &x};
   const TensorRef* apply_ops[] = {&x, &y};
   const Plan stats_plan =
@@ -264,7 +267,7 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
     using W = compute_t<T>;
     decltype(backend)::template train_forward<T>(
         stats_plan, apply_plan, static_cast<const T*>(x.data), static_cast<T*>(y.data),
-        mask_data(mask), scalars, typed_weights<W>(weights, adjustment), context);
+        mask_data(mask), scalars, typed_weights<W>(weights, adjustment), context, communicator);
   });
 }
 
@@ -285,12 +288,16 @@ void infer_forward(const TensorRef& x, const TensorRef& y, const Options& option
 
 void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                     const TensorRef* mask, const Options& options, const Weights& weights,
-                    const TrainingContext& context, void* dgamma, void* dbeta) {
+                    const TrainingContext& context, void* dgamma, void* dbeta,
+                    const Communicator* communicator) {
   const char* op = "train_backward";
   const Checked c = check_common(op, x, options, weights, true);
   check_like(op, "dy", dy, x);
   check_like(op, "dx", dx, x);
   check_mask(op, mask, x, c.feature_axes);
+  if (communicator && communicator->size > 1 && !communicator->allgather) {
+    fail(op, "a communicator of size > 1 needs an allgather function");
+  }
   if (context.groups != c.groups || context.features != c.features) {
     fail(op, "the training context does not belong to an input of this shape");
   }
@@ -305,7 +312,7 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
     decltype(backend)::template train_backward<T>(
         sums_plan, dx_plan, static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
         static_cast<T*>(dx.data), mask_data(mask), typed_weights<W>(weights, nullptr), context,
-        static_cast<W*>(dgamma), static_cast<W*>(dbeta));
+        static_cast<W*>(dgamma), static_cast<W*>(dbeta), communicator);
   });
 }
 

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -95,6 +96,16 @@ struct TrainingContext {
   bool has_mask = false;
 };
 
+// Cross-process reduction for synchronized statistics (Keras' synchronized=True). Plug in MPI,
+// NCCL or any transport: `allgather` must gather `count` doubles from every one of the `size`
+// processes into `receive` (size * count values, in rank order). Every process then merges the
+// contributions in rank order, so all of them get bitwise the same statistics. It is called
+// once per training forward and once per training backward.
+struct Communicator {
+  int size = 1;
+  std::function<void(const double* send, double* receive, std::size_t count)> allgather;
+};
+
 // Training forward: y = ((x - mean) / sqrt(var + eps) * r + d) * a_s + a_b) * gamma + beta with
 // the batch (or ghost-batch, masked) statistics, and the Keras moving-statistics update applied
 // in place to `weights` when `update_moving` is set. `mask` (nullable) is a boolean view with
@@ -103,7 +114,8 @@ struct TrainingContext {
 // formula in a fixed order: results are bitwise identical for every thread count.
 void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask,
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
-                   bool update_moving, TrainingContext& context);
+                   bool update_moving, TrainingContext& context,
+                   const Communicator* communicator = nullptr);
 
 // Inference: y = (x - moving_mean) * gamma / sqrt(moving_variance + eps) + beta, computed in
 // float32 (float64 for float64 data). Elementwise, so trivially deterministic.
@@ -115,7 +127,8 @@ void infer_forward(const TensorRef& x, const TensorRef& y, const Options& option
 // in a fixed order (deterministic); `x` and `mask` must be those of the forward call.
 void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                     const TensorRef* mask, const Options& options, const Weights& weights,
-                    const TrainingContext& context, void* dgamma, void* dbeta);
+                    const TrainingContext& context, void* dgamma, void* dbeta,
+                    const Communicator* communicator = nullptr);
 
 // Backward of infer_forward: dx = dy * gamma / sqrt(moving_variance + eps),
 // dgamma = sum(dy * (x - moving_mean)) / sqrt(moving_variance + eps), dbeta = sum(dy).

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "batchnorm/cpu/kernels.hpp"
+#include "batchnorm/detail/synchronize.hpp"
 
 namespace batchnorm::detail {
 
@@ -39,13 +40,15 @@ void reset_context(TrainingContext& context, std::int64_t groups, std::int64_t f
 template <class T>
 void CpuBackend::train_forward(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,
                                const std::uint8_t* mask, const TrainScalars& scalars,
-                               const WeightPtrs<compute_t<T>>& weights, TrainingContext& context) {
+                               const WeightPtrs<compute_t<T>>& weights, TrainingContext& context,
+                               const Communicator* communicator) {
   using Acc = compute_t<T>;
   const std::int64_t groups = stats_plan.groups, features = stats_plan.features;
   const std::int64_t stats = groups * features;
   reset_context(context, groups, features, mask != nullptr);
   std::vector<double> var(static_cast<std::size_t>(stats));
   cpu::moments(stats_plan, x, mask, context.count.data(), context.mean.data(), var.data());
+  synchronize_moments(communicator, context.count, context.mean, var);
 
   CoefficientBuffers<Acc> k(stats);
   const GroupStats group_stats{
@@ -73,7 +76,7 @@ void CpuBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, cons
                                 T* dx, const std::uint8_t* mask,
                                 const WeightPtrs<compute_t<T>>& weights,
                                 const TrainingContext& context, compute_t<T>* dgamma,
-                                compute_t<T>* dbeta) {
+                                compute_t<T>* dbeta, const Communicator* communicator) {
   using Acc = compute_t<T>;
   const std::int64_t groups = context.groups, features = context.features;
   const auto stats = static_cast<std::size_t>(groups * features);

@@ -19,7 +19,7 @@ bool CudaBackend::available() { return false; }
 template <class T>
 void CudaBackend::train_forward(const Plan&, const Plan&, const T*, T*, const std::uint8_t*,
                                 const TrainScalars&, const WeightPtrs<compute_t<T>>&,
-                                TrainingContext&) {
+                                TrainingContext&, const Communicator*) {
   no_cuda();
 }
 template <class T>
@@ -30,7 +30,8 @@ void CudaBackend::infer_forward(const Plan&, const T*, T*, double,
 template <class T>
 void CudaBackend::train_backward(const Plan&, const Plan&, const T*, const T*, T*,
                                  const std::uint8_t*, const WeightPtrs<compute_t<T>>&,
-                                 const TrainingContext&, compute_t<T>*, compute_t<T>*) {
+                                 const TrainingContext&, compute_t<T>*, compute_t<T>*,
+                                 const Communicator*) {
   no_cuda();
 }
 template <class T>

@@ -17,15 +17,17 @@ namespace batchnorm::detail {
   template <class T>                                                                              \
   static void train_forward(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,     \
                             const std::uint8_t* mask, const TrainScalars& scalars,                \
-                            const WeightPtrs<compute_t<T>>& weights, TrainingContext& context);   \
+                            const WeightPtrs<compute_t<T>>& weights, TrainingContext& context,    \
+                            const Communicator* communicator);                                    \
   template <class T>                                                                              \
   static void infer_forward(const Plan& plan, const T* x, T* y, double epsilon,                   \
                             const WeightPtrs<compute_t<T>>& weights);                             \
   template <class T>                                                                              \
-  static void train_backward(                                                                     \
-      const Plan& sums_plan, const Plan& dx_plan, const T* dy, const T* x, T* dx,                 \
-      const std::uint8_t* mask, const WeightPtrs<compute_t<T>>& weights,                          \
-      const TrainingContext& context, compute_t<T>* dgamma, compute_t<T>* dbeta);                 \
+  static void train_backward(const Plan& sums_plan, const Plan& dx_plan, const T* dy, const T* x, \
+                             T* dx, const std::uint8_t* mask,                                     \
+                             const WeightPtrs<compute_t<T>>& weights,                             \
+                             const TrainingContext& context, compute_t<T>* dgamma,                \
+                             compute_t<T>* dbeta, const Communicator* communicator);              \
   template <class T>                                                                              \
   static void infer_backward(const Plan& sums_plan, const Plan& dx_plan, const T* dy, const T* x, \
                              T* dx, double epsilon, const WeightPtrs<compute_t<T>>& weights,      \
@@ -43,14 +45,15 @@ struct CudaBackend {
 
 // Explicit instantiation of a backend's operations for every element type (in its .cpp/.cu).
 #define BATCHNORM_INSTANTIATE_OPERATIONS(Backend, T)                                               \
-  template void Backend::train_forward<T>(const Plan&, const Plan&, const T*, T*,                  \
-                                          const std::uint8_t*, const TrainScalars&,                \
-                                          const WeightPtrs<compute_t<T>>&, TrainingContext&);      \
+  template void Backend::train_forward<T>(                                                         \
+      const Plan&, const Plan&, const T*, T*, const std::uint8_t*, const TrainScalars&,            \
+      const WeightPtrs<compute_t<T>>&, TrainingContext&, const Communicator*);                     \
   template void Backend::infer_forward<T>(const Plan&, const T*, T*, double,                       \
                                           const WeightPtrs<compute_t<T>>&);                        \
   template void Backend::train_backward<T>(const Plan&, const Plan&, const T*, const T*, T*,       \
                                            const std::uint8_t*, const WeightPtrs<compute_t<T>>&,   \
-                                           const TrainingContext&, compute_t<T>*, compute_t<T>*);  \
+                                           const TrainingContext&, compute_t<T>*, compute_t<T>*,   \
+                                           const Communicator*);                                   \
   template void Backend::infer_backward<T>(const Plan&, const Plan&, const T*, const T*, T*,       \
                                            double, const WeightPtrs<compute_t<T>>&, compute_t<T>*, \
                                            compute_t<T>*);

@@ -190,8 +190,8 @@ template <class W, class Acc>
 BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
                                          const double* count, const double* inv_std,
                                          const double* zscale, const double* zshift,
-                                         const W* gamma_ptr, BackwardSums sums, W* dgamma,
-                                         W* dbeta, Coefficients<Acc> out) {
+                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
+                                         Coefficients<Acc> out) {
   const double gamma = value_or(gamma_ptr, c, 1.0);
   const double k = gamma * zscale[c];
   double sum_dy = 0.0, sum_dy_xhat = 0.0;
