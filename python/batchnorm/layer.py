@@ -260,8 +260,11 @@ class BatchNormalization:
 
     @property
     def losses(self) -> list[float]:
-        """Regularization losses, one float per regularized weight (Keras values)."""
-        result = []
+        """Regularization losses, one float per regularized trainable weight (Keras 3 values;
+        a frozen layer reports none, as Keras 3 — tf.keras 2 still reported them)."""
+        result: list[float] = []
+        if not self._trainable:
+            return result
         for key, regularizer in (
             ("gamma", self.gamma_regularizer),
             ("beta", self.beta_regularizer),
@@ -440,23 +443,16 @@ class BatchNormalization:
         vectors = []
         for label, value in zip(("scale", "bias"), result):
             array = np.asarray(value, dtype=np.float64)
-            squeezed = array.reshape(-1) if array.size > 1 else array.reshape(())
+            if array.size == math.prod(self._param_shape):
+                array = array.reshape(self._param_shape)  # any Keras layout of the feature shape
             try:
-                if squeezed.ndim == 0:
-                    full = np.full(self._feature_shape, squeezed)
-                else:
-                    full = np.broadcast_to(
-                        array.reshape(self._param_shape)
-                        if array.size == math.prod(self._param_shape)
-                        else array,
-                        self._param_shape,
-                    )
+                full = np.broadcast_to(array, self._param_shape)
             except ValueError:
                 raise ValueError(
                     f"adjustment {label}: shape {array.shape} is not broadcastable to the feature "
                     f"shape {self._param_shape}"
                 ) from None
-            vectors.append(np.ascontiguousarray(full, dtype=dtype).reshape(-1))
+            vectors.append(np.array(full, dtype=dtype).reshape(-1))
         return vectors[0], vectors[1]
 
     def _output_array(self, x: np.ndarray, out: Any) -> np.ndarray:

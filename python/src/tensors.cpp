@@ -76,7 +76,11 @@ TensorRef to_mask(const InputArray& array) {
 void* weight_pointer(const nb::handle& handle, std::int64_t n, DType dtype, const Device& device,
                      const char* name) {
   if (handle.is_none()) return nullptr;
-  const auto array = nb::cast<OutputArray>(handle);
+  OutputArray array;
+  if (!nb::try_cast(handle, array)) {
+    throw nb::type_error(
+        (std::string(name) + ": expected a writable array (NumPy or DLPack)").c_str());
+  }
   const TensorRef t = convert(array, name, false);
   if (t.rank != 1 || t.shape[0] != n || (n > 1 && t.strides[0] != 1)) {
     throw nb::value_error(

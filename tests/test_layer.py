@@ -1,0 +1,295 @@
+"""The compiled layer against the float64 NumPy reference (tests/reference.py) over layouts, axis
+sets, masks, ghost batches, renorm, adjustment, center/scale, modes, odd sizes and strided
+views; plus finite-difference gradients of the layer itself in float64."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+from reference import ReferenceBN
+
+import batchnorm
+
+RTOL = {np.float32: 2e-5, np.float64: 1e-11}
+
+
+def random_state(layer: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    weights = []
+    for w in layer.weights:
+        shape = w.shape
+        if w.name == "gamma":
+            weights.append(rng.uniform(0.5, 1.5, shape))
+        elif w.name in ("beta", "moving_mean", "renorm_mean"):
+            weights.append(rng.normal(0.0, 0.5, shape))
+        else:  # variances and standard deviations
+            weights.append(rng.uniform(0.5, 2.0, shape))
+    return weights
+
+
+def close(got: Any, ref: Any, dtype: Any, what: str, scale: float | None = None) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    rtol = RTOL[dtype]
+    magnitude = scale if scale is not None else (np.abs(ref).max() if ref.size else 0.0)
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * max(magnitude, 1e-30), err_msg=what)
+
+
+def run_case(
+    shape: tuple[int, ...],
+    dtype: Any,
+    steps: list[bool],
+    mask_fn: Any = None,
+    view: Any = None,
+    **config: Any,
+) -> None:
+    rng = np.random.default_rng(abs(hash((shape, str(config)))) % 2**32)
+    layer = batchnorm.BatchNormalization(
+        dtype="float64" if dtype is np.float64 else "float32", **config
+    )
+    ref = ReferenceBN(**config)
+    viewed_shape = view(np.empty(shape)).shape if view else shape
+    layer.build(viewed_shape)
+    ref.build(viewed_shape)
+    weights = random_state(layer, rng)
+    layer.set_weights(weights)
+    ref.set_weights(weights)
+    ref.set_weights(layer.get_weights())  # the layer's rounded values
+    for step, training in enumerate(steps):
+        base = rng.normal(size=shape) * rng.uniform(0.5, 3.0) + rng.uniform(-3, 3)
+        x = view(base.astype(dtype)) if view else base.astype(dtype)
+        dy = rng.normal(size=x.shape).astype(dtype)
+        mask = mask_fn(rng) if (mask_fn and training) else None
+        y = layer(x, training=training, mask=mask)
+        y_ref = ref.forward(np.asarray(x, np.float64), training=training, mask=mask)
+        what = f"step {step} training={training}"
+        close(y, y_ref, dtype, f"{what}: y")
+        dx = layer.backward(dy)
+        dx_ref, dgamma_ref, dbeta_ref = ref.backward(np.asarray(dy, np.float64))
+        close(dx, dx_ref, dtype, f"{what}: dx")
+        if dgamma_ref is not None:
+            close(layer.gradients["gamma"], dgamma_ref, dtype, f"{what}: dgamma")
+        if dbeta_ref is not None:
+            close(layer.gradients["beta"], dbeta_ref, dtype, f"{what}: dbeta")
+        for got, want, w in zip(layer.get_weights(), ref.get_weights(), layer.weights):
+            close(got, want, dtype, f"{what}: {w.name}")
+
+
+LAYOUTS = [
+    ((16, 5), -1),
+    ((4, 3, 5, 6), -1),  # NHWC
+    ((4, 6, 5, 3), 1),  # NCHW
+    ((3, 7, 4), -1),  # (B, T, C)
+    ((3, 4, 7), 1),  # (B, C, T)
+    ((2, 3, 4, 3, 5), 1),  # NCDHW
+    ((2, 3, 4, 3, 5), -1),  # NDHWC
+    ((4, 3, 5, 6), [1, 3]),
+    ((4, 3, 5, 6), [-1, -2]),
+    ((3, 4, 5), [0, 2]),
+    ((7, 5, 3, 11), -1),  # primes
+    ((1, 3, 4, 5), 1),  # batch of one
+    ((1, 1, 1, 6), -1),  # N*H*W = 1
+    ((9, 1), -1),  # one feature
+    ((2, 17, 3), 1),  # non-multiples of any vector width
+    ((37, 19), 0),  # features on the first axis
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=[f"{s}-{a}" for s, a in LAYOUTS])
+def test_layouts(shape: tuple[int, ...], axis: Any, dtype: Any) -> None:
+    run_case(shape, dtype, [True, True, False], axis=axis, momentum=0.8)
+
+
+@pytest.mark.parametrize(
+    "center,scale", list(itertools.product([True, False], repeat=2)), ids=lambda v: str(v)
+)
+def test_center_scale(center: bool, scale: bool) -> None:
+    run_case((6, 4, 5), np.float64, [True, False], axis=1, center=center, scale=scale)
+
+
+def test_frozen_layer_runs_inference() -> None:
+    run_case((6, 5, 4), np.float64, [True, True], axis=-1, trainable=False)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda a: a.transpose(0, 2, 3, 1),  # NCHW memory seen as NHWC
+        lambda a: a[:, ::2],  # strided batch slice
+        lambda a: a[..., 1:],  # offset inner slice
+        lambda a: a[::-1],  # negative stride
+    ],
+    ids=["transposed", "step2", "offset", "reversed"],
+)
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
+    run_case((4, 6, 5, 7), np.float32, [True, False], view=view, axis=axis)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 5, 4), -1), ((6, 4, 5), 1)], ids=["btc", "bct"])
+def test_masks(shape: tuple[int, ...], axis: int) -> None:
+    reduced = (shape[0], shape[2] if axis == 1 else shape[1])
+    run_case(shape, np.float64, [True, True, False], mask_fn=lambda r: r.random(reduced) > 0.3,
+             axis=axis)
+
+
+def test_mask_broadcast_and_integer_values() -> None:
+    run_case((6, 4, 5), np.float32, [True], mask_fn=lambda r: (r.random((6, 1)) > 0.3).astype(int),
+             axis=1)
+
+
+@pytest.mark.parametrize("shape,axis", [((12, 5), -1), ((6, 3, 4, 5), -1), ((6, 5, 3, 4), 1)])
+def test_ghost_batches(shape: tuple[int, ...], axis: int) -> None:
+    run_case(shape, np.float64, [True, True, False], axis=axis, virtual_batch_size=3)
+
+
+def test_ghost_batches_with_masks_and_renorm() -> None:
+    run_case((8, 5, 3), np.float64, [True, True], axis=-1, virtual_batch_size=2, renorm=True,
+             mask_fn=lambda r: r.random((8, 5)) > 0.4, renorm_clipping={"rmax": 1.2, "dmax": 0.2})
+
+
+@pytest.mark.parametrize(
+    "clipping", [None, {"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}, {"rmin": 0.95}],
+    ids=["free", "all", "rmin"]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_renorm(clipping: Any, dtype: Any) -> None:
+    run_case((10, 3, 4), dtype, [True, True, True, False], axis=1, renorm=True,
+             renorm_clipping=clipping, renorm_momentum=0.7, momentum=0.9)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_adjustment(renorm: bool) -> None:
+    scale, bias = np.array([0.9, 1.1, 1.3]), np.array([0.1, -0.2, 0.05])
+    run_case((6, 4, 3), np.float64, [True, True], axis=-1, renorm=renorm,
+             adjustment=lambda shape: (scale, bias))
+
+
+def test_zero_size_batch_keeps_moving_statistics() -> None:
+    layer = batchnorm.BatchNormalization()
+    layer.build((None, 4))
+    before = layer.get_weights()
+    y = layer(np.zeros((0, 4), np.float32), training=True)
+    assert y.shape == (0, 4)
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_all_masked_feature_keeps_moving_statistics() -> None:
+    layer = batchnorm.BatchNormalization(axis=1, dtype="float64")
+    x = np.random.default_rng(3).normal(size=(4, 2, 5))
+    mask = np.zeros((4, 5), bool)
+    layer.build(x.shape)
+    before = layer.get_weights()
+    y = layer(x, training=True, mask=mask)
+    gamma, beta = before[0], before[1]
+    np.testing.assert_allclose(y, x / np.sqrt(1e-3) * gamma[None, :, None] + beta[None, :, None])
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_stays_in_its_feature() -> None:
+    x = np.random.default_rng(4).normal(size=(8, 3)).astype(np.float32)
+    x[2, 1] = np.nan
+    layer = batchnorm.BatchNormalization()
+    y = layer(x, training=True)
+    assert np.isnan(y[:, 1]).all()
+    assert np.isfinite(y[:, [0, 2]]).all()
+    mm = layer.moving_mean.numpy()
+    assert np.isnan(mm[1]) and np.isfinite(mm[[0, 2]]).all()
+
+
+@pytest.mark.parametrize(
+    "shape,axis,training,kw",
+    [
+        ((5, 3, 4), 1, True, {}),
+        ((5, 4, 3), -1, False, {}),
+        ((6, 3, 4), [0, 2], True, {}),
+        ((6, 4, 3), -1, True, {"virtual_batch_size": 2}),
+        ((6, 3, 4), 1, True, {"mask": True}),
+    ],
+)
+def test_finite_difference_gradients(
+    shape: tuple[int, ...], axis: Any, training: bool, kw: dict[str, Any]
+) -> None:
+    rng = np.random.default_rng(7)
+    use_mask = kw.pop("mask", False)
+    layer = batchnorm.BatchNormalization(axis=axis, dtype="float64", momentum=0.5, **kw)
+    layer.build(shape)
+    layer.set_weights(random_state(layer, rng))
+    state = layer.get_weights()
+    x = rng.normal(size=shape) * 2 + 1
+    dy = rng.normal(size=shape)
+    reduced = tuple(s for i, s in enumerate(shape) if i not in layer._axes)
+    mask = rng.random(reduced) > 0.3 if use_mask else None
+
+    def loss(x_: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None) -> float:
+        weights = list(state)
+        if gamma is not None:
+            weights[0] = gamma
+        if beta is not None:
+            weights[1] = beta
+        layer.set_weights(weights)
+        return float(np.sum(layer(x_, training=training, mask=mask) * dy))
+
+    loss(x)
+    dx = layer.backward(dy)
+    grads = dict(layer.gradients)
+    h = 1e-6
+
+    def numeric(f: Any, a: np.ndarray) -> np.ndarray:
+        g = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            p, m = a.copy(), a.copy()
+            p[i] += h
+            m[i] -= h
+            g[i] = (f(p) - f(m)) / (2 * h)
+        return g
+
+    np.testing.assert_allclose(dx, numeric(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        grads["gamma"], numeric(lambda g: loss(x, gamma=g), state[0]), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        grads["beta"], numeric(lambda b: loss(x, beta=b), state[1]), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_input_is_read_in_place_and_out_is_used() -> None:
+    x = np.random.default_rng(0).normal(size=(8, 4, 5)).astype(np.float32)
+    x.flags.writeable = False  # read-only inputs are accepted and never written
+    out = np.empty_like(x)
+    layer = batchnorm.BatchNormalization(axis=1)
+    y = layer(x, training=True, out=out)
+    assert y is out
+    dx_out = np.empty_like(x)
+    assert layer.backward(np.ones_like(x), out=dx_out) is dx_out
+
+
+def test_integer_inputs_are_converted() -> None:
+    x = np.arange(24).reshape(6, 4)
+    y = batchnorm.BatchNormalization()(x, training=True)
+    assert y.dtype == np.float32
+    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3)
+    np.testing.assert_allclose(y, ref, rtol=1e-5)
+
+
+def test_sgd_step_with_regularizers_and_constraints() -> None:
+    layer = batchnorm.BatchNormalization(
+        gamma_regularizer="l2", beta_regularizer="l1", beta_constraint="non_neg", dtype="float64"
+    )
+    x = np.random.default_rng(1).normal(size=(10, 3))
+    layer(x, training=True)
+    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
+    assert layer.losses == pytest.approx([0.01 * np.sum(gamma**2), 0.01 * np.sum(np.abs(beta))])
+    dy = np.random.default_rng(2).normal(size=x.shape)
+    layer.backward(dy)
+    g = layer.gradients
+    layer.apply_gradients(0.5)
+    np.testing.assert_allclose(layer.gamma.numpy(), gamma - 0.5 * (g["gamma"] + 0.02 * gamma))
+    expected_beta = np.maximum(beta - 0.5 * (g["beta"] + 0.01 * np.sign(beta)), 0.0)
+    np.testing.assert_allclose(layer.beta.numpy(), expected_beta)
