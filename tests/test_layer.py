@@ -133,13 +133,19 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
 @pytest.mark.parametrize("shape,axis", [((6, 5, 4), -1), ((6, 4, 5), 1)], ids=["btc", "bct"])
 def test_masks(shape: tuple[int, ...], axis: int) -> None:
     reduced = (shape[0], shape[2] if axis == 1 else shape[1])
-    run_case(shape, np.float64, [True, True, False], mask_fn=lambda r: r.random(reduced) > 0.3,
-             axis=axis)
+    run_case(
+        shape, np.float64, [True, True, False], mask_fn=lambda r: r.random(reduced) > 0.3, axis=axis
+    )
 
 
 def test_mask_broadcast_and_integer_values() -> None:
-    run_case((6, 4, 5), np.float32, [True], mask_fn=lambda r: (r.random((6, 1)) > 0.3).astype(int),
-             axis=1)
+    run_case(
+        (6, 4, 5),
+        np.float32,
+        [True],
+        mask_fn=lambda r: (r.random((6, 1)) > 0.3).astype(int),
+        axis=1,
+    )
 
 
 @pytest.mark.parametrize("shape,axis", [((12, 5), -1), ((6, 3, 4, 5), -1), ((6, 5, 3, 4), 1)])
@@ -148,25 +154,48 @@ def test_ghost_batches(shape: tuple[int, ...], axis: int) -> None:
 
 
 def test_ghost_batches_with_masks_and_renorm() -> None:
-    run_case((8, 5, 3), np.float64, [True, True], axis=-1, virtual_batch_size=2, renorm=True,
-             mask_fn=lambda r: r.random((8, 5)) > 0.4, renorm_clipping={"rmax": 1.2, "dmax": 0.2})
+    run_case(
+        (8, 5, 3),
+        np.float64,
+        [True, True],
+        axis=-1,
+        virtual_batch_size=2,
+        renorm=True,
+        mask_fn=lambda r: r.random((8, 5)) > 0.4,
+        renorm_clipping={"rmax": 1.2, "dmax": 0.2},
+    )
 
 
 @pytest.mark.parametrize(
-    "clipping", [None, {"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}, {"rmin": 0.95}],
-    ids=["free", "all", "rmin"]
+    "clipping",
+    [None, {"rmax": 1.1, "rmin": 0.9, "dmax": 0.1}, {"rmin": 0.95}],
+    ids=["free", "all", "rmin"],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_renorm(clipping: Any, dtype: Any) -> None:
-    run_case((10, 3, 4), dtype, [True, True, True, False], axis=1, renorm=True,
-             renorm_clipping=clipping, renorm_momentum=0.7, momentum=0.9)
+    run_case(
+        (10, 3, 4),
+        dtype,
+        [True, True, True, False],
+        axis=1,
+        renorm=True,
+        renorm_clipping=clipping,
+        renorm_momentum=0.7,
+        momentum=0.9,
+    )
 
 
 @pytest.mark.parametrize("renorm", [False, True])
 def test_adjustment(renorm: bool) -> None:
     scale, bias = np.array([0.9, 1.1, 1.3]), np.array([0.1, -0.2, 0.05])
-    run_case((6, 4, 3), np.float64, [True, True], axis=-1, renorm=renorm,
-             adjustment=lambda shape: (scale, bias))
+    run_case(
+        (6, 4, 3),
+        np.float64,
+        [True, True],
+        axis=-1,
+        renorm=renorm,
+        adjustment=lambda shape: (scale, bias),
+    )
 
 
 def test_zero_size_batch_keeps_moving_statistics() -> None:
@@ -227,7 +256,9 @@ def test_finite_difference_gradients(
     reduced = tuple(s for i, s in enumerate(shape) if i not in layer._axes)
     mask = rng.random(reduced) > 0.3 if use_mask else None
 
-    def loss(x_: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None) -> float:
+    def loss(
+        x_: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None
+    ) -> float:
         weights = list(state)
         if gamma is not None:
             weights[0] = gamma
