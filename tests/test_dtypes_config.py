@@ -7,12 +7,11 @@ import json
 import pathlib
 from typing import Any
 
+import batchnorm
 import ml_dtypes
 import numpy as np
 import pytest
 from reference import ReferenceBN
-
-import batchnorm
 
 BN = batchnorm.BatchNormalization
 BF16 = np.dtype(ml_dtypes.bfloat16)

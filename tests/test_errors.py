@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import batchnorm
 import numpy as np
 import pytest
-
-import batchnorm
 
 BN = batchnorm.BatchNormalization
 
@@ -76,30 +75,48 @@ def assert_unchanged(layer: Any, before: list[np.ndarray]) -> None:
 @pytest.mark.parametrize(
     "call,error,words",
     [
-        (lambda l: l(np.zeros((4, 3), np.float32), training=True), ValueError, "rank"),
-        (lambda l: l(np.zeros((4, 2, 5), np.float32), training=True), ValueError, "built for"),
-        (lambda l: l(np.zeros((4, 3, 5), complex), training=True), TypeError, "complex"),
-        (lambda l: l(np.array([["a"] * 5] * 3 * 4).reshape(4, 3, 5)), TypeError, "dtype"),
-        (lambda l: l(np.zeros((4, 3, 5), object)), TypeError, "dtype"),
+        (lambda layer: layer(np.zeros((4, 3), np.float32), training=True), ValueError, "rank"),
         (
-            lambda l: l(np.zeros((4, 3, 5), np.float32), training=True, mask=np.ones((4, 4))),
+            lambda layer: layer(np.zeros((4, 2, 5), np.float32), training=True),
+            ValueError,
+            "built for",
+        ),
+        (lambda layer: layer(np.zeros((4, 3, 5), complex), training=True), TypeError, "complex"),
+        (lambda layer: layer(np.array([["a"] * 5] * 3 * 4).reshape(4, 3, 5)), TypeError, "dtype"),
+        (lambda layer: layer(np.zeros((4, 3, 5), object)), TypeError, "dtype"),
+        (
+            lambda layer: layer(
+                np.zeros((4, 3, 5), np.float32), training=True, mask=np.ones((4, 4))
+            ),
             ValueError,
             "mask",
         ),
         (
-            lambda l: l(np.zeros((4, 3, 5), np.float32), training=True, mask=np.full((4, 5), 2)),
+            lambda layer: layer(
+                np.zeros((4, 3, 5), np.float32), training=True, mask=np.full((4, 5), 2)
+            ),
             ValueError,
             "0/1",
         ),
         (
-            lambda l: l(np.zeros((4, 3, 5), np.float32), out=np.zeros((4, 3, 5), np.float64)),
+            lambda layer: layer(
+                np.zeros((4, 3, 5), np.float32), out=np.zeros((4, 3, 5), np.float64)
+            ),
             ValueError,
             "out",
         ),
-        (lambda l: l.backward(np.zeros((4, 3, 6), np.float32)), ValueError, "dy"),
-        (lambda l: l.set_weights([np.ones(3)] * 3), ValueError, "expected 4"),
-        (lambda l: l.set_weights([np.ones(3)] * 3 + [np.ones(4)]), ValueError, "moving_variance"),
-        (lambda l: l.set_weights([np.ones(3)] * 3 + [np.array(["a"] * 3)]), TypeError, "dtype"),
+        (lambda layer: layer.backward(np.zeros((4, 3, 6), np.float32)), ValueError, "dy"),
+        (lambda layer: layer.set_weights([np.ones(3)] * 3), ValueError, "expected 4"),
+        (
+            lambda layer: layer.set_weights([np.ones(3)] * 3 + [np.ones(4)]),
+            ValueError,
+            "moving_variance",
+        ),
+        (
+            lambda layer: layer.set_weights([np.ones(3)] * 3 + [np.array(["a"] * 3)]),
+            TypeError,
+            "dtype",
+        ),
     ],
 )
 def test_call_errors_change_nothing(call: Any, error: type, words: str) -> None:

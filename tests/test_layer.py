@@ -7,11 +7,10 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import batchnorm
 import numpy as np
 import pytest
 from reference import ReferenceBN
-
-import batchnorm
 
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
 
