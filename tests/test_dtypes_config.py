@@ -145,3 +145,15 @@ def test_fused_changes_nothing(fused: Any) -> None:
     x = np.random.default_rng(3).normal(size=(8, 3)).astype(np.float32)
     reference = BN()(x, training=True)
     np.testing.assert_array_equal(BN(fused=fused)(x, training=True), reference)
+
+
+def test_float16_near_its_maximum_does_not_overflow() -> None:
+    rng = np.random.default_rng(5)
+    x = (6.0e4 + rng.normal(size=(64, 3)) * 500).astype(np.float16)
+    layer = BN()
+    y = layer(x, training=True)
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-3)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y.astype(np.float64), expected, atol=1e-2)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.99 + 0.01 * x64.var(0), rtol=1e-4)
