@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-_SIXTEEN_BIT = ("float16", "bfloat16")
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -66,13 +64,22 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def is_bfloat16(dtype: np.dtype) -> bool:
-    return dtype.name == "bfloat16"
+    # ml_dtypes' bfloat16 is a NumPy "void"-kind extension type; checking the kind first keeps
+    # the common path free of the (slow) dtype.name lookup.
+    return dtype.kind == "V" and dtype.name == "bfloat16"
 
 
 def data_dtype(policy: Policy, input_dtype: np.dtype) -> np.dtype:
     """The dtype the kernels see for an input: 16-bit inputs stay 16-bit under a float32
     policy (Keras computes them in float32 and returns the input dtype); every other input is
     cast to the policy's compute dtype."""
-    if input_dtype.name in _SIXTEEN_BIT and policy.compute == "float32":
-        return input_dtype
+    if policy.compute == "float32":
+        if input_dtype == _FLOAT32:
+            return _FLOAT32
+        if input_dtype == _FLOAT16 or is_bfloat16(input_dtype):
+            return input_dtype
     return numpy_dtype(policy.compute)
+
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT16 = np.dtype(np.float16)

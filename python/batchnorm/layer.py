@@ -201,6 +201,7 @@ class BatchNormalization:
         self._param_shape: tuple[int, ...] = ()
         self._variables: dict[str, Variable] = {}
         self._last: dict[str, Any] | None = None
+        self._options_cache: tuple[Any, Any] | None = None
         self.gradients: dict[str, np.ndarray] = {}
 
     # ---- properties --------------------------------------------------------------------------
@@ -378,6 +379,18 @@ class BatchNormalization:
         return [self._variables[n]._storage if n in self._variables else None for n in names]
 
     def _options(self) -> Any:
+        # Rebuilt only when a hyper-parameter changed: small tensors are dominated by overhead.
+        key = (
+            tuple(self._axes),
+            self.momentum,
+            self.epsilon,
+            self.renorm,
+            self.renorm_momentum,
+            tuple(sorted((self.renorm_clipping or {}).items())),
+            self.virtual_batch_size,
+        )
+        if self._options_cache is not None and self._options_cache[0] == key:
+            return self._options_cache[1]
         options = _core.Options()
         options.axes = list(self._axes)
         options.momentum = self.momentum
@@ -389,6 +402,7 @@ class BatchNormalization:
         options.rmax = clipping.get("rmax", math.inf)
         options.dmax = clipping.get("dmax", math.inf)
         options.virtual_batch_size = self.virtual_batch_size or 0
+        self._options_cache = (key, options)
         return options
 
     def _prepare_input(self, inputs: Any) -> np.ndarray:
