@@ -7,10 +7,12 @@ import json
 import pathlib
 from typing import Any
 
-import batchnorm
 import ml_dtypes
 import numpy as np
 import pytest
+
+import batchnorm
+
 from reference import ReferenceBN
 
 BN = batchnorm.BatchNormalization

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import batchnorm
 import numpy as np
 import pytest
+
+import batchnorm
 
 BN = batchnorm.BatchNormalization
 

@@ -40,6 +40,7 @@ import pathlib
 
 import numpy as np
 import pytest
+
 from batchnorm import BatchNormalization
 
 HERE = pathlib.Path(__file__).resolve().parent / "keras_reference"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import batchnorm
 import numpy as np
 import pytest
+
+import batchnorm
+
 from reference import ReferenceBN
 
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
