@@ -10,8 +10,9 @@ It drives the Keras ``BatchNormalization`` of
   Bessel-corrected variance ``sigma^2 * n/(n-1)`` into the moving variance, which the project
   deliberately does not do (SPEC.md section 1); the non-fused path implements the documented
   formula. Case names start with ``k2_``.
-* Keras 3 (``import keras``, TensorFlow backend). Case names start with ``k3_``. Keras 3 has no
-  ``axis`` lists, ``virtual_batch_size``, ``adjustment`` or ``fused``; those cases are tf-keras only.
+* Keras 3 (``import keras``, TensorFlow backend). Case names start with ``k3_``. Keras 3 has
+  no ``axis`` lists, ``virtual_batch_size``, ``adjustment`` or ``fused``; those cases are
+  tf-keras only.
 
 and writes one ``cases/<name>.npz`` per case, replayed by ``tests/test_keras_reference.py``
 without TensorFlow. It also writes ``configs.json`` (``get_config()`` of a few layers of both
