@@ -180,7 +180,8 @@ void check_mask(const char* op, const TensorRef* mask, const TensorRef& x, std::
       fail(op,
            "mask shape " + shape_string(*mask) + " does not match the input " + shape_string(x));
     }
-    if ((axes & (1u << i)) && x.shape[i] > 1 && mask->strides[i] != 0) {
+    // An empty tensor reads no mask element (and DLPack may give it any strides).
+    if ((axes & (1u << i)) && x.shape[i] > 1 && mask->strides[i] != 0 && x.numel() != 0) {
       fail(op, "mask must not vary along the feature axis " + std::to_string(i));
     }
   }
@@ -259,6 +260,7 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
   const Plan stats_plan =
       detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1);
   const Plan apply_plan = detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1);
+  context.ghost_batches = options.virtual_batch_size != 0;
   const TrainScalars scalars{options.epsilon, options.momentum, options.renorm_momentum,
                              options.rmin,    options.rmax,     options.dmax,
                              options.renorm,  update_moving};

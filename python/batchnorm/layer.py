@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, constraints, initializers, regularizers
+from . import _core, _mpi, constraints, initializers, regularizers
 from ._arrays import as_numpy, cast, check_numeric, kernel_view
 from ._dtypes import Policy, data_dtype, numpy_dtype, policy_from
 
@@ -140,6 +140,7 @@ class BatchNormalization:
         virtual_batch_size: int | None = None,
         adjustment: Callable[[tuple[int, ...]], tuple[Any, Any]] | None = None,
         synchronized: bool = False,
+        communicator: Any = None,
         name: str | None = None,
         dtype: Any = None,
     ) -> None:
@@ -187,6 +188,13 @@ class BatchNormalization:
         if not isinstance(synchronized, bool):
             raise TypeError(f"synchronized must be a bool, got {synchronized!r}")
         self.synchronized = synchronized
+        # The process group of synchronized statistics; not part of the config (a live handle).
+        # An explicit one is checked now, the default (MPI.COMM_WORLD) at the first training call.
+        if communicator is not None and not synchronized:
+            raise ValueError("communicator is only used with synchronized=True")
+        self.communicator = communicator
+        self._sync_resolved = communicator is not None
+        self._sync_hook = _mpi.hook_for(communicator) if communicator is not None else None
         self._policy: Policy = policy_from(dtype)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string, got {name!r}")
@@ -484,6 +492,16 @@ class BatchNormalization:
             raise ValueError("out: must not overlap the input")
         return out
 
+    def _communicator_hook(self) -> Any:
+        """The core's reduction hook for this training call: None unless synchronized over more
+        than one process."""
+        if not self.synchronized:
+            return None
+        if not self._sync_resolved:
+            self._sync_hook = _mpi.default_hook()
+            self._sync_resolved = True
+        return self._sync_hook
+
     def __call__(
         self, inputs: Any, training: bool | None = None, mask: Any = None, out: Any = None
     ) -> np.ndarray:
@@ -501,6 +519,7 @@ class BatchNormalization:
             if self.adjustment is not None:
                 adjust = self._adjustment_vectors(tuple(x.shape))
             context = _core.TrainingContext()
+            hook = self._communicator_hook()
             _core.train_forward(
                 x_view,
                 y_view,
@@ -512,8 +531,15 @@ class BatchNormalization:
                 True,
                 context,
                 bfloat16,
+                hook,
             )
-            self._last = {"training": True, "x": x, "mask": mask_view, "context": context}
+            self._last = {
+                "training": True,
+                "x": x,
+                "mask": mask_view,
+                "context": context,
+                "communicator": hook,
+            }
         else:
             if mask is not None:
                 self._prepare_mask(mask, x)  # validated, but unused at inference (as Keras)
@@ -554,6 +580,7 @@ class BatchNormalization:
                 dgamma,
                 dbeta,
                 bfloat16,
+                self._last["communicator"],
             )
         else:
             _core.infer_backward(

@@ -6,5 +6,6 @@
 NB_MODULE(_core, m) {
   m.doc() =
       "Compiled kernels of the batchnorm package (private; use batchnorm.BatchNormalization).";
+  batchnorm::python::bind_communicator(m);
   batchnorm::python::bind_operations(m);
 }

@@ -44,7 +44,8 @@ void train_forward_binding(const InputArray& x_array, const OutputArray& y_array
                            const std::optional<InputArray>& mask_array, const Options& options,
                            const WeightList& weight_list, const nb::object& adjust_scale,
                            const nb::object& adjust_bias, bool update_moving,
-                           TrainingContext& context, bool bfloat16) {
+                           TrainingContext& context, bool bfloat16,
+                           const Communicator* communicator) {
   const TensorRef x = to_tensor(x_array, "input", bfloat16);
   const TensorRef y = to_tensor(y_array, "output", bfloat16);
   TensorRef mask;
@@ -59,7 +60,7 @@ void train_forward_binding(const InputArray& x_array, const OutputArray& y_array
   const bool adjusted = adjustment.scale || adjustment.bias;
   nb::gil_scoped_release released;
   train_forward(x, y, mask_array ? &mask : nullptr, options, weights,
-                adjusted ? &adjustment : nullptr, update_moving, context);
+                adjusted ? &adjustment : nullptr, update_moving, context, communicator);
 }
 
 void infer_forward_binding(const InputArray& x_array, const OutputArray& y_array,
@@ -75,7 +76,8 @@ void train_backward_binding(const InputArray& dy_array, const InputArray& x_arra
                             const OutputArray& dx_array,
                             const std::optional<InputArray>& mask_array, const Options& options,
                             const WeightList& weight_list, const TrainingContext& context,
-                            const nb::object& dgamma, const nb::object& dbeta, bool bfloat16) {
+                            const nb::object& dgamma, const nb::object& dbeta, bool bfloat16,
+                            const Communicator* communicator) {
   const TensorRef dy = to_tensor(dy_array, "dy", bfloat16);
   const TensorRef x = to_tensor(x_array, "input", bfloat16);
   const TensorRef dx = to_tensor(dx_array, "dx", bfloat16);
@@ -87,7 +89,7 @@ void train_backward_binding(const InputArray& dy_array, const InputArray& x_arra
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
   train_backward(dy, x, dx, mask_array ? &mask : nullptr, options, weights, context, dgamma_ptr,
-                 dbeta_ptr);
+                 dbeta_ptr, communicator);
 }
 
 void infer_backward_binding(const InputArray& dy_array, const InputArray& x_array,
@@ -140,14 +142,18 @@ void bind_operations(nb::module_& m) {
         nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
         nb::arg("adjust_scale").none(), nb::arg("adjust_bias").none(), nb::arg("update_moving"),
         nb::arg("context"), nb::arg("bfloat16") = false,
-        "Training forward pass; updates the moving statistics in place when update_moving.");
+        nb::arg("communicator").none() = nb::none(),
+        "Training forward pass; updates the moving statistics in place when update_moving. With a "
+        "communicator of size > 1 the statistics are those of every process's batch.");
   m.def("infer_forward", &infer_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
         nb::arg("options"), nb::arg("weights"), nb::arg("bfloat16") = false,
         "Inference forward pass with the moving statistics.");
-  m.def("train_backward", &train_backward_binding, nb::arg("dy"), nb::arg("x"),
-        nb::arg("dx").noconvert(), nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
-        nb::arg("context"), nb::arg("dgamma").none(), nb::arg("dbeta").none(),
-        nb::arg("bfloat16") = false, "Backward of train_forward: writes dx, dgamma and dbeta.");
+  m.def(
+      "train_backward", &train_backward_binding, nb::arg("dy"), nb::arg("x"),
+      nb::arg("dx").noconvert(), nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
+      nb::arg("context"), nb::arg("dgamma").none(), nb::arg("dbeta").none(),
+      nb::arg("bfloat16") = false, nb::arg("communicator").none() = nb::none(),
+      "Backward of train_forward: writes dx, dgamma and dbeta (synchronized as the forward was).");
   m.def("infer_backward", &infer_backward_binding, nb::arg("dy"), nb::arg("x"),
         nb::arg("dx").noconvert(), nb::arg("options"), nb::arg("weights"), nb::arg("dgamma").none(),
         nb::arg("dbeta").none(), nb::arg("bfloat16") = false, "Backward of infer_forward.");

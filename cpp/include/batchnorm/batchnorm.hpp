@@ -94,13 +94,22 @@ struct TrainingContext {
   std::vector<double> zscale;   // r * adjustment scale (per feature)
   std::vector<double> zshift;   // d * adjustment scale + adjustment bias (per feature)
   bool has_mask = false;
+  // Options::virtual_batch_size was set: with a communicator, ghost batches stay per process and
+  // only their averages (moving statistics, renorm) and dgamma/dbeta are synchronized.
+  bool ghost_batches = false;
 };
 
 // Cross-process reduction for synchronized statistics (Keras' synchronized=True). Plug in MPI,
 // NCCL or any transport: `allgather` must gather `count` doubles from every one of the `size`
-// processes into `receive` (size * count values, in rank order). Every process then merges the
-// contributions in rank order, so all of them get bitwise the same statistics. It is called
-// once per training forward and once per training backward.
+// processes into `receive` (size * count values, in rank order); batchnorm/mpi.hpp makes one
+// from an MPI communicator. Every process then merges the contributions in rank order, so all
+// of them get bitwise the same statistics. It is called once per training forward (3 values
+// per feature) and once per training backward (2 per feature); every process must make the
+// same sequence of calls with the same feature count, or the collectives mismatch.
+// Without ghost batches the statistics, dx, dgamma and dbeta are those of the global batch.
+// With ghost batches each process normalizes its own ghost batches (no data crosses processes
+// for them); the average over all processes' ghost batches feeds the moving statistics and
+// renorm, and dgamma/dbeta are summed over all processes.
 struct Communicator {
   int size = 1;
   std::function<void(const double* send, double* receive, std::size_t count)> allgather;

@@ -48,14 +48,23 @@ void CpuBackend::train_forward(const Plan& stats_plan, const Plan& apply_plan, c
   reset_context(context, groups, features, mask != nullptr);
   std::vector<double> var(static_cast<std::size_t>(stats));
   cpu::moments(stats_plan, x, mask, context.count.data(), context.mean.data(), var.data());
-  synchronize_moments(communicator, context.count, context.mean, var);
+  // Ghost batches stay per process: only their averages are synchronized (one collective either
+  // way).
+  if (!context.ghost_batches) synchronize_moments(communicator, context.count, context.mean, var);
 
   CoefficientBuffers<Acc> k(stats);
   const GroupStats group_stats{
       context.count.data(),   context.mean.data(),   var.data(),
       context.inv_std.data(), context.zscale.data(), context.zshift.data()};
+  std::vector<GhostSums> ghost(static_cast<std::size_t>(features));
   for (std::int64_t c = 0; c < features; ++c) {
-    train_feature<Acc, Acc>(c, features, groups, scalars, group_stats, weights, k.view());
+    ghost[static_cast<std::size_t>(c)] =
+        group_statistics(c, features, groups, scalars.epsilon, group_stats);
+  }
+  if (context.ghost_batches) synchronize_ghost_sums(communicator, ghost);
+  for (std::int64_t c = 0; c < features; ++c) {
+    feature_coefficients<Acc, Acc>(c, features, groups, scalars, group_stats,
+                                   ghost[static_cast<std::size_t>(c)], weights, k.view());
   }
   cpu::affine(apply_plan, x, y, k.shift.data(), k.scale.data(), k.offset.data());
 }
@@ -82,13 +91,26 @@ void CpuBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   const auto stats = static_cast<std::size_t>(groups * features);
   std::vector<double> sum_dy(stats), sum_dy_centered(stats);
   cpu::backward_sums(sums_plan, dy, x, context.mean.data(), sum_dy.data(), sum_dy_centered.data());
+  // Without ghost batches dx needs the global sums; with them, dx uses its process's ghost
+  // batches and only the dgamma/dbeta totals are synchronized.
+  if (!context.ghost_batches) synchronize_sums(communicator, sum_dy, sum_dy_centered);
   CoefficientBuffers<Acc> k(groups * features);
   for (std::size_t i = 0; i < stats; ++i) k.shift[i] = static_cast<Acc>(context.mean[i]);
   const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
+  const auto n = static_cast<std::size_t>(features);
+  std::vector<double> total_dy(n), total_dy_xhat(n);
   for (std::int64_t c = 0; c < features; ++c) {
-    train_backward_feature<Acc, Acc>(
+    const ParameterSums totals = backward_coefficients<Acc, Acc>(
         c, features, groups, context.count.data(), context.inv_std.data(), context.zscale.data(),
-        context.zshift.data(), weights.gamma, sums, dgamma, dbeta, k.view());
+        weights.gamma, sums, k.view());
+    total_dy[static_cast<std::size_t>(c)] = totals.dy;
+    total_dy_xhat[static_cast<std::size_t>(c)] = totals.dy_xhat;
+  }
+  if (context.ghost_batches) synchronize_sums(communicator, total_dy, total_dy_xhat);
+  for (std::size_t c = 0; c < n; ++c) {
+    parameter_gradients<Acc>(static_cast<std::int64_t>(c), context.zscale.data(),
+                             context.zshift.data(), ParameterSums{total_dy[c], total_dy_xhat[c]},
+                             dgamma, dbeta);
   }
   cpu::backward_dx(dx_plan, dy, x, mask, dx, k.view());
 }

@@ -99,28 +99,45 @@ BATCHNORM_HD inline double value_or(const W* values, std::int64_t i, double fall
   return values ? static_cast<double>(values[i]) : fallback;
 }
 
-// Training step for feature c across its G ghost groups (G = 1 without ghost batches).
-template <class W, class Acc>
-BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
-                                const TrainScalars& s, GroupStats stats, WeightPtrs<W> w,
-                                Coefficients<Acc> out) {
-  // Ghost batches feed the moving statistics and renorm with the mean over ghost batches of
-  // their means and variances (Keras); groups without a valid position are left out.
-  double mean_sum = 0.0, var_sum = 0.0, valid_groups = 0.0;
+// Sums over the valid ghost groups of one feature: their number and the sums of their means and
+// variances. Keras feeds the moving statistics and renorm with the mean over ghost batches of
+// their means and variances; synchronized ghost batches add these sums across processes first.
+struct GhostSums {
+  double groups = 0.0;
+  double mean = 0.0;
+  double var = 0.0;
+};
+
+// First half of a training step for feature c across its G ghost groups (G = 1 without ghost
+// batches): zeroes the statistics of groups without a valid position, sets their inverse std
+// and returns the sums over the valid groups.
+BATCHNORM_HD inline GhostSums group_statistics(std::int64_t c, std::int64_t features,
+                                               std::int64_t groups, double epsilon,
+                                               GroupStats stats) {
+  GhostSums sums;
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t k = g * features + c;
     if (stats.count[k] > 0.0) {
-      mean_sum += stats.mean[k];
-      var_sum += stats.var[k];
-      valid_groups += 1.0;
+      sums.mean += stats.mean[k];
+      sums.var += stats.var[k];
+      sums.groups += 1.0;
     } else {
       stats.mean[k] = 0.0;
       stats.var[k] = 0.0;
     }
-    stats.inv_std[k] = 1.0 / std::sqrt(stats.var[k] + s.epsilon);
+    stats.inv_std[k] = 1.0 / std::sqrt(stats.var[k] + epsilon);
   }
-  const double batch_mean = valid_groups > 0.0 ? mean_sum / valid_groups : 0.0;
-  const double batch_var = valid_groups > 0.0 ? var_sum / valid_groups : 0.0;
+  return sums;
+}
+
+// Second half: renorm factors, folded coefficients and the moving-statistics update of feature c
+// from the ghost-group sums (local, or added across processes).
+template <class W, class Acc>
+BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, std::int64_t groups,
+                                       const TrainScalars& s, GroupStats stats, GhostSums ghost,
+                                       WeightPtrs<W> w, Coefficients<Acc> out) {
+  const double batch_mean = ghost.groups > 0.0 ? ghost.mean / ghost.groups : 0.0;
+  const double batch_var = ghost.groups > 0.0 ? ghost.var / ghost.groups : 0.0;
   const double batch_std = std::sqrt(batch_var + s.epsilon);
 
   double r = 1.0, d = 0.0;
@@ -145,7 +162,7 @@ BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int6
     out.offset[k] = static_cast<Acc>(zshift * gamma + beta);
   }
 
-  if (!s.update_moving || valid_groups == 0.0) return;
+  if (!s.update_moving || ghost.groups == 0.0) return;
   const double m = s.momentum;
   w.moving_mean[c] =
       static_cast<W>(static_cast<double>(w.moving_mean[c]) * m + batch_mean * (1 - m));
@@ -166,6 +183,15 @@ BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int6
   }
 }
 
+// Training step for feature c across its G ghost groups, within one process.
+template <class W, class Acc>
+BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
+                                const TrainScalars& s, GroupStats stats, WeightPtrs<W> w,
+                                Coefficients<Acc> out) {
+  const GhostSums ghost = group_statistics(c, features, groups, s.epsilon, stats);
+  feature_coefficients<W, Acc>(c, features, groups, s, stats, ghost, w, out);
+}
+
 // Inference coefficients for feature c: y = (x - moving_mean) * gamma / sqrt(mv + eps) + beta.
 template <class W, class Acc>
 BATCHNORM_HD void inference_feature(std::int64_t c, double epsilon, const WeightPtrs<W>& w,
@@ -182,26 +208,32 @@ struct BackwardSums {
   const double* dy_centered;  // sum of dy * (x - shift)
 };
 
-// Training backward for feature c. With g = dy * gamma * zscale and s the group's std:
-// dx = g / s - valid * (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all positions.
-// Kernels evaluate it as scale * (dy - valid * (offset + (x - shift) * slope)): the bracket
-// cancels in the data type before scaling, so e.g. a batch of one gives exactly zero.
+// A feature's totals over its groups of sum(dy) and sum(dy * xhat): what dgamma and dbeta are
+// made of. Synchronized ghost batches add them across processes.
+struct ParameterSums {
+  double dy = 0.0;
+  double dy_xhat = 0.0;
+};
+
+// Training backward coefficients for feature c's groups. With g = dy * gamma * zscale and s the
+// group's std: dx = g / s - valid * (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all
+// positions. Kernels evaluate it as scale * (dy - valid * (offset + (x - shift) * slope)): the
+// bracket cancels in the data type before scaling, so e.g. a batch of one gives exactly zero.
 template <class W, class Acc>
-BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
-                                         const double* count, const double* inv_std,
-                                         const double* zscale, const double* zshift,
-                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
-                                         Coefficients<Acc> out) {
-  const double gamma = value_or(gamma_ptr, c, 1.0);
-  const double k = gamma * zscale[c];
-  double sum_dy = 0.0, sum_dy_xhat = 0.0;
+BATCHNORM_HD ParameterSums backward_coefficients(std::int64_t c, std::int64_t features,
+                                                 std::int64_t groups, const double* count,
+                                                 const double* inv_std, const double* zscale,
+                                                 const W* gamma_ptr, BackwardSums sums,
+                                                 Coefficients<Acc> out) {
+  const double k = value_or(gamma_ptr, c, 1.0) * zscale[c];
+  ParameterSums totals;
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t i = g * features + c;
     const double inv = inv_std[i];
     const double group_dy = sums.dy[i];
     const double group_dy_xhat = sums.dy_centered[i] * inv;
-    sum_dy += group_dy;
-    sum_dy_xhat += group_dy_xhat;
+    totals.dy += group_dy;
+    totals.dy_xhat += group_dy_xhat;
     out.scale[i] = static_cast<Acc>(k * inv);
     if (count[i] > 0.0) {
       out.offset[i] = static_cast<Acc>(group_dy / count[i]);
@@ -211,8 +243,27 @@ BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, 
       out.slope[i] = Acc(0);
     }
   }
-  if (dgamma) dgamma[c] = static_cast<W>(zscale[c] * sum_dy_xhat + zshift[c] * sum_dy);
-  if (dbeta) dbeta[c] = static_cast<W>(sum_dy);
+  return totals;
+}
+
+// dgamma = sum(dy * z) with z = xhat * zscale + zshift, dbeta = sum(dy) (where non-null).
+template <class W>
+BATCHNORM_HD void parameter_gradients(std::int64_t c, const double* zscale, const double* zshift,
+                                      ParameterSums totals, W* dgamma, W* dbeta) {
+  if (dgamma) dgamma[c] = static_cast<W>(zscale[c] * totals.dy_xhat + zshift[c] * totals.dy);
+  if (dbeta) dbeta[c] = static_cast<W>(totals.dy);
+}
+
+// Training backward for feature c within one process: coefficients, then dgamma and dbeta.
+template <class W, class Acc>
+BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
+                                         const double* count, const double* inv_std,
+                                         const double* zscale, const double* zshift,
+                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
+                                         Coefficients<Acc> out) {
+  const ParameterSums totals = backward_coefficients<W, Acc>(c, features, groups, count, inv_std,
+                                                             zscale, gamma_ptr, sums, out);
+  parameter_gradients<W>(c, zscale, zshift, totals, dgamma, dbeta);
 }
 
 // Inference backward for feature c: dx = dy * gamma * inv_std, dgamma = inv_std * sum(dy * (x -
