@@ -8,4 +8,5 @@ NB_MODULE(_core, m) {
       "Compiled kernels of the batchnorm package (private; use batchnorm.BatchNormalization).";
   batchnorm::python::bind_communicator(m);
   batchnorm::python::bind_operations(m);
+  batchnorm::python::bind_cuda(m);
 }

@@ -144,8 +144,16 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
 void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                     const Options& options, const Weights& weights, void* dgamma, void* dbeta);
 
-// Whether this build carries the CUDA backend and a CUDA device is visible.
+// Whether this build carries the CUDA backend and a CUDA device is visible. Never throws: a
+// machine without driver or GPU gives false.
 bool cuda_available();
+
+// The CUDA stream (a cudaStream_t; nullptr = the legacy default stream) on which the calling
+// thread's later CUDA calls queue their work, like a framework's "current stream"; each thread
+// has its own. CUDA calls run on the device that holds the weights and return once their work
+// is queued, except train_forward, which waits for the statistics it returns in the context.
+void set_cuda_stream(void* stream);
+void* cuda_stream();
 
 // Number of features C for `shape` and `options.axes` (validates the axes).
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options);

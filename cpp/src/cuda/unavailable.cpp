@@ -2,7 +2,22 @@
 // it cannot run. Keeps the bindings and the dispatch free of #ifdefs.
 #include <stdexcept>
 
+#include "batchnorm/batchnorm.hpp"
+#include "batchnorm/cuda/runtime.hpp"
 #include "batchnorm/detail/backend.hpp"
+
+namespace batchnorm {
+
+namespace {
+// Kept even without CUDA so that code setting a stream runs unchanged on every build.
+thread_local void* current_cuda_stream = nullptr;
+}  // namespace
+
+void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
+
+void* cuda_stream() { return current_cuda_stream; }
+
+}  // namespace batchnorm
 
 namespace batchnorm::detail {
 
@@ -43,3 +58,17 @@ void CudaBackend::infer_backward(const Plan&, const Plan&, const T*, const T*, T
 BATCHNORM_INSTANTIATE_BACKEND(CudaBackend)
 
 }  // namespace batchnorm::detail
+
+namespace batchnorm::cuda {
+
+int device_count() { return 0; }
+
+void* allocate(std::size_t, int) { detail::no_cuda(); }
+
+void release(void*) noexcept {}
+
+void copy(void*, const void*, std::size_t) { detail::no_cuda(); }
+
+void synchronize(int) { detail::no_cuda(); }
+
+}  // namespace batchnorm::cuda

@@ -1,0 +1,599 @@
+// CUDA kernels of the batchnorm backend, templated on the storage type T and the vector width
+// V (elements per 16-byte load, or 1 for unaligned and strided data). They walk a Plan
+// (detail/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions accumulate
+// in float64 per thread from shifted sums, merge in a fixed tree inside the block, and the
+// chunks of a statistic merge in chunk order in a second kernel: no floating-point atomics, so
+// every result is bitwise identical from run to run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "batchnorm/cuda/launch.hpp"
+#include "batchnorm/detail/half.hpp"
+#include "batchnorm/detail/layout.hpp"
+#include "batchnorm/detail/math.hpp"
+
+namespace batchnorm::cuda {
+
+using detail::LoopDim;
+using detail::LoopNest;
+
+// V consecutive elements moved by one load or store instruction.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <class T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* at) {
+  return *reinterpret_cast<const Pack<T, V>*>(at);
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_pack(T* at, const Pack<T, V>& pack) {
+  *reinterpret_cast<Pack<T, V>*>(at) = pack;
+}
+
+// Element offsets of the first Ops operands for the row-major index `index` over the dims
+// [0, end) of a nest. A single dim (the common case once contiguous dims are merged) costs a
+// multiply; deeper nests pay one 64-bit division per dim.
+template <int Ops>
+__device__ __forceinline__ void offsets_of(const LoopNest& nest, std::int64_t index, int end,
+                                           std::int64_t (&out)[Ops]) {
+  if (end == 1) {
+#pragma unroll
+    for (int op = 0; op < Ops; ++op) out[op] = index * nest.dims[0].stride[op];
+    return;
+  }
+#pragma unroll
+  for (int op = 0; op < Ops; ++op) out[op] = 0;
+  for (int d = end - 1; d >= 0; --d) {
+    const std::int64_t size = nest.dims[d].size;
+    const std::int64_t quotient = index / size;
+    const std::int64_t i = index - quotient * size;
+#pragma unroll
+    for (int op = 0; op < Ops; ++op) out[op] += i * nest.dims[d].stride[op];
+    index = quotient;
+  }
+}
+
+// Row mode: the block's outer item, column tile and row chunk, and this thread's column.
+struct RowBlock {
+  std::int64_t item, chunk, column, first_row, end_row;
+  bool active;
+
+  __device__ explicit RowBlock(const Geometry& geo) {
+    const std::int64_t block = blockIdx.x;
+    chunk = block % geo.chunks;
+    const std::int64_t rest = block / geo.chunks;
+    item = rest / geo.tiles;
+    column = (rest % geo.tiles) * geo.tile_x + threadIdx.x;
+    active = column < geo.columns;
+    first_row = chunk * geo.per_chunk + threadIdx.y;
+    const std::int64_t end = (chunk + 1) * geo.per_chunk;
+    end_row = end < geo.rows ? end : geo.rows;
+  }
+};
+
+// Plane mode: walks this thread's positions (in units of V elements) inside the block's chunk
+// of one statistic, keeping (run, position in run) without a division per step.
+template <int V>
+struct PlaneCursor {
+  std::int64_t stat, index, end, unit, position, run_vectors, step_units, step_positions;
+
+  __device__ explicit PlaneCursor(const Geometry& geo) {
+    const std::int64_t block = blockIdx.x;
+    const std::int64_t chunk = block % geo.chunks;
+    stat = block / geo.chunks;
+    run_vectors = geo.run / V;
+    const std::int64_t total = geo.units * run_vectors;
+    const std::int64_t per_chunk = geo.per_chunk / V;
+    index = chunk * per_chunk + threadIdx.x;
+    const std::int64_t chunk_end = (chunk + 1) * per_chunk;
+    end = chunk_end < total ? chunk_end : total;
+    unit = index / run_vectors;
+    position = index - unit * run_vectors;
+    step_units = blockDim.x / run_vectors;
+    step_positions = blockDim.x - step_units * run_vectors;
+  }
+
+  __device__ bool valid() const { return index < end; }
+
+  __device__ void next() {
+    index += blockDim.x;
+    unit += step_units;
+    position += step_positions;
+    if (position >= run_vectors) {
+      position -= run_vectors;
+      ++unit;
+    }
+  }
+};
+
+// ---- block merges (fixed trees: the same pairing on every run) --------------------------------
+
+__device__ __forceinline__ void merge_sums(detail::Moments& into, const detail::Moments& other) {
+  detail::merge_into(into, other);
+}
+
+__device__ __forceinline__ void merge_sums(Sums& into, const Sums& other) {
+  into.dy += other.dy;
+  into.dy_centered += other.dy_centered;
+}
+
+// Merges the values of the threads sharing threadIdx.x (all threads for a 1-D block); the
+// result is valid in the threads with threadIdx.y == 0. blockDim.y must be a power of two.
+template <class P>
+__device__ P merge_over_rows(P value, P* shared) {
+  const int x = threadIdx.x, y = threadIdx.y, width = blockDim.x;
+  shared[y * width + x] = value;
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+    if (y < half) merge_sums(shared[y * width + x], shared[(y + half) * width + x]);
+    __syncthreads();
+  }
+  value = shared[x];
+  __syncthreads();  // the caller may reuse `shared` right away
+  return value;
+}
+
+// Same over a 1-D block; the result is valid in thread 0. blockDim.x must be a power of two.
+template <class P>
+__device__ P merge_over_block(P value, P* shared) {
+  const int x = threadIdx.x;
+  shared[x] = value;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (x < half) merge_sums(shared[x], shared[x + half]);
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// ---- statistics ------------------------------------------------------------------------------
+
+// Shifted float64 sums of one thread: the shift is the thread's first valid value, so the sums
+// stay small and the variance exact even when the mean dwarfs the spread.
+struct ShiftedSums {
+  double count = 0.0, shift = 0.0, sum = 0.0, squares = 0.0;
+
+  __device__ void add(double value) {
+    if (count == 0.0) shift = value;
+    const double d = value - shift;
+    sum += d;
+    squares += d * d;
+    count += 1.0;
+  }
+  __device__ detail::Moments moments() const {
+    return detail::moments_from_shifted_sums(count, shift, sum, squares);
+  }
+};
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    row_moments_kernel(Plan plan, Geometry geo, const T* __restrict__ x,
+                       const std::uint8_t* __restrict__ mask,
+                       detail::Moments* __restrict__ partial) {
+  __shared__ detail::Moments shared[kThreads];
+  const RowBlock b(geo);
+  std::int64_t base[2];
+  offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
+  // Features of one row share a mask value, so all V lanes count the same rows.
+  double count = 0.0, shift[V], sum[V], squares[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) shift[v] = sum[v] = squares[v] = 0.0;
+  if (b.active) {
+    const T* column = x + base[0] + b.column * V;
+    for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
+      std::int64_t at[2];
+      offsets_of(plan.reduced, r, plan.reduced.count, at);
+      if (mask && !mask[base[1] + at[1]]) continue;
+      const Pack<T, V> p = load_pack<T, V>(column + at[0]);
+      if (count == 0.0) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) shift[v] = detail::load<double>(p.v[v]);
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const double d = detail::load<double>(p.v[v]) - shift[v];
+        sum[v] += d;
+        squares[v] += d * d;
+      }
+      count += 1.0;
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const detail::Moments merged = merge_over_rows(
+        detail::moments_from_shifted_sums(count, shift[v], sum[v], squares[v]), shared);
+    if (threadIdx.y == 0 && b.active) {
+      const std::int64_t stat = b.item * geo.inner + b.column * V + v;
+      partial[stat * geo.chunks + b.chunk] = merged;
+    }
+  }
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads)
+    plane_moments_kernel(Plan plan, Geometry geo, const T* __restrict__ x,
+                         const std::uint8_t* __restrict__ mask,
+                         detail::Moments* __restrict__ partial) {
+  __shared__ detail::Moments shared[kThreads];
+  PlaneCursor<V> cursor(geo);
+  std::int64_t base[2];
+  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
+  ShiftedSums sums;
+  for (; cursor.valid(); cursor.next()) {
+    std::int64_t at[2];
+    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
+    const std::int64_t i = cursor.position * V;
+    if constexpr (V == 1) {
+      if (mask && !mask[base[1] + at[1] + i * last.stride[1]]) continue;
+      sums.add(detail::load<double>(x[base[0] + at[0] + i * last.stride[0]]));
+    } else {  // vector path: unit stride and no mask (make_geometry guarantees both)
+      const Pack<T, V> p = load_pack<T, V>(x + base[0] + at[0] + i);
+#pragma unroll
+      for (int v = 0; v < V; ++v) sums.add(detail::load<double>(p.v[v]));
+    }
+  }
+  const detail::Moments merged = merge_over_block(sums.moments(), shared);
+  if (threadIdx.x == 0) partial[cursor.stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
+}
+
+// One warp per statistic: lanes merge chunks lane, lane + 32, ... in order, then a fixed
+// shuffle tree merges the lanes.
+__global__ void __launch_bounds__(kThreads)
+    merge_moments_kernel(const detail::Moments* __restrict__ partial, std::int64_t stats,
+                         std::int64_t chunks, double* __restrict__ count, double* __restrict__ mean,
+                         double* __restrict__ var) {
+  const std::int64_t stat = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (stat >= stats) return;  // whole warps leave together
+  detail::Moments total;
+  for (std::int64_t c = lane; c < chunks; c += 32) {
+    detail::merge_into(total, partial[stat * chunks + c]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const detail::Moments other{__shfl_down_sync(0xffffffffu, total.count, offset),
+                                __shfl_down_sync(0xffffffffu, total.mean, offset),
+                                __shfl_down_sync(0xffffffffu, total.m2, offset)};
+    detail::merge_into(total, other);
+  }
+  if (lane == 0) {
+    count[stat] = total.count;
+    mean[stat] = total.mean;
+    var[stat] = total.count > 0.0 ? total.m2 / total.count : 0.0;
+  }
+}
+
+// ---- elementwise forward ---------------------------------------------------------------------
+
+template <class T, class Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    row_affine_kernel(Plan plan, Geometry geo, const T* __restrict__ x, T* __restrict__ y,
+                      const Acc* __restrict__ shift, const Acc* __restrict__ scale,
+                      const Acc* __restrict__ offset) {
+  const RowBlock b(geo);
+  if (!b.active) return;
+  std::int64_t base[2];
+  offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
+  const std::int64_t k = b.item * geo.inner + b.column * V;
+  Acc m[V], a[V], o[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    m[v] = shift[k + v];
+    a[v] = scale[k + v];
+    o[v] = offset[k + v];
+  }
+  const T* in = x + base[0] + b.column * V;
+  T* out = y + base[1] + b.column * V;
+  for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
+    std::int64_t at[2];
+    offsets_of(plan.reduced, r, plan.reduced.count, at);
+    const Pack<T, V> p = load_pack<T, V>(in + at[0]);
+    Pack<T, V> q;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      q.v[v] = detail::store<T>((detail::load<Acc>(p.v[v]) - m[v]) * a[v] + o[v]);
+    }
+    store_pack<T, V>(out + at[1], q);
+  }
+}
+
+template <class T, class Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    plane_affine_kernel(Plan plan, Geometry geo, const T* __restrict__ x, T* __restrict__ y,
+                        const Acc* __restrict__ shift, const Acc* __restrict__ scale,
+                        const Acc* __restrict__ offset) {
+  PlaneCursor<V> cursor(geo);
+  std::int64_t base[2];
+  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
+  const Acc m = shift[cursor.stat], a = scale[cursor.stat], o = offset[cursor.stat];
+  for (; cursor.valid(); cursor.next()) {
+    std::int64_t at[2];
+    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
+    const std::int64_t i = cursor.position * V;
+    if constexpr (V == 1) {
+      const Acc value = detail::load<Acc>(x[base[0] + at[0] + i * last.stride[0]]);
+      y[base[1] + at[1] + i * last.stride[1]] = detail::store<T>((value - m) * a + o);
+    } else {
+      const Pack<T, V> p = load_pack<T, V>(x + base[0] + at[0] + i);
+      Pack<T, V> q;
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        q.v[v] = detail::store<T>((detail::load<Acc>(p.v[v]) - m) * a + o);
+      store_pack<T, V>(y + base[1] + at[1] + i, q);
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+template <class T, class S, int V>
+__global__ void __launch_bounds__(kThreads)
+    row_backward_sums_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
+                             const T* __restrict__ x, const S* __restrict__ shift,
+                             Sums* __restrict__ partial) {
+  __shared__ Sums shared[kThreads];
+  const RowBlock b(geo);
+  std::int64_t base[2];
+  offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
+  const std::int64_t k = b.item * geo.inner + b.column * V;
+  double m[V], sum_dy[V], sum_dyx[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    m[v] = b.active ? static_cast<double>(shift[k + v]) : 0.0;
+    sum_dy[v] = sum_dyx[v] = 0.0;
+  }
+  if (b.active) {
+    const T* g = dy + base[0] + b.column * V;
+    const T* in = x + base[1] + b.column * V;
+    for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
+      std::int64_t at[2];
+      offsets_of(plan.reduced, r, plan.reduced.count, at);
+      const Pack<T, V> pg = load_pack<T, V>(g + at[0]);
+      const Pack<T, V> px = load_pack<T, V>(in + at[1]);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const double gd = detail::load<double>(pg.v[v]);
+        sum_dy[v] += gd;
+        sum_dyx[v] += gd * (detail::load<double>(px.v[v]) - m[v]);
+      }
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const Sums merged = merge_over_rows(Sums{sum_dy[v], sum_dyx[v]}, shared);
+    if (threadIdx.y == 0 && b.active) partial[(k + v) * geo.chunks + b.chunk] = merged;
+  }
+}
+
+template <class T, class S, int V>
+__global__ void __launch_bounds__(kThreads)
+    plane_backward_sums_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
+                               const T* __restrict__ x, const S* __restrict__ shift,
+                               Sums* __restrict__ partial) {
+  __shared__ Sums shared[kThreads];
+  PlaneCursor<V> cursor(geo);
+  std::int64_t base[2];
+  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
+  const double m = static_cast<double>(shift[cursor.stat]);
+  Sums sums{0.0, 0.0};
+  for (; cursor.valid(); cursor.next()) {
+    std::int64_t at[2];
+    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
+    const std::int64_t i = cursor.position * V;
+    if constexpr (V == 1) {
+      const double gd = detail::load<double>(dy[base[0] + at[0] + i * last.stride[0]]);
+      sums.dy += gd;
+      sums.dy_centered += gd * (detail::load<double>(x[base[1] + at[1] + i * last.stride[1]]) - m);
+    } else {
+      const Pack<T, V> pg = load_pack<T, V>(dy + base[0] + at[0] + i);
+      const Pack<T, V> px = load_pack<T, V>(x + base[1] + at[1] + i);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const double gd = detail::load<double>(pg.v[v]);
+        sums.dy += gd;
+        sums.dy_centered += gd * (detail::load<double>(px.v[v]) - m);
+      }
+    }
+  }
+  const Sums merged = merge_over_block(sums, shared);
+  if (threadIdx.x == 0) partial[cursor.stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    merge_sums_kernel(const Sums* __restrict__ partial, std::int64_t stats, std::int64_t chunks,
+                      double* __restrict__ sum_dy, double* __restrict__ sum_dy_centered) {
+  const std::int64_t stat = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (stat >= stats) return;
+  Sums total{0.0, 0.0};
+  for (std::int64_t c = lane; c < chunks; c += 32) merge_sums(total, partial[stat * chunks + c]);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    total.dy += __shfl_down_sync(0xffffffffu, total.dy, offset);
+    total.dy_centered += __shfl_down_sync(0xffffffffu, total.dy_centered, offset);
+  }
+  if (lane == 0) {
+    sum_dy[stat] = total.dy;
+    sum_dy_centered[stat] = total.dy_centered;
+  }
+}
+
+template <class T, class Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    row_backward_dx_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
+                           const T* __restrict__ x, const std::uint8_t* __restrict__ mask,
+                           T* __restrict__ dx, Coefficients<Acc> k) {
+  const RowBlock b(geo);
+  if (!b.active) return;
+  std::int64_t base[4];
+  offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
+  const std::int64_t s = b.item * geo.inner + b.column * V;
+  Acc m[V], a[V], slope[V], o[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    m[v] = k.shift[s + v];
+    a[v] = k.scale[s + v];
+    slope[v] = k.slope[s + v];
+    o[v] = k.offset[s + v];
+  }
+  const T* g = dy + base[0] + b.column * V;
+  const T* in = x + base[1] + b.column * V;
+  T* out = dx + base[2] + b.column * V;
+  for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
+    std::int64_t at[4];
+    offsets_of(plan.reduced, r, plan.reduced.count, at);
+    const bool valid = !mask || mask[base[3] + at[3]];
+    const Pack<T, V> pg = load_pack<T, V>(g + at[0]);
+    Pack<T, V> q;
+    if (valid) {
+      const Pack<T, V> px = load_pack<T, V>(in + at[1]);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const Acc centered = detail::load<Acc>(px.v[v]) - m[v];
+        q.v[v] =
+            detail::store<T>(a[v] * (detail::load<Acc>(pg.v[v]) - (o[v] + centered * slope[v])));
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) q.v[v] = detail::store<T>(detail::load<Acc>(pg.v[v]) * a[v]);
+    }
+    store_pack<T, V>(out + at[2], q);
+  }
+}
+
+template <class T, class Acc, int V>
+__global__ void __launch_bounds__(kThreads)
+    plane_backward_dx_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
+                             const T* __restrict__ x, const std::uint8_t* __restrict__ mask,
+                             T* __restrict__ dx, Coefficients<Acc> k) {
+  PlaneCursor<V> cursor(geo);
+  std::int64_t base[4];
+  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
+  const std::int64_t s = cursor.stat;
+  const Acc m = k.shift[s], a = k.scale[s], slope = k.slope[s], o = k.offset[s];
+  for (; cursor.valid(); cursor.next()) {
+    std::int64_t at[4];
+    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
+    const std::int64_t i = cursor.position * V;
+    if constexpr (V == 1) {
+      Acc value = detail::load<Acc>(dy[base[0] + at[0] + i * last.stride[0]]);
+      if (!mask || mask[base[3] + at[3] + i * last.stride[3]]) {
+        value -= o + (detail::load<Acc>(x[base[1] + at[1] + i * last.stride[1]]) - m) * slope;
+      }
+      dx[base[2] + at[2] + i * last.stride[2]] = detail::store<T>(a * value);
+    } else {
+      const Pack<T, V> pg = load_pack<T, V>(dy + base[0] + at[0] + i);
+      const Pack<T, V> px = load_pack<T, V>(x + base[1] + at[1] + i);
+      Pack<T, V> q;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const Acc centered = detail::load<Acc>(px.v[v]) - m;
+        q.v[v] = detail::store<T>(a * (detail::load<Acc>(pg.v[v]) - (o + centered * slope)));
+      }
+      store_pack<T, V>(dx + base[2] + at[2] + i, q);
+    }
+  }
+}
+
+// ---- per-feature coefficients (one thread per feature) -----------------------------------------
+
+__device__ __forceinline__ std::int64_t feature_index() {
+  return static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+template <class W>
+__global__ void train_coefficients_kernel(std::int64_t features, std::int64_t groups,
+                                          detail::TrainScalars scalars, detail::GroupStats stats,
+                                          detail::WeightPtrs<W> weights, Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c < features) detail::train_feature<W, W>(c, features, groups, scalars, stats, weights, out);
+}
+
+// The two halves of train_feature, for synchronized statistics: the ghost-group sums go through
+// the host's communicator between them.
+__global__ void group_statistics_kernel(std::int64_t features, std::int64_t groups, double epsilon,
+                                        detail::GroupStats stats, detail::GhostSums* ghost) {
+  const std::int64_t c = feature_index();
+  if (c < features) ghost[c] = detail::group_statistics(c, features, groups, epsilon, stats);
+}
+
+template <class W>
+__global__ void feature_coefficients_kernel(std::int64_t features, std::int64_t groups,
+                                            detail::TrainScalars scalars, detail::GroupStats stats,
+                                            const detail::GhostSums* ghost,
+                                            detail::WeightPtrs<W> weights, Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c < features) {
+    detail::feature_coefficients<W, W>(c, features, groups, scalars, stats, ghost[c], weights, out);
+  }
+}
+
+template <class W>
+__global__ void inference_coefficients_kernel(std::int64_t features, double epsilon,
+                                              detail::WeightPtrs<W> weights, Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c < features) detail::inference_feature<W, W>(c, epsilon, weights, out);
+}
+
+template <class W>
+__global__ void train_backward_coefficients_kernel(std::int64_t features, std::int64_t groups,
+                                                   const double* count, const double* mean,
+                                                   const double* inv_std, const double* zscale,
+                                                   const double* zshift, const W* gamma,
+                                                   detail::BackwardSums sums, W* dgamma, W* dbeta,
+                                                   Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c >= features) return;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    out.shift[g * features + c] = static_cast<W>(mean[g * features + c]);
+  }
+  detail::train_backward_feature<W, W>(c, features, groups, count, inv_std, zscale, zshift, gamma,
+                                       sums, dgamma, dbeta, out);
+}
+
+// The two halves of train_backward_feature, for synchronized ghost batches: the per-feature
+// parameter sums go through the host's communicator between them.
+template <class W>
+__global__ void backward_coefficients_kernel(std::int64_t features, std::int64_t groups,
+                                             const double* count, const double* mean,
+                                             const double* inv_std, const double* zscale,
+                                             const W* gamma, detail::BackwardSums sums,
+                                             detail::ParameterSums* totals, Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c >= features) return;
+  for (std::int64_t g = 0; g < groups; ++g) {
+    out.shift[g * features + c] = static_cast<W>(mean[g * features + c]);
+  }
+  totals[c] = detail::backward_coefficients<W, W>(c, features, groups, count, inv_std, zscale,
+                                                  gamma, sums, out);
+}
+
+template <class W>
+__global__ void parameter_gradients_kernel(std::int64_t features, const double* zscale,
+                                           const double* zshift,
+                                           const detail::ParameterSums* totals, W* dgamma,
+                                           W* dbeta) {
+  const std::int64_t c = feature_index();
+  if (c < features) detail::parameter_gradients<W>(c, zscale, zshift, totals[c], dgamma, dbeta);
+}
+
+template <class W>
+__global__ void inference_backward_coefficients_kernel(std::int64_t features, double epsilon,
+                                                       detail::WeightPtrs<W> weights,
+                                                       detail::BackwardSums sums, W* dgamma,
+                                                       W* dbeta, Coefficients<W> out) {
+  const std::int64_t c = feature_index();
+  if (c >= features) return;
+  out.shift[c] = weights.moving_mean[c];
+  detail::inference_backward_feature<W, W>(c, epsilon, weights, sums, dgamma, dbeta, out);
+}
+
+}  // namespace batchnorm::cuda

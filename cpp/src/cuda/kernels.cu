@@ -1,0 +1,341 @@
+// Work decomposition and launchers of the CUDA kernels, explicitly instantiated for every
+// storage type. Compiled at -O3 for sm_80 and sm_90 (plus PTX for later GPUs).
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+
+#include "batchnorm/cuda/kernels.cuh"
+#include "batchnorm/cuda/launch.hpp"
+
+namespace batchnorm::cuda {
+
+namespace {
+
+bool aligned(const void* pointer) {
+  return reinterpret_cast<std::uintptr_t>(pointer) % kVectorBytes == 0;
+}
+
+// Whether dims [0, end) of `nest` step every operand but the mask by whole vectors.
+bool strides_multiple(const LoopNest& nest, int end, int operands, int mask_operand,
+                      std::int64_t width) {
+  for (int d = 0; d < end; ++d) {
+    for (int op = 0; op < operands; ++op) {
+      if (op != mask_operand && nest.dims[d].stride[op] % width != 0) return false;
+    }
+  }
+  return true;
+}
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+int tile_width(std::int64_t columns) {
+  int width = 1;
+  while (width < 32 && width < columns) width *= 2;
+  return width;
+}
+
+unsigned grid_of(std::int64_t blocks) {
+  if (blocks > 0x7fffffff) throw std::length_error("batchnorm CUDA: tensor too large for one grid");
+  return static_cast<unsigned>(blocks);
+}
+
+// Calls f with std::integral_constant<int, V> for the geometry's vector width.
+template <class T, class F>
+void with_width(const Geometry& geo, F&& f) {
+  constexpr int wide = kVectorBytes / static_cast<int>(sizeof(T));
+  if (geo.vector == wide) {
+    f(std::integral_constant<int, wide>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+dim3 block_of(const Geometry& geo) {
+  return geo.row ? dim3(geo.tile_x, geo.tile_y) : dim3(kThreads);
+}
+
+unsigned feature_grid(std::int64_t features) { return grid_of(ceil_div(features, kThreads)); }
+
+}  // namespace
+
+Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* const* pointers,
+                       int mask_operand) {
+  Geometry g;
+  g.row = plan.row;
+  g.stats = plan.stat.total();
+  const LoopNest& red = plan.reduced;
+  const std::int64_t width = kVectorBytes / static_cast<std::int64_t>(element_bytes);
+  bool vectorize = true;
+  for (int op = 0; op < plan.operands; ++op) {
+    vectorize = vectorize && (op == mask_operand || aligned(pointers[op]));
+  }
+  if (plan.row) {
+    // Features are unit-stride in every data operand (Plan::row), so a vector needs only the
+    // row and item starts on vector boundaries.
+    g.inner = plan.stat.dims[plan.stat.count - 1].size;
+    g.rows = red.total();
+    vectorize =
+        vectorize && g.inner % width == 0 &&
+        strides_multiple(red, red.count, plan.operands, mask_operand, width) &&
+        strides_multiple(plan.stat, plan.stat.count - 1, plan.operands, mask_operand, width);
+    g.vector = vectorize ? static_cast<int>(width) : 1;
+    g.columns = g.inner / g.vector;
+    g.tile_x = tile_width(g.columns);
+    g.tile_y = kThreads / g.tile_x;
+    g.tiles = ceil_div(g.columns, g.tile_x);
+    const std::int64_t rows_per_chunk =
+        std::max<std::int64_t>(1, kChunkElements / (g.tile_x * g.vector));
+    g.per_chunk = ceil_div(rows_per_chunk, g.tile_y) * g.tile_y;
+    g.chunks = ceil_div(g.rows, g.per_chunk);
+    g.blocks = (g.stats / g.inner) * g.tiles * g.chunks;
+  } else {
+    // The mask is read per element; vectors need unit-stride runs that start on boundaries.
+    const LoopDim& last = red.dims[red.count - 1];
+    g.run = last.size;
+    g.units = g.run > 0 ? red.total() / g.run : 0;
+    g.unit_dims = red.count - 1;
+    for (int op = 0; op < plan.operands; ++op) vectorize = vectorize && last.stride[op] == 1;
+    vectorize = vectorize && mask_operand < 0 && g.run % width == 0 &&
+                strides_multiple(red, g.unit_dims, plan.operands, -1, width) &&
+                strides_multiple(plan.stat, plan.stat.count, plan.operands, -1, width);
+    g.vector = vectorize ? static_cast<int>(width) : 1;
+    g.per_chunk = kChunkElements;
+    g.chunks = ceil_div(g.units * g.run, g.per_chunk);
+    g.blocks = g.stats * g.chunks;
+  }
+  return g;
+}
+
+template <class T>
+void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std::uint8_t* mask,
+                    Moments* partial, cudaStream_t stream) {
+  if (geo.blocks == 0) return;
+  with_width<T>(geo, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (geo.row) {
+      row_moments_kernel<T, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, x, mask, partial);
+    } else {
+      plane_moments_kernel<T, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, x, mask, partial);
+    }
+  });
+  check(cudaGetLastError(), "launching the moments kernel");
+}
+
+void launch_merge_moments(const Moments* partial, std::int64_t stats, std::int64_t chunks,
+                          double* count, double* mean, double* var, cudaStream_t stream) {
+  if (stats == 0) return;
+  constexpr std::int64_t warps = kThreads / 32;
+  merge_moments_kernel<<<grid_of(ceil_div(stats, warps)), kThreads, 0, stream>>>(
+      partial, stats, chunks, count, mean, var);
+  check(cudaGetLastError(), "launching the moments merge kernel");
+}
+
+template <class T, class Acc>
+void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, const Acc* shift,
+                   const Acc* scale, const Acc* offset, cudaStream_t stream) {
+  if (geo.blocks == 0) return;
+  with_width<T>(geo, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (geo.row) {
+      row_affine_kernel<T, Acc, V><<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(
+          plan, geo, x, y, shift, scale, offset);
+    } else {
+      plane_affine_kernel<T, Acc, V><<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(
+          plan, geo, x, y, shift, scale, offset);
+    }
+  });
+  check(cudaGetLastError(), "launching the normalization kernel");
+}
+
+template <class T, class S>
+void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
+                          const S* shift, Sums* partial, cudaStream_t stream) {
+  if (geo.blocks == 0) return;
+  with_width<T>(geo, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (geo.row) {
+      row_backward_sums_kernel<T, S, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, shift, partial);
+    } else {
+      plane_backward_sums_kernel<T, S, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, shift, partial);
+    }
+  });
+  check(cudaGetLastError(), "launching the backward sums kernel");
+}
+
+void launch_merge_sums(const Sums* partial, std::int64_t stats, std::int64_t chunks, double* sum_dy,
+                       double* sum_dy_centered, cudaStream_t stream) {
+  if (stats == 0) return;
+  constexpr std::int64_t warps = kThreads / 32;
+  merge_sums_kernel<<<grid_of(ceil_div(stats, warps)), kThreads, 0, stream>>>(
+      partial, stats, chunks, sum_dy, sum_dy_centered);
+  check(cudaGetLastError(), "launching the backward sums merge kernel");
+}
+
+template <class T, class Acc>
+void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
+                        const std::uint8_t* mask, T* dx, const Coefficients<Acc>& k,
+                        cudaStream_t stream) {
+  if (geo.blocks == 0) return;
+  with_width<T>(geo, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (geo.row) {
+      row_backward_dx_kernel<T, Acc, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, mask, dx, k);
+    } else {
+      plane_backward_dx_kernel<T, Acc, V>
+          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, mask, dx, k);
+    }
+  });
+  check(cudaGetLastError(), "launching the dx kernel");
+}
+
+template <class W>
+void launch_train_coefficients(std::int64_t features, std::int64_t groups,
+                               const detail::TrainScalars& scalars, const detail::GroupStats& stats,
+                               const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
+                               cudaStream_t stream) {
+  if (features == 0) return;
+  train_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, groups, scalars, stats, weights, out);
+  check(cudaGetLastError(), "launching the training coefficients kernel");
+}
+
+void launch_group_statistics(std::int64_t features, std::int64_t groups, double epsilon,
+                             const detail::GroupStats& stats, detail::GhostSums* ghost,
+                             cudaStream_t stream) {
+  if (features == 0) return;
+  group_statistics_kernel<<<feature_grid(features), kThreads, 0, stream>>>(features, groups,
+                                                                           epsilon, stats, ghost);
+  check(cudaGetLastError(), "launching the group statistics kernel");
+}
+
+template <class W>
+void launch_feature_coefficients(std::int64_t features, std::int64_t groups,
+                                 const detail::TrainScalars& scalars,
+                                 const detail::GroupStats& stats, const detail::GhostSums* ghost,
+                                 const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
+                                 cudaStream_t stream) {
+  if (features == 0) return;
+  feature_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, groups, scalars, stats, ghost, weights, out);
+  check(cudaGetLastError(), "launching the feature coefficients kernel");
+}
+
+template <class W>
+void launch_inference_coefficients(std::int64_t features, double epsilon,
+                                   const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
+                                   cudaStream_t stream) {
+  if (features == 0) return;
+  inference_coefficients_kernel<W>
+      <<<feature_grid(features), kThreads, 0, stream>>>(features, epsilon, weights, out);
+  check(cudaGetLastError(), "launching the inference coefficients kernel");
+}
+
+template <class W>
+void launch_train_backward_coefficients(std::int64_t features, std::int64_t groups,
+                                        const double* count, const double* mean,
+                                        const double* inv_std, const double* zscale,
+                                        const double* zshift, const W* gamma,
+                                        const detail::BackwardSums& sums, W* dgamma, W* dbeta,
+                                        const Coefficients<W>& out, cudaStream_t stream) {
+  if (features == 0) return;
+  train_backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, groups, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma, dbeta, out);
+  check(cudaGetLastError(), "launching the backward coefficients kernel");
+}
+
+template <class W>
+void launch_backward_coefficients(std::int64_t features, std::int64_t groups, const double* count,
+                                  const double* mean, const double* inv_std, const double* zscale,
+                                  const W* gamma, const detail::BackwardSums& sums,
+                                  detail::ParameterSums* totals, const Coefficients<W>& out,
+                                  cudaStream_t stream) {
+  if (features == 0) return;
+  backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, groups, count, mean, inv_std, zscale, gamma, sums, totals, out);
+  check(cudaGetLastError(), "launching the backward coefficients kernel");
+}
+
+template <class W>
+void launch_parameter_gradients(std::int64_t features, const double* zscale, const double* zshift,
+                                const detail::ParameterSums* totals, W* dgamma, W* dbeta,
+                                cudaStream_t stream) {
+  if (features == 0) return;
+  parameter_gradients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, zscale, zshift, totals, dgamma, dbeta);
+  check(cudaGetLastError(), "launching the parameter gradients kernel");
+}
+
+template <class W>
+void launch_inference_backward_coefficients(std::int64_t features, double epsilon,
+                                            const detail::WeightPtrs<W>& weights,
+                                            const detail::BackwardSums& sums, W* dgamma, W* dbeta,
+                                            const Coefficients<W>& out, cudaStream_t stream) {
+  if (features == 0) return;
+  inference_backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
+      features, epsilon, weights, sums, dgamma, dbeta, out);
+  check(cudaGetLastError(), "launching the inference backward coefficients kernel");
+}
+
+#define BATCHNORM_INSTANTIATE_LAUNCHERS(T)                                                        \
+  template void launch_moments<T>(const Plan&, const Geometry&, const T*, const std::uint8_t*,    \
+                                  Moments*, cudaStream_t);                                        \
+  template void launch_affine<T, detail::compute_t<T>>(                                           \
+      const Plan&, const Geometry&, const T*, T*, const detail::compute_t<T>*,                    \
+      const detail::compute_t<T>*, const detail::compute_t<T>*, cudaStream_t);                    \
+  template void launch_backward_sums<T, double>(const Plan&, const Geometry&, const T*, const T*, \
+                                                const double*, Sums*, cudaStream_t);              \
+  template void launch_backward_dx<T, detail::compute_t<T>>(                                      \
+      const Plan&, const Geometry&, const T*, const T*, const std::uint8_t*, T*,                  \
+      const Coefficients<detail::compute_t<T>>&, cudaStream_t);
+
+BATCHNORM_INSTANTIATE_LAUNCHERS(float)
+BATCHNORM_INSTANTIATE_LAUNCHERS(double)
+BATCHNORM_INSTANTIATE_LAUNCHERS(detail::float16)
+BATCHNORM_INSTANTIATE_LAUNCHERS(detail::bfloat16)
+
+// Inference backward centers on the moving mean, stored in the weights' type.
+template void launch_backward_sums<float, float>(const Plan&, const Geometry&, const float*,
+                                                 const float*, const float*, Sums*, cudaStream_t);
+template void launch_backward_sums<detail::float16, float>(const Plan&, const Geometry&,
+                                                           const detail::float16*,
+                                                           const detail::float16*, const float*,
+                                                           Sums*, cudaStream_t);
+template void launch_backward_sums<detail::bfloat16, float>(const Plan&, const Geometry&,
+                                                            const detail::bfloat16*,
+                                                            const detail::bfloat16*, const float*,
+                                                            Sums*, cudaStream_t);
+
+#define BATCHNORM_INSTANTIATE_COEFFICIENTS(W)                                                      \
+  template void launch_train_coefficients<W>(                                                      \
+      std::int64_t, std::int64_t, const detail::TrainScalars&, const detail::GroupStats&,          \
+      const detail::WeightPtrs<W>&, const Coefficients<W>&, cudaStream_t);                         \
+  template void launch_feature_coefficients<W>(                                                    \
+      std::int64_t, std::int64_t, const detail::TrainScalars&, const detail::GroupStats&,          \
+      const detail::GhostSums*, const detail::WeightPtrs<W>&, const Coefficients<W>&,              \
+      cudaStream_t);                                                                               \
+  template void launch_backward_coefficients<W>(                                                   \
+      std::int64_t, std::int64_t, const double*, const double*, const double*, const double*,      \
+      const W*, const detail::BackwardSums&, detail::ParameterSums*, const Coefficients<W>&,       \
+      cudaStream_t);                                                                               \
+  template void launch_parameter_gradients<W>(std::int64_t, const double*, const double*,          \
+                                              const detail::ParameterSums*, W*, W*, cudaStream_t); \
+  template void launch_inference_coefficients<W>(                                                  \
+      std::int64_t, double, const detail::WeightPtrs<W>&, const Coefficients<W>&, cudaStream_t);   \
+  template void launch_train_backward_coefficients<W>(                                             \
+      std::int64_t, std::int64_t, const double*, const double*, const double*, const double*,      \
+      const double*, const W*, const detail::BackwardSums&, W*, W*, const Coefficients<W>&,        \
+      cudaStream_t);                                                                               \
+  template void launch_inference_backward_coefficients<W>(                                         \
+      std::int64_t, double, const detail::WeightPtrs<W>&, const detail::BackwardSums&, W*, W*,     \
+      const Coefficients<W>&, cudaStream_t);
+
+BATCHNORM_INSTANTIATE_COEFFICIENTS(float)
+BATCHNORM_INSTANTIATE_COEFFICIENTS(double)
+
+}  // namespace batchnorm::cuda

@@ -1,0 +1,125 @@
+// CUDA runtime services: device discovery that never throws (so cuda_available() is safe on
+// machines without a driver or GPU), the calling thread's stream, error checks, the device
+// scope of a pointer and raw device buffers. The runtime is linked statically, so the library
+// loads without any CUDA library installed and only finds the driver when first used.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "batchnorm/batchnorm.hpp"
+#include "batchnorm/cuda/launch.hpp"
+#include "batchnorm/cuda/runtime.hpp"
+#include "batchnorm/detail/backend.hpp"
+
+namespace batchnorm {
+
+namespace {
+// Per thread, like a framework's "current stream": threads driving different streams do not
+// interfere.
+thread_local void* current_cuda_stream = nullptr;
+}  // namespace
+
+void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
+
+void* cuda_stream() { return current_cuda_stream; }
+
+}  // namespace batchnorm
+
+namespace batchnorm::cuda {
+
+void check(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();  // clear a non-sticky error so later calls start clean
+  throw std::runtime_error(std::string("batchnorm (CUDA): ") + what + " failed: " +
+                           cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
+}
+
+cudaStream_t current_stream() { return static_cast<cudaStream_t>(cuda_stream()); }
+
+namespace {
+
+// The device owning `pointer`, or -1 when it is not device (or managed) memory.
+int device_of(const void* pointer) {
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  const bool on_device =
+      attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
+  return on_device ? attributes.device : -1;
+}
+
+}  // namespace
+
+DeviceScope::DeviceScope(const void* pointer, const char* what) {
+  const int device = device_of(pointer);
+  if (device < 0) {
+    throw std::invalid_argument(std::string("batchnorm (CUDA): ") + what +
+                                " is not CUDA device memory");
+  }
+  check(cudaGetDevice(&previous_), "cudaGetDevice");
+  if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+DeviceScope::~DeviceScope() { cudaSetDevice(previous_); }
+
+int device_count() {
+  int count = 0;
+  // Without a driver this reports cudaErrorInsufficientDriver / cudaErrorNoDevice: no devices.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+void* allocate(std::size_t bytes, int device) {
+  if (device < 0 || device >= device_count()) {
+    throw std::invalid_argument("batchnorm (CUDA): no CUDA device " + std::to_string(device));
+  }
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  void* data = nullptr;
+  const cudaError_t status = cudaMalloc(&data, bytes > 0 ? bytes : 1);
+  cudaSetDevice(previous);
+  check(status, "cudaMalloc");
+  return data;
+}
+
+void release(void* data) noexcept {
+  if (data == nullptr) return;
+  const int device = device_of(data);
+  int previous = 0;
+  if (device < 0 || cudaGetDevice(&previous) != cudaSuccess) return;
+  cudaSetDevice(device);
+  cudaFree(data);
+  cudaSetDevice(previous);
+  cudaGetLastError();
+}
+
+void copy(void* destination, const void* source, std::size_t bytes) {
+  if (bytes == 0) return;
+  const int device = device_of(destination) >= 0 ? device_of(destination) : device_of(source);
+  if (device >= 0) synchronize(device);
+  check(cudaMemcpy(destination, source, bytes, cudaMemcpyDefault), "cudaMemcpy");
+}
+
+void synchronize(int device) {
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const cudaError_t status = cudaDeviceSynchronize();
+  cudaSetDevice(previous);
+  check(status, "cudaDeviceSynchronize");
+}
+
+}  // namespace batchnorm::cuda
+
+namespace batchnorm::detail {
+
+bool CudaBackend::available() { return cuda::device_count() > 0; }
+
+}  // namespace batchnorm::detail
