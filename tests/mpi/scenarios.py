@@ -189,6 +189,28 @@ def split_groups() -> None:
         close(layer.moving_variance.numpy(), single.moving_variance.numpy(), "moving_variance")
 
 
+def invalid_communicators() -> None:
+    """Communicators that cannot synchronize are refused when the layer is made."""
+    for communicator, text in ((MPI.COMM_NULL, "COMM_NULL"),):
+        try:
+            batchnorm.BatchNormalization(synchronized=True, communicator=communicator)
+        except ValueError as error:
+            assert text in str(error), error
+        else:
+            raise AssertionError(f"{text} was accepted")
+    if SIZE > 1:
+        local = COMM.Split(RANK % 2, RANK)
+        inter = local.Create_intercomm(0, COMM, 1 - RANK % 2)
+        try:
+            batchnorm.BatchNormalization(synchronized=True, communicator=inter)
+        except ValueError as error:
+            assert "intercommunicator" in str(error), error
+        else:
+            raise AssertionError("an intercommunicator was accepted")
+        inter.Free()
+        local.Free()
+
+
 def single_process() -> None:
     """One process: synchronized=True is bitwise the unsynchronized layer."""
     assert SIZE == 1
@@ -215,6 +237,7 @@ SCENARIOS = {
         ghost_batches,
         large_mean,
         split_groups,
+        invalid_communicators,
         single_process,
     )
 }
