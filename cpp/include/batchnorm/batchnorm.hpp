@@ -159,3 +159,6 @@ void* cuda_stream();
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options);
 
 }  // namespace batchnorm
+
+// The stateful layer class, BatchNormalization<T>, built on the functions above.
+#include "batchnorm/layer.hpp"

@@ -1,0 +1,616 @@
+// The stateful C++ twin of Python's batchnorm.BatchNormalization: options, weights and moving
+// statistics held in std::vector, training and inference forward, backward and Keras-ordered
+// state. Header-only glue over the compiled free functions of batchnorm.hpp, which it includes
+// (and which includes it), so `#include <batchnorm/batchnorm.hpp>` is all a user writes.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "batchnorm/batchnorm.hpp"
+
+namespace batchnorm {
+
+using Shape = std::vector<std::int64_t>;
+
+// Constructor arguments of the layer: the kernel Options (axes, momentum, epsilon, renorm and
+// its clipping and momentum, virtual_batch_size) plus what only the layer knows.
+struct LayerOptions : Options {
+  bool center = true;     // learn beta
+  bool scale = true;      // learn gamma
+  bool trainable = true;  // false: training calls run in inference mode and change nothing (Keras)
+  // Constant initial values of the weights at build (Keras' default initializers).
+  double gamma_initializer = 1.0;
+  double beta_initializer = 0.0;
+  double moving_mean_initializer = 0.0;
+  double moving_variance_initializer = 1.0;
+};
+
+// Optional inputs of a training call on contiguous data; inference ignores them (as Keras).
+template <class T>
+struct TrainingExtras {
+  // Booleans over the input shape without the feature axes, C order: (B, T) for a (B, T, C)
+  // input with axes {-1}, (B, H, W) for NCHW with axes {1}. Only true positions feed the
+  // statistics; every position is normalized.
+  const bool* mask = nullptr;
+  // Keras' `adjustment`: per-feature scale and bias (C values each, feature shape in C order);
+  // null means scale 1 and bias 0. Not allowed together with virtual_batch_size (as Keras).
+  const T* adjustment_scale = nullptr;
+  const T* adjustment_bias = nullptr;
+};
+
+namespace detail {
+
+template <class T>
+constexpr DType layer_dtype() {
+  return std::is_same_v<T, double> ? DType::float64 : DType::float32;
+}
+
+inline std::size_t layer_element_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::float64:
+      return 8;
+    case DType::float32:
+      return 4;
+    case DType::float16:
+    case DType::bfloat16:
+      return 2;
+    case DType::boolean:
+      return 1;
+  }
+  return 1;
+}
+
+// Whether the memory spanned by two views intersects (conservative for interleaved views).
+inline bool layer_views_overlap(const TensorRef& a, const TensorRef& b) {
+  auto span = [](const TensorRef& t) {
+    std::int64_t low = 0, high = 0;
+    for (int i = 0; i < t.rank; ++i) {
+      const std::int64_t extent = (t.shape[i] - 1) * t.strides[i];
+      (extent < 0 ? low : high) += extent;
+    }
+    const auto bytes = static_cast<std::int64_t>(layer_element_bytes(t.dtype));
+    const auto base = reinterpret_cast<std::intptr_t>(t.data);
+    return std::pair<std::intptr_t, std::intptr_t>(base + low * bytes, base + (high + 1) * bytes);
+  };
+  if (a.numel() == 0 || b.numel() == 0 || !a.data || !b.data) return false;
+  const auto [a_first, a_end] = span(a);
+  const auto [b_first, b_end] = span(b);
+  return a_first < b_end && b_first < a_end;
+}
+
+inline std::string layer_number(double value) {
+  std::ostringstream s;
+  s << value;
+  return s.str();
+}
+
+inline std::string layer_shape_string(const std::int64_t* shape, int rank) {
+  std::string s = "(";
+  for (int i = 0; i < rank; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (rank == 1 ? ",)" : ")");
+}
+
+}  // namespace detail
+
+// Keras' BatchNormalization for float or double data and weights (float layers also take
+// float16/bfloat16 data through the TensorRef overloads, computing in float32).
+//
+// Weights are created at build (explicit, or on the first call) in Keras order: gamma (if
+// scale), beta (if center), moving_mean, moving_variance and with renorm moving_stddev,
+// renorm_mean, renorm_stddev; each holds C values, C = product of the feature-axis sizes in C
+// order. Errors are std::invalid_argument (bad arguments) or std::logic_error (wrong call
+// order), thrown before anything changes. The layer keeps a view of the last input, not a copy:
+// keep it alive and unchanged until backward. Not thread-safe; copies are independent layers.
+template <class T>
+class BatchNormalization {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "batchnorm::BatchNormalization<T> holds float or double weights");
+
+ public:
+  using value_type = T;
+
+  // dgamma / dbeta of the last backward, C values each (empty where the weight is absent).
+  struct Gradients {
+    std::vector<T> gamma;
+    std::vector<T> beta;
+  };
+
+  // Validates the options (ranges as the Python class) without building.
+  explicit BatchNormalization(LayerOptions options = {}) : options_(std::move(options)) {
+    kernel_options_.axes.clear();  // resolved at build
+    const LayerOptions& o = options_;
+    if (o.axes.empty()) fail("axes must not be empty");
+    if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
+      fail("momentum must be in [0, 1], got " + detail::layer_number(o.momentum));
+    }
+    if (!(o.epsilon > 0.0)) fail("epsilon must be > 0, got " + detail::layer_number(o.epsilon));
+    if (!(o.renorm_momentum >= 0.0 && o.renorm_momentum <= 1.0)) {
+      fail("renorm_momentum must be in [0, 1], got " + detail::layer_number(o.renorm_momentum));
+    }
+    if (o.rmax < o.rmin) {
+      fail("renorm clipping: rmax (" + detail::layer_number(o.rmax) + ") must be >= rmin (" +
+           detail::layer_number(o.rmin) + ")");
+    }
+    if (!(o.dmax >= 0.0)) {
+      fail("renorm clipping: dmax must be >= 0, got " + detail::layer_number(o.dmax));
+    }
+    if (o.virtual_batch_size < 0) {
+      fail("virtual_batch_size must be > 0 (or 0 for no ghost batches), got " +
+           std::to_string(o.virtual_batch_size));
+    }
+    for (int axis : o.axes) {
+      if (o.virtual_batch_size > 0 && axis == 0) {
+        fail("axis 0 cannot be a feature axis when virtual_batch_size is set");
+      }
+    }
+  }
+
+  // The options as given (axes unresolved; see axes() after build).
+  const LayerOptions& options() const noexcept { return options_; }
+  bool built() const noexcept { return built_; }
+  bool trainable() const noexcept { return options_.trainable; }
+  void set_trainable(bool trainable) noexcept { options_.trainable = trainable; }
+
+  // After build: the input rank, the resolved feature axes (ascending), their sizes, and C.
+  int input_rank() const noexcept { return rank_; }
+  const std::vector<int>& axes() const noexcept { return kernel_options_.axes; }
+  const Shape& feature_shape() const noexcept { return feature_shape_; }
+  std::int64_t features() const noexcept { return features_; }
+
+  // Keras' shape of every weight: (C,) for one feature axis; for several, the input rank with the
+  // feature sizes at the feature axes and 1 elsewhere (axes {1, 3} on (B, H, W, C): (1, H, 1, C)).
+  Shape weight_shape() const {
+    require_built("weight_shape");
+    if (feature_shape_.size() == 1) return feature_shape_;
+    Shape shape(static_cast<std::size_t>(rank_), 1);
+    for (std::size_t i = 0; i < feature_shape_.size(); ++i) {
+      shape[static_cast<std::size_t>(kernel_options_.axes[i])] = feature_shape_[i];
+    }
+    return shape;
+  }
+
+  // Names of the weights in Keras order (get_weights / set_weights order).
+  std::vector<std::string> weight_names() const {
+    std::vector<std::string> names;
+    if (options_.scale) names.emplace_back("gamma");
+    if (options_.center) names.emplace_back("beta");
+    names.emplace_back("moving_mean");
+    names.emplace_back("moving_variance");
+    if (options_.renorm) {
+      names.emplace_back("moving_stddev");
+      names.emplace_back("renorm_mean");
+      names.emplace_back("renorm_stddev");
+    }
+    return names;
+  }
+
+  // Creates the weights for inputs of `input_shape` (sizes of the non-feature axes are not used;
+  // the batch size may be unknown, e.g. -1). A built layer ignores further calls, as Keras.
+  void build(const Shape& input_shape) {
+    if (built_) return;
+    const int rank = static_cast<int>(input_shape.size());
+    if (rank < 1 || rank > kMaxRank) {
+      fail("inputs must have rank 1.." + std::to_string(kMaxRank) + ", got rank " +
+           std::to_string(rank));
+    }
+    std::vector<int> axes;
+    for (int axis : options_.axes) {
+      const int resolved = axis < 0 ? axis + rank : axis;
+      if (resolved < 0 || resolved >= rank) {
+        fail("axis " + std::to_string(axis) + " is out of range for an input of rank " +
+             std::to_string(rank));
+      }
+      for (int seen : axes) {
+        if (seen == resolved) {
+          fail("axes contain duplicates once resolved (axis " + std::to_string(resolved) + ")");
+        }
+      }
+      axes.push_back(resolved);
+    }
+    if (options_.virtual_batch_size > 0) {
+      for (int axis : axes) {
+        if (axis == 0) fail("axis 0 cannot be a feature axis when virtual_batch_size is set");
+      }
+    }
+    std::sort(axes.begin(), axes.end());
+    Shape feature_shape;
+    std::int64_t features = 1;
+    for (int axis : axes) {
+      const std::int64_t size = input_shape[static_cast<std::size_t>(axis)];
+      if (size < 1) {
+        fail("the feature axis " + std::to_string(axis) + " of the input shape " +
+             detail::layer_shape_string(input_shape.data(), rank) + " must have a size >= 1");
+      }
+      feature_shape.push_back(size);
+      features *= size;
+    }
+
+    const auto n = static_cast<std::size_t>(features);
+    const T gamma = static_cast<T>(options_.gamma_initializer);
+    const T beta = static_cast<T>(options_.beta_initializer);
+    const T mean = static_cast<T>(options_.moving_mean_initializer);
+    const T variance = static_cast<T>(options_.moving_variance_initializer);
+    const T stddev = static_cast<T>(std::sqrt(options_.moving_variance_initializer));
+    gamma_.assign(options_.scale ? n : 0, gamma);
+    beta_.assign(options_.center ? n : 0, beta);
+    moving_mean_.assign(n, mean);
+    moving_variance_.assign(n, variance);
+    moving_stddev_.assign(options_.renorm ? n : 0, stddev);
+    renorm_mean_.assign(options_.renorm ? n : 0, mean);
+    renorm_stddev_.assign(options_.renorm ? n : 0, stddev);
+
+    kernel_options_ = static_cast<const Options&>(options_);
+    kernel_options_.axes = axes;
+    rank_ = rank;
+    feature_shape_ = feature_shape;
+    features_ = features;
+    built_ = true;
+  }
+
+  // Forward pass, Keras' `layer(x, training)`, on contiguous C-order data of `shape`; builds on
+  // the first call. training && trainable(): normalizes with the batch statistics (per ghost
+  // batch, over the mask's true positions), y = ((x - mean) / sqrt(var + eps) * r + d) * a_s +
+  // a_b) * gamma + beta, and updates the moving statistics. Otherwise inference:
+  // y = (x - moving_mean) * gamma / sqrt(moving_variance + eps) + beta. Statistics accumulate in
+  // float64 (Chan merges in a fixed order): results are bitwise identical for every thread
+  // count. `y` must not overlap `x`.
+  void call(const T* x, T* y, const Shape& shape, bool training = false,
+            const TrainingExtras<T>& extras = {}) {
+    check_shape(shape);
+    const TensorRef x_view = contiguous_view(const_cast<T*>(x), detail::layer_dtype<T>(), shape);
+    const TensorRef y_view = contiguous_view(y, detail::layer_dtype<T>(), shape);
+    if (!(training && options_.trainable) || !extras.mask) {
+      call(x_view, y_view, training, nullptr, extras.adjustment_scale, extras.adjustment_bias);
+      return;
+    }
+    build(shape);
+    check_input(x_view);
+    TensorRef mask = contiguous_view(const_cast<bool*>(extras.mask), DType::boolean, shape);
+    // The mask has no feature axes: it is broadcast along them with stride 0.
+    std::int64_t stride = 1;
+    for (int i = rank_ - 1; i >= 0; --i) {
+      if (is_feature_axis(i)) {
+        mask.strides[i] = 0;
+      } else {
+        mask.strides[i] = stride;
+        stride *= shape[static_cast<std::size_t>(i)];
+      }
+    }
+    call(x_view, y_view, training, &mask, extras.adjustment_scale, extras.adjustment_bias);
+  }
+
+  // The same on strided views (any strides, element counts). x and y share dtype and shape: the
+  // layer's dtype, or float16/bfloat16 for a float layer (computed in float32). `mask` is a
+  // boolean view of x's rank and shape with stride 0 on the feature axes (stride 0 elsewhere
+  // broadcasts it, e.g. one flag per sample).
+  void call(const TensorRef& x, const TensorRef& y, bool training = false,
+            const TensorRef* mask = nullptr, const T* adjustment_scale = nullptr,
+            const T* adjustment_bias = nullptr) {
+    check_data_dtype(x, "input");
+    if (!built_) build(checked_shape(x));
+    check_input(x);
+    check_same_shape(y, x, "the output");
+    if (detail::layer_views_overlap(x, y)) {
+      fail("the output must not overlap the input (backward reads the input again)");
+    }
+    if (training && options_.trainable) {
+      const bool adjusted = adjustment_scale || adjustment_bias;
+      if (adjusted && options_.virtual_batch_size > 0) {
+        fail("adjustment cannot be combined with virtual_batch_size");
+      }
+      Adjustment adjustment{adjustment_scale, adjustment_bias};
+      TrainingContext context;
+      train_forward(x, y, mask, kernel_options_, weights(), adjusted ? &adjustment : nullptr, true,
+                    context);
+      last_ = Last{true, x, mask != nullptr, mask ? *mask : TensorRef{}, std::move(context)};
+    } else {
+      infer_forward(x, y, kernel_options_, weights());
+      last_ = Last{false, x, false, TensorRef{}, TrainingContext{}};
+    }
+  }
+
+  // Convenience: the forward pass into a new vector. `x` (numel(shape) values) must outlive the
+  // backward call, hence no temporaries.
+  std::vector<T> operator()(const std::vector<T>& x, const Shape& shape, bool training = false,
+                            const TrainingExtras<T>& extras = {}) {
+    check_shape(shape);
+    check_size(x.size(), shape, "input");
+    std::vector<T> y(x.size());
+    call(x.data(), y.data(), shape, training, extras);
+    return y;
+  }
+  std::vector<T> operator()(std::vector<T>&&, const Shape&, bool = false,
+                            const TrainingExtras<T>& = {}) = delete;
+
+  // Backward of the last call (its input must be unchanged), contiguous dy/dx of its shape.
+  // After a training call: dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps) per
+  // (ghost batch, feature) with g = dy * gamma * r * a_s, renorm r/d and the adjustment held
+  // constant; with a mask only the true positions get the two correction terms.
+  // dgamma = sum(dy * z) with z the value multiplied by gamma, dbeta = sum(dy). After an
+  // inference call: dx = dy * gamma / sqrt(moving_variance + eps). The sums accumulate in
+  // float64 in a fixed order (deterministic); they land in gradients().
+  void backward(const T* dy, T* dx) {
+    const Last& last = require_last();
+    const Shape shape(last.x.shape.begin(), last.x.shape.begin() + last.x.rank);
+    backward(contiguous_view(const_cast<T*>(dy), detail::layer_dtype<T>(), shape),
+             contiguous_view(dx, detail::layer_dtype<T>(), shape));
+  }
+
+  // The same on strided views of the last input's shape and dtype; dx must not overlap it.
+  void backward(const TensorRef& dy, const TensorRef& dx) {
+    const Last& last = require_last();
+    check_same_shape(dy, last.x, "dy");
+    check_same_shape(dx, last.x, "dx");
+    if (detail::layer_views_overlap(dx, last.x)) {
+      fail("dx must not overlap the input of the forward call");
+    }
+    Gradients gradients;
+    gradients.gamma.assign(options_.scale ? static_cast<std::size_t>(features_) : 0, T(0));
+    gradients.beta.assign(options_.center ? static_cast<std::size_t>(features_) : 0, T(0));
+    T* dgamma = options_.scale ? gradients.gamma.data() : nullptr;
+    T* dbeta = options_.center ? gradients.beta.data() : nullptr;
+    if (last.training) {
+      train_backward(dy, last.x, dx, last.has_mask ? &last.mask : nullptr, kernel_options_,
+                     weights(), last.context, dgamma, dbeta);
+    } else {
+      infer_backward(dy, last.x, dx, kernel_options_, weights(), dgamma, dbeta);
+    }
+    gradients_ = std::move(gradients);
+    has_gradients_ = true;
+  }
+
+  // Convenience: dx of the last call as a new vector.
+  std::vector<T> backward(const std::vector<T>& dy) {
+    const Last& last = require_last();
+    check_size(dy.size(), Shape(last.x.shape.begin(), last.x.shape.begin() + last.x.rank), "dy");
+    std::vector<T> dx(dy.size());
+    backward(dy.data(), dx.data());
+    return dx;
+  }
+
+  const Gradients& gradients() const noexcept { return gradients_; }
+
+  // One plain SGD step with the last backward's gradients: w <- w - learning_rate * dw for gamma
+  // and beta, in float64, rounded once to T. A non-trainable layer is left unchanged (Keras).
+  void apply_gradients(double learning_rate) {
+    if (!has_gradients_) fail_order("apply_gradients needs a backward call first");
+    if (!std::isfinite(learning_rate)) {
+      fail("learning_rate must be finite, got " + detail::layer_number(learning_rate));
+    }
+    if (!options_.trainable) return;
+    auto step = [learning_rate](std::vector<T>& weight, const std::vector<T>& gradient) {
+      for (std::size_t i = 0; i < weight.size(); ++i) {
+        weight[i] = static_cast<T>(static_cast<double>(weight[i]) -
+                                   learning_rate * static_cast<double>(gradient[i]));
+      }
+    };
+    step(gamma_, gradients_.gamma);
+    step(beta_, gradients_.beta);
+  }
+
+  // Copies of the weights in Keras order (see weight_names(); flat, C values each).
+  std::vector<std::vector<T>> get_weights() const {
+    require_built("get_weights");
+    std::vector<std::vector<T>> result;
+    for (const std::vector<T>* weight : slots()) result.push_back(*weight);
+    return result;
+  }
+
+  // Sets every weight in Keras order (C values each, any Keras layout flattened in C order).
+  // Checks everything before changing anything.
+  void set_weights(const std::vector<std::vector<T>>& values) {
+    require_built("set_weights");
+    const std::vector<std::string> names = weight_names();
+    if (values.size() != names.size()) {
+      std::string expected;
+      for (const std::string& name : names) expected += (expected.empty() ? "" : ", ") + name;
+      fail("set_weights expected " + std::to_string(names.size()) + " vectors [" + expected +
+           "], got " + std::to_string(values.size()));
+    }
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      if (values[i].size() != static_cast<std::size_t>(features_)) {
+        fail("set_weights: weight '" + names[i] + "' expects " + std::to_string(features_) +
+             " values, got " + std::to_string(values[i].size()));
+      }
+    }
+    const std::vector<std::vector<T>*> targets = slots();
+    for (std::size_t i = 0; i < values.size(); ++i) *targets[i] = values[i];
+  }
+
+  // Direct read access to each weight (throws where the layer has no such weight).
+  const std::vector<T>& gamma() const { return weight(gamma_, options_.scale, "gamma", "scale"); }
+  const std::vector<T>& beta() const { return weight(beta_, options_.center, "beta", "center"); }
+  const std::vector<T>& moving_mean() const {
+    return weight(moving_mean_, true, "moving_mean", nullptr);
+  }
+  const std::vector<T>& moving_variance() const {
+    return weight(moving_variance_, true, "moving_variance", nullptr);
+  }
+  const std::vector<T>& moving_stddev() const {
+    return weight(moving_stddev_, options_.renorm, "moving_stddev", "renorm");
+  }
+  const std::vector<T>& renorm_mean() const {
+    return weight(renorm_mean_, options_.renorm, "renorm_mean", "renorm");
+  }
+  const std::vector<T>& renorm_stddev() const {
+    return weight(renorm_stddev_, options_.renorm, "renorm_stddev", "renorm");
+  }
+
+ private:
+  // What backward needs from the last forward call.
+  struct Last {
+    bool training;
+    TensorRef x;
+    bool has_mask;
+    TensorRef mask;
+    TrainingContext context;
+  };
+
+  [[noreturn]] static void fail(const std::string& message) {
+    throw std::invalid_argument("batchnorm::BatchNormalization: " + message);
+  }
+  [[noreturn]] static void fail_order(const std::string& message) {
+    throw std::logic_error("batchnorm::BatchNormalization: " + message);
+  }
+
+  void require_built(const char* what) const {
+    if (!built_) fail_order(std::string(what) + " needs a built layer (call build() or the layer)");
+  }
+
+  const Last& require_last() const {
+    if (!last_) fail_order("backward needs a forward call first");
+    return *last_;
+  }
+
+  bool is_feature_axis(int axis) const {
+    for (int a : kernel_options_.axes) {
+      if (a == axis) return true;
+    }
+    return false;
+  }
+
+  static void check_shape(const Shape& shape) {
+    if (shape.empty() || shape.size() > static_cast<std::size_t>(kMaxRank)) {
+      fail("inputs must have rank 1.." + std::to_string(kMaxRank) + ", got rank " +
+           std::to_string(shape.size()));
+    }
+    for (std::int64_t size : shape) {
+      if (size < 0) {
+        fail("the input shape " +
+             detail::layer_shape_string(shape.data(), static_cast<int>(shape.size())) +
+             " has a negative size");
+      }
+    }
+  }
+
+  static Shape checked_shape(const TensorRef& t) {
+    if (t.rank < 1 || t.rank > kMaxRank) {
+      fail("inputs must have rank 1.." + std::to_string(kMaxRank) + ", got rank " +
+           std::to_string(t.rank));
+    }
+    Shape shape(t.shape.begin(), t.shape.begin() + t.rank);
+    check_shape(shape);
+    return shape;
+  }
+
+  static void check_size(std::size_t size, const Shape& shape, const char* name) {
+    std::int64_t numel = 1;
+    for (std::int64_t s : shape) numel *= s;
+    if (size != static_cast<std::size_t>(numel)) {
+      fail(std::string(name) + " holds " + std::to_string(size) + " values but the shape " +
+           detail::layer_shape_string(shape.data(), static_cast<int>(shape.size())) + " needs " +
+           std::to_string(numel));
+    }
+  }
+
+  static void check_data_dtype(const TensorRef& t, const char* name) {
+    const bool ok =
+        t.dtype == detail::layer_dtype<T>() ||
+        (std::is_same_v<T, float> && (t.dtype == DType::float16 || t.dtype == DType::bfloat16));
+    if (!ok) {
+      fail(std::string(name) + " has dtype " + dtype_name(t.dtype) + "; a " +
+           dtype_name(detail::layer_dtype<T>()) + " layer takes " +
+           (std::is_same_v<T, float> ? "float32, float16 or bfloat16" : "float64") + " data");
+    }
+  }
+
+  // The input must match the rank and feature sizes the layer was built for.
+  void check_input(const TensorRef& x) const {
+    checked_shape(x);
+    if (x.rank != rank_) {
+      fail("expected inputs of rank " + std::to_string(rank_) + ", got shape " +
+           detail::layer_shape_string(x.shape.data(), x.rank));
+    }
+    for (std::size_t i = 0; i < feature_shape_.size(); ++i) {
+      const int axis = kernel_options_.axes[i];
+      if (x.shape[axis] != feature_shape_[i]) {
+        fail("the feature axis " + std::to_string(axis) + " has size " +
+             std::to_string(x.shape[axis]) + " but the layer was built for " +
+             std::to_string(feature_shape_[i]) + " (input shape " +
+             detail::layer_shape_string(x.shape.data(), x.rank) + ")");
+      }
+    }
+  }
+
+  // Before the kernels see them (and before the overlap check reads their strides).
+  static void check_same_shape(const TensorRef& t, const TensorRef& x, const char* name) {
+    bool same = t.rank == x.rank;
+    for (int i = 0; same && i < x.rank; ++i) same = t.shape[i] == x.shape[i];
+    if (!same) {
+      const int rank = t.rank < 0 ? 0 : (t.rank > kMaxRank ? kMaxRank : t.rank);
+      fail(std::string(name) + " has shape " + detail::layer_shape_string(t.shape.data(), rank) +
+           (t.rank == rank ? "" : " (rank " + std::to_string(t.rank) + ")") + ", expected " +
+           detail::layer_shape_string(x.shape.data(), x.rank));
+    }
+  }
+
+  const std::vector<T>& weight(const std::vector<T>& value, bool present, const char* name,
+                               const char* option) const {
+    require_built(name);
+    if (!present) {
+      fail_order(std::string("this layer has no ") + name + " (" + option + " is false)");
+    }
+    return value;
+  }
+
+  std::vector<const std::vector<T>*> slots() const {
+    std::vector<const std::vector<T>*> result;
+    if (options_.scale) result.push_back(&gamma_);
+    if (options_.center) result.push_back(&beta_);
+    result.push_back(&moving_mean_);
+    result.push_back(&moving_variance_);
+    if (options_.renorm) {
+      result.push_back(&moving_stddev_);
+      result.push_back(&renorm_mean_);
+      result.push_back(&renorm_stddev_);
+    }
+    return result;
+  }
+
+  std::vector<std::vector<T>*> slots() {
+    std::vector<std::vector<T>*> result;
+    for (const std::vector<T>* weight : std::as_const(*this).slots()) {
+      result.push_back(const_cast<std::vector<T>*>(weight));
+    }
+    return result;
+  }
+
+  Weights weights() {
+    auto data = [](std::vector<T>& v) {
+      return v.empty() ? nullptr : static_cast<void*>(v.data());
+    };
+    Weights w;
+    w.gamma = data(gamma_);
+    w.beta = data(beta_);
+    w.moving_mean = data(moving_mean_);
+    w.moving_variance = data(moving_variance_);
+    w.moving_stddev = data(moving_stddev_);
+    w.renorm_mean = data(renorm_mean_);
+    w.renorm_stddev = data(renorm_stddev_);
+    w.dtype = detail::layer_dtype<T>();
+    return w;
+  }
+
+  LayerOptions options_;
+  Options kernel_options_;  // options_ with the resolved, ascending axes (after build)
+  bool built_ = false;
+  int rank_ = 0;
+  Shape feature_shape_;
+  std::int64_t features_ = 0;
+  std::vector<T> gamma_, beta_, moving_mean_, moving_variance_;
+  std::vector<T> moving_stddev_, renorm_mean_, renorm_stddev_;
+  std::optional<Last> last_;
+  Gradients gradients_;
+  bool has_gradients_ = false;
+};
+
+}  // namespace batchnorm

@@ -1,0 +1,233 @@
+// Tests of the free functions over raw pointers (train_forward, infer_forward, train_backward,
+// infer_backward) for float and double: row (N, C) and plane (N, C, S) layouts, a transposed
+// and a reversed view, a broadcast per-sample mask, the training context and update_moving.
+#include <batchnorm/batchnorm.hpp>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using batchnorm::DType;
+using batchnorm::TensorRef;
+using bntest::convert;
+using bntest::Shape;
+
+template <class T>
+constexpr DType dtype_of() {
+  return std::is_same_v<T, float> ? DType::float32 : DType::float64;
+}
+
+template <class T>
+constexpr double tolerance() {
+  return std::is_same_v<T, float> ? 2e-5 : 1e-11;
+}
+
+template <class T>
+TensorRef view(std::vector<T>& values, const Shape& shape) {
+  return batchnorm::contiguous_view(values.data(), dtype_of<T>(), shape);
+}
+
+// The per-feature vectors a framework would own, plus the reference's copy.
+template <class T>
+struct Buffers {
+  std::vector<T> gamma, beta, moving_mean, moving_variance;
+  bntest::RefWeights reference;
+
+  explicit Buffers(std::size_t c)
+      : gamma(bntest::normal<T>(c, 1.0, 0.3, 1)),
+        beta(bntest::normal<T>(c, 0.0, 0.5, 2)),
+        moving_mean(bntest::normal<T>(c, 0.0, 0.5, 3)),
+        moving_variance(c, T(1.5)) {
+    reference.gamma = convert<double>(gamma);
+    reference.beta = convert<double>(beta);
+    reference.moving_mean = convert<double>(moving_mean);
+    reference.moving_variance = convert<double>(moving_variance);
+  }
+
+  batchnorm::Weights weights() {
+    batchnorm::Weights w;
+    w.gamma = gamma.data();
+    w.beta = beta.data();
+    w.moving_mean = moving_mean.data();
+    w.moving_variance = moving_variance.data();
+    w.dtype = dtype_of<T>();
+    return w;
+  }
+};
+
+template <class T>
+void close(const std::vector<T>& actual, const std::vector<double>& expected,
+           const std::string& what) {
+  double scale = 1.0;
+  for (double e : expected) scale = std::max(scale, std::fabs(e));
+  BNTEST_CLOSE(actual, expected, tolerance<T>() * scale, tolerance<T>(), what);
+}
+
+// Training forward (with the context and the moving update), backward, inference and its
+// backward on contiguous data; the mask (or null) covers the shape without the feature axis.
+template <class T>
+void run_layout(const char* name, const Shape& shape, int axis, const bool* mask) {
+  const std::string label = std::string(name) + (std::is_same_v<T, float> ? " f32" : " f64");
+  const auto n = static_cast<std::size_t>(bntest::numel(shape));
+  batchnorm::Options options;
+  options.axes = {axis};
+  options.momentum = 0.75;
+  const auto c = static_cast<std::size_t>(batchnorm::feature_count(shape, options));
+  Buffers<T> b(c);
+  std::vector<T> x = bntest::normal<T>(n, 3.0, 2.0, 10), y(n), dx(n);
+  std::vector<T> dy = bntest::normal<T>(n, 0.0, 1.0, 11), dgamma(c), dbeta(c);
+
+  // The mask as the kernels take it: x's shape, stride 0 on the feature axis.
+  TensorRef mask_view;
+  if (mask) {
+    Shape reduced = shape;
+    reduced[static_cast<std::size_t>(axis)] = 1;
+    mask_view = batchnorm::contiguous_view(const_cast<bool*>(mask), DType::boolean, reduced);
+    mask_view.shape[axis] = shape[static_cast<std::size_t>(axis)];
+    mask_view.strides[axis] = 0;
+  }
+  bntest::RefConfig config;
+  config.shape = shape;
+  config.axes = {axis};
+  config.momentum = options.momentum;
+  bntest::Reference reference(config);
+
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(view(x, shape), view(y, shape), mask ? &mask_view : nullptr, options,
+                           b.weights(), nullptr, true, context);
+  close(y, reference.train(convert<double>(x), b.reference, mask), label + " train y");
+  close(b.moving_mean, b.reference.moving_mean, label + " moving_mean");
+  close(b.moving_variance, b.reference.moving_variance, label + " moving_variance");
+  BNTEST_CHECK(context.groups == 1 && context.features == static_cast<std::int64_t>(c));
+  BNTEST_CLOSE(context.count, reference.count(), 0.0, 0.0, label + " context count");
+  BNTEST_CLOSE(context.mean, reference.mean(), 1e-12, 1e-12, label + " context mean");
+
+  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx, shape),
+                            mask ? &mask_view : nullptr, options, b.weights(), context,
+                            dgamma.data(), dbeta.data());
+  const bntest::RefGradients g = reference.train_backward(convert<double>(dy));
+  close(dx, g.dx, label + " train dx");
+  close(dgamma, g.dgamma, label + " train dgamma");
+  close(dbeta, g.dbeta, label + " train dbeta");
+
+  batchnorm::infer_forward(view(x, shape), view(y, shape), options, b.weights());
+  close(y, reference.infer(convert<double>(x), b.reference), label + " infer y");
+  batchnorm::infer_backward(view(dy, shape), view(x, shape), view(dx, shape), options, b.weights(),
+                            dgamma.data(), dbeta.data());
+  const bntest::RefGradients gi =
+      reference.infer_backward(convert<double>(dy), convert<double>(x), b.reference);
+  close(dx, gi.dx, label + " infer dx");
+  close(dgamma, gi.dgamma, label + " infer dgamma");
+  close(dbeta, gi.dbeta, label + " infer dbeta");
+}
+
+template <class T>
+void run_layouts() {
+  run_layout<T>("row (N, C)", {53, 7}, -1, nullptr);
+  run_layout<T>("row NHWC", {3, 4, 5, 6}, 3, nullptr);
+  run_layout<T>("plane NCHW", {3, 6, 4, 5}, 1, nullptr);
+  run_layout<T>("plane (N, C, S), S = 1", {9, 4, 1}, 1, nullptr);
+  const auto row_mask = bntest::random_mask(3 * 4 * 5, 0.6, 12);
+  run_layout<T>("row NHWC masked", {3, 4, 5, 6}, 3, row_mask.get());
+  const auto plane_mask = bntest::random_mask(3 * 4 * 5, 0.4, 13);
+  run_layout<T>("plane NCHW masked", {3, 6, 4, 5}, 1, plane_mask.get());
+}
+
+BNTEST_CASE(layouts_float) { run_layouts<float>(); }
+
+BNTEST_CASE(layouts_double) { run_layouts<double>(); }
+
+// Views the caller owns with any strides: NCHW memory read as NHWC (feature axis strided), the
+// batch reversed (negative stride) and a per-sample mask broadcast with stride 0.
+template <class T>
+void run_strided() {
+  const std::int64_t N = 4, C = 3, H = 2, W = 5;
+  const Shape nhwc_shape{N, H, W, C};
+  const auto n = static_cast<std::size_t>(N * C * H * W);
+  std::vector<T> nchw = bntest::normal<T>(n, -2.0, 3.0, 20);
+  // What the view shows, materialized contiguously for the reference: sample N-1-i first.
+  std::vector<double> shown(n);
+  for (std::int64_t i = 0; i < N; ++i)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t w = 0; w < W; ++w)
+        for (std::int64_t c = 0; c < C; ++c)
+          shown[static_cast<std::size_t>(((i * H + h) * W + w) * C + c)] =
+              nchw[static_cast<std::size_t>((((N - 1 - i) * C + c) * H + h) * W + w)];
+  TensorRef x;
+  x.data = nchw.data() + (N - 1) * C * H * W;
+  x.dtype = dtype_of<T>();
+  x.rank = 4;
+  x.shape = {N, H, W, C};
+  x.strides = {-C * H * W, W, 1, H * W};
+  bool per_sample[] = {true, false, true, true};
+  TensorRef mask;
+  mask.data = per_sample;
+  mask.dtype = DType::boolean;
+  mask.rank = 4;
+  mask.shape = x.shape;
+  mask.strides = {1, 0, 0, 0};
+  std::vector<bool> reduced_mask;
+  for (std::int64_t i = 0; i < N; ++i)
+    for (std::int64_t k = 0; k < H * W; ++k) reduced_mask.push_back(per_sample[i]);
+  std::unique_ptr<bool[]> reference_mask(new bool[reduced_mask.size()]);
+  std::copy(reduced_mask.begin(), reduced_mask.end(), reference_mask.get());
+
+  batchnorm::Options options;
+  options.axes = {-1};
+  Buffers<T> b(static_cast<std::size_t>(C));
+  std::vector<T> y(n), dx(n), dy = bntest::normal<T>(n, 0.0, 1.0, 21), dgamma(C), dbeta(C);
+  bntest::RefConfig config;
+  config.shape = nhwc_shape;
+  config.axes = {3};
+  config.momentum = options.momentum;
+  bntest::Reference reference(config);
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(x, view(y, nhwc_shape), &mask, options, b.weights(), nullptr, true,
+                           context);
+  close(y, reference.train(shown, b.reference, reference_mask.get()), "strided train y");
+  close(b.moving_variance, b.reference.moving_variance, "strided moving_variance");
+  batchnorm::train_backward(view(dy, nhwc_shape), x, view(dx, nhwc_shape), &mask, options,
+                            b.weights(), context, dgamma.data(), dbeta.data());
+  const bntest::RefGradients g = reference.train_backward(convert<double>(dy));
+  close(dx, g.dx, "strided train dx");
+  close(dgamma, g.dgamma, "strided train dgamma");
+  close(dbeta, g.dbeta, "strided train dbeta");
+}
+
+BNTEST_CASE(strided_views_float) { run_strided<float>(); }
+
+BNTEST_CASE(strided_views_double) { run_strided<double>(); }
+
+BNTEST_CASE(update_moving_false_keeps_weights) {
+  const Shape shape{10, 4};
+  std::vector<double> x = bntest::normal<double>(40, 3.0, 2.0, 30), y(40);
+  Buffers<double> b(4);
+  const std::vector<double> mean = b.moving_mean, variance = b.moving_variance;
+  batchnorm::Options options;
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, options, b.weights(), nullptr,
+                           false, context);
+  BNTEST_CHECK(b.moving_mean == mean);
+  BNTEST_CHECK(b.moving_variance == variance);
+  BNTEST_CHECK(context.count == std::vector<double>(4, 10.0));
+}
+
+BNTEST_CASE(feature_count_and_contiguous_view) {
+  batchnorm::Options options;
+  options.axes = {1, -1};
+  BNTEST_CHECK(batchnorm::feature_count({2, 3, 4, 5}, options) == 15);
+  float data[24];
+  const TensorRef t = batchnorm::contiguous_view(data, DType::float32, {2, 3, 4});
+  BNTEST_CHECK(t.rank == 3 && t.numel() == 24);
+  BNTEST_CHECK(t.strides[0] == 12 && t.strides[1] == 4 && t.strides[2] == 1);
+  BNTEST_CHECK(std::string(batchnorm::dtype_name(DType::bfloat16)) == "bfloat16");
+}
+
+}  // namespace
+
+int main() { return bntest::run_all(); }
