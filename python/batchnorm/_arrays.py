@@ -1,51 +1,394 @@
-"""Array interchange: turns what users pass (NumPy arrays, lists) into arrays the kernels read
-in place, and allocates results in the caller's framework."""
+"""Array interchange: reads what users pass (NumPy, PyTorch, CuPy, JAX or any DLPack producer, on
+the CPU or a CUDA device) where it lies, and makes results with the caller's own framework on
+the caller's device. The kernels see every array through DLPack, so nothing is copied.
+
+Each supported library is a `Framework`: how to name an array's dtype and device, cast it,
+allocate a like-shaped result, hand it to the kernels and, on CUDA, which stream its work is
+ordered on. Frameworks are recognized without importing them (a library that was never
+imported cannot have made the array)."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._dtypes import is_bfloat16
+from . import _core
+from ._dtypes import is_bfloat16, numpy_dtype
 
-_FLOAT_KINDS = "f"
-_CONVERTIBLE_KINDS = "biuf"
+_REAL_PREFIXES = ("float", "int", "uint", "bool", "bfloat16")
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
 
 
-def as_numpy(value: Any, what: str) -> np.ndarray:
-    """A NumPy view of `value` without copying when it already is an array."""
-    if isinstance(value, np.ndarray):
+@dataclass(frozen=True)
+class Device:
+    """Where an array lives: the CPU or CUDA device `index`."""
+
+    type: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.type == "cpu" else f"cuda:{self.index}"
+
+
+CPU = Device("cpu")
+
+
+def parse_device(spec: Any) -> Device:
+    """A Device from "cpu", "cuda", "cuda:N", a torch.device or a Device."""
+    if isinstance(spec, Device):
+        return spec
+    text = str(spec).strip().lower()
+    if text == "cpu":
+        return CPU
+    if text == "cuda":
+        return Device("cuda", 0)
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return Device("cuda", int(text[5:]))
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+
+
+class Framework:
+    """NumPy's behaviour; other libraries override what differs."""
+
+    label = "NumPy"
+
+    def dtype(self, array: Any) -> Any:
+        return array.dtype
+
+    def dtype_name(self, array: Any) -> str:
+        return array.dtype.name
+
+    def device(self, array: Any) -> Device:
+        return CPU
+
+    def cast(self, array: Any, dtype: np.dtype) -> Any:
+        """`array` itself when it already has `dtype` (zero-copy), else a converted copy."""
+        return array if array.dtype == dtype else array.astype(dtype)
+
+    def empty_like(self, array: Any) -> Any:
+        return np.empty_like(array)
+
+    def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
+        return np.empty(shape, numpy_dtype(name))
+
+    def kernel(self, array: Any) -> tuple[Any, bool]:
+        """The object the extension reads, and whether the call's data is bfloat16: NumPy has no
+        bfloat16 of its own, so ml_dtypes arrays travel as their 16-bit pattern and the flag
+        tells the extension to read uint16 as bfloat16 (for every array of the call)."""
+        if is_bfloat16(array.dtype):
+            return array.view(np.uint16), True
+        return array, False
+
+    def check_out(self, out: Any, x: Any) -> None:
+        if not out.flags.writeable:
+            raise ValueError("out: the array is read-only")
+        if np.shares_memory(out, x):
+            raise ValueError("out: must not overlap the input")
+
+    def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
+        return np.broadcast_to(array, shape)
+
+    def all_binary(self, array: Any) -> bool:
+        return bool(((array == 0) | (array == 1)).all())
+
+    def stream(self, device: Device) -> int:
+        """The CUDA stream the library orders its work on (0: the legacy default stream)."""
+        return 0
+
+    def before(self, arrays: list[Any]) -> None:
+        """Makes the library's pending work on `arrays` visible to the kernels' stream."""
+
+    def finish(self, result: Any, device: Device) -> Any:
+        """The array handed back to the caller for a result the layer allocated."""
+        return result
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return np.asarray(array)
+
+
+def _bounds(pointer: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int):
+    """Byte range [low, high) an array's elements span (strides in bytes)."""
+    low = high = pointer
+    for size, stride in zip(shape, strides):
+        if size == 0:
+            return pointer, pointer
+        if stride > 0:
+            high += (size - 1) * stride
+        else:
+            low += (size - 1) * stride
+    return low, high + itemsize
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[0] != a[1] and b[0] != b[1]
+
+
+class TorchFramework(Framework):
+    label = "PyTorch"
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        self._dtypes: dict[Any, np.dtype] = {}
+
+    def dtype(self, array: Any) -> np.dtype:
+        """The NumPy dtype of a tensor (bfloat16 from ml_dtypes)."""
+        dtype = self._dtypes.get(array.dtype)
+        if dtype is None:
+            dtype = self._dtypes[array.dtype] = numpy_dtype(self.dtype_name(array))
+        return dtype
+
+    def dtype_name(self, array: Any) -> str:
+        return str(array.dtype).rpartition(".")[2]
+
+    def device(self, array: Any) -> Device:
+        device = array.device
+        if device.type == "cpu":
+            return CPU
+        if device.type == "cuda":
+            return Device("cuda", device.index or 0)
+        raise ValueError(f"arrays must live on the CPU or a CUDA device, got a tensor on {device}")
+
+    def cast(self, array: Any, dtype: np.dtype) -> Any:
+        if self.dtype(array) == dtype:
+            return array
+        return array.to(getattr(self.torch, dtype.name))
+
+    def empty_like(self, array: Any) -> Any:
+        return self.torch.empty_like(array)
+
+    def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
+        return self.torch.empty(shape, dtype=getattr(self.torch, name), device=str(device))
+
+    def kernel(self, array: Any) -> tuple[Any, bool]:
+        # DLPack refuses tensors that require grad; detach() is a view of the same memory.
+        view = array.detach() if array.requires_grad else array
+        return view, array.dtype == self.torch.bfloat16
+
+    def _range(self, array: Any) -> tuple[int, int]:
+        size = array.element_size()
+        strides = tuple(s * size for s in array.stride())
+        return _bounds(array.data_ptr(), tuple(array.shape), strides, size)
+
+    def check_out(self, out: Any, x: Any) -> None:
+        if _overlap(self._range(out), self._range(x)):
+            raise ValueError("out: must not overlap the input")
+
+    def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
+        return self.torch.broadcast_to(array, shape)
+
+    def stream(self, device: Device) -> int:
+        return self.torch.cuda.current_stream(device.index).cuda_stream
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        array = array.detach().cpu()
+        if array.dtype == self.torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            array = array.float()
+        return array.numpy()
+
+
+class CupyFramework(Framework):
+    label = "CuPy"
+
+    def __init__(self, cupy: Any) -> None:
+        self.cupy = cupy
+
+    def device(self, array: Any) -> Device:
+        return Device("cuda", array.device.id)
+
+    def empty_like(self, array: Any) -> Any:
+        return self.cupy.empty_like(array)
+
+    def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
+        with self.cupy.cuda.Device(device.index):
+            return self.cupy.empty(shape, numpy_dtype(name))
+
+    def kernel(self, array: Any) -> tuple[Any, bool]:
+        return array, False
+
+    def check_out(self, out: Any, x: Any) -> None:
+        def span(a: Any) -> tuple[int, int]:
+            return _bounds(a.data.ptr, tuple(a.shape), tuple(a.strides), a.itemsize)
+
+        if _overlap(span(out), span(x)):
+            raise ValueError("out: must not overlap the input")
+
+    def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
+        return self.cupy.broadcast_to(array, shape)
+
+    def stream(self, device: Device) -> int:
+        with self.cupy.cuda.Device(device.index):
+            return self.cupy.cuda.get_current_stream().ptr
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return self.cupy.asnumpy(array)
+
+
+class JaxFramework(Framework):
+    """JAX arrays are immutable: results are computed into buffers the layer allocates (NumPy on
+    the CPU, the extension's device memory on CUDA) and handed to JAX through DLPack."""
+
+    label = "JAX"
+
+    def __init__(self, jax: Any) -> None:
+        self.jax = jax
+
+    def device(self, array: Any) -> Device:
+        kind, index = array.__dlpack_device__()
+        return _dlpack_device(int(kind), int(index))
+
+    def empty_like(self, array: Any) -> Any:
+        return self.empty(tuple(array.shape), self.dtype_name(array), self.device(array))
+
+    def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
+        if device.type == "cpu":
+            return np.empty(shape, numpy_dtype(name))
+        return _core.cuda_empty(list(shape), name, device.index)
+
+    def kernel(self, array: Any) -> tuple[Any, bool]:
+        if isinstance(array, np.ndarray):  # a result buffer before it is handed to JAX
+            return Framework.kernel(self, array)
+        return array, self.dtype_name(array) == "bfloat16"
+
+    def check_out(self, out: Any, x: Any) -> None:
+        raise TypeError("out: JAX arrays are immutable; call without out= to get a new array")
+
+    def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
+        # JAX materializes broadcasts, while the kernels need the mask as a view with stride 0
+        # along the features: take that view through a library that has strided views.
+        if self.device(array).type == "cpu":
+            return np.broadcast_to(np.asarray(array), shape)
+        for name in ("torch", "cupy"):
+            if name in sys.modules or _importable(name):
+                library = sys.modules[name]
+                return library.broadcast_to(library.from_dlpack(array), shape)
+        raise TypeError(
+            "mask: a JAX mask on CUDA is viewed through PyTorch or CuPy; install one of them or "
+            "pass the mask as a PyTorch or CuPy array"
+        )
+
+    def before(self, arrays: list[Any]) -> None:
+        # JAX computes on its own streams; the kernels run on the default stream after it.
+        for array in arrays:
+            if isinstance(array, self.jax.Array):
+                array.block_until_ready()
+
+    def finish(self, result: Any, device: Device) -> Any:
+        if device.type == "cuda":
+            _core.cuda_synchronize(device.index)
+        elif is_bfloat16(result.dtype):  # NumPy cannot export bfloat16 through DLPack: a copy
+            return self.jax.numpy.asarray(result)
+        return self.jax.dlpack.from_dlpack(result)
+
+
+_NUMPY = Framework()
+_cache: dict[str, Framework] = {}
+
+
+def _library(name: str, kind: type[Framework]) -> Framework:
+    framework = _cache.get(name)
+    if framework is None:
+        framework = _cache[name] = kind(sys.modules[name])
+    return framework
+
+
+def _dlpack_device(kind: int, index: int) -> Device:
+    if kind == _DLPACK_CPU:
+        return CPU
+    if kind == _DLPACK_CUDA:
+        return Device("cuda", index)
+    raise ValueError(f"arrays must live on the CPU or a CUDA device (DLPack device type {kind})")
+
+
+def framework_of(array: Any) -> Framework:
+    """The framework of an array `read` returned."""
+    if isinstance(array, np.ndarray):
+        return _NUMPY
+    modules = sys.modules
+    if "torch" in modules and isinstance(array, modules["torch"].Tensor):
+        return _library("torch", TorchFramework)
+    if "cupy" in modules and isinstance(array, modules["cupy"].ndarray):
+        return _library("cupy", CupyFramework)
+    if "jax" in modules and isinstance(array, modules["jax"].Array):
+        return _library("jax", JaxFramework)
+    return _NUMPY
+
+
+def read(value: Any, what: str) -> Any:
+    """`value` as an array of a supported framework, read in place: NumPy, PyTorch, CuPy and
+    JAX arrays as they are, other DLPack producers through NumPy (CPU) or through PyTorch or
+    CuPy (CUDA), and lists or scalars as NumPy arrays."""
+    if isinstance(value, np.ndarray) or framework_of(value) is not _NUMPY:
         return value
-    if hasattr(value, "__dlpack__"):
+    if hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
         try:
-            return np.from_dlpack(value)
+            device = _dlpack_device(*(int(v) for v in value.__dlpack_device__()))
+            if device.type == "cpu":
+                return np.from_dlpack(value)
+            for name in ("torch", "cupy"):
+                if name in sys.modules or _importable(name):
+                    return sys.modules[name].from_dlpack(value)
         except (BufferError, RuntimeError, TypeError) as error:
             raise TypeError(f"{what}: cannot read this array through DLPack ({error})") from error
+        raise TypeError(
+            f"{what}: a {type(value).__name__} on {device} can be read through PyTorch or CuPy; "
+            "install one of them, or pass a PyTorch, CuPy or JAX array"
+        )
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{what}: expected an array, got {type(value).__name__}") from error
 
 
-def check_numeric(array: np.ndarray, what: str) -> None:
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def check_numeric(array: Any, what: str) -> None:
     """Rejects dtypes Keras would not normalize (complex, object, strings, datetimes)."""
-    if array.dtype.kind not in _CONVERTIBLE_KINDS and not is_bfloat16(array.dtype):
+    name = framework_of(array).dtype_name(array)
+    if not name.startswith(_REAL_PREFIXES):
         raise TypeError(
-            f"{what}: dtype {array.dtype} is not a real number type; batch normalization needs "
+            f"{what}: dtype {name} is not a real number type; batch normalization needs "
             "floating-point (or integer/bool, converted) data"
         )
 
 
-def cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`array` as `dtype`: the same object when it already is (zero-copy), else a converted copy."""
-    if array.dtype == dtype:
-        return array
-    return array.astype(dtype)
+def to_numpy(value: Any) -> np.ndarray:
+    """A host NumPy copy (or view, on the CPU) of any supported array or array-like."""
+    array = read(value, "value")
+    return framework_of(array).to_numpy(array)
 
 
-def kernel_view(array: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The view the extension reads: bfloat16 (ml_dtypes) travels as uint16 with a flag."""
-    if is_bfloat16(array.dtype):
-        return array.view(np.uint16), True
-    return array, False
+def device_vector(values: np.ndarray, device: Device) -> Any:
+    """A contiguous 1-D copy of host `values` on `device`, for the kernels' per-feature inputs."""
+    host = np.ascontiguousarray(values).reshape(-1)
+    if device.type == "cpu":
+        return host.copy()
+    vector = _core.cuda_empty([host.size], host.dtype.name, device.index)
+    _core.cuda_copy(vector, host)
+    return vector
+
+
+def vector_to_host(vector: Any, size: int, dtype: np.dtype) -> np.ndarray:
+    """A host copy of a vector of `size` elements that `device_vector` made."""
+    if isinstance(vector, np.ndarray):
+        return vector.copy()
+    host = np.empty(size, dtype)
+    _core.cuda_copy(host, vector)
+    return host
+
+
+def assign_vector(vector: Any, values: np.ndarray) -> None:
+    """Overwrites a `device_vector` with host values of the same size."""
+    if isinstance(vector, np.ndarray):
+        vector[...] = values
+    else:
+        _core.cuda_copy(vector, np.ascontiguousarray(values, dtype=values.dtype))

@@ -14,7 +14,18 @@ from typing import Any
 import numpy as np
 
 from . import _core, _mpi, constraints, initializers, regularizers
-from ._arrays import as_numpy, cast, check_numeric, kernel_view
+from ._arrays import (
+    CPU,
+    Device,
+    assign_vector,
+    check_numeric,
+    device_vector,
+    framework_of,
+    parse_device,
+    read,
+    to_numpy,
+    vector_to_host,
+)
 from ._dtypes import Policy, data_dtype, numpy_dtype, policy_from
 
 _layer_ids = itertools.count()
@@ -22,13 +33,17 @@ _CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 class Variable:
-    """A layer weight: Keras-shaped to the user, a flat contiguous vector to the kernels."""
+    """A layer weight: Keras-shaped to the user, a flat contiguous vector on the layer's device
+    to the kernels (a NumPy array on the CPU, a device buffer on CUDA)."""
 
     def __init__(self, name: str, layer: BatchNormalization, value: np.ndarray, trainable: bool):
         self.name = name
         self.path = f"{layer.name}/{name}"
         self._shape = tuple(value.shape)
-        self._storage = np.ascontiguousarray(value, dtype=value.dtype).reshape(-1).copy()
+        self._dtype = np.dtype(value.dtype)
+        self._size = int(value.size)
+        self._device = CPU
+        self._storage: Any = np.ascontiguousarray(value, dtype=value.dtype).reshape(-1).copy()
         self._trainable = trainable
 
     @property
@@ -41,11 +56,15 @@ class Variable:
 
     @property
     def dtype(self) -> np.dtype:
-        return self._storage.dtype
+        return self._dtype
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
 
     def numpy(self) -> np.ndarray:
-        """A copy of the value in the Keras weight shape."""
-        return self._storage.reshape(self._shape).copy()
+        """A host copy of the value in the Keras weight shape."""
+        return vector_to_host(self._storage, self._size, self._dtype).reshape(self._shape)
 
     @property
     def value(self) -> np.ndarray:
@@ -57,13 +76,18 @@ class Variable:
 
     def assign(self, value: Any) -> None:
         """Overwrites the value with an array of the same number of elements (any layout)."""
-        array = np.asarray(value, dtype=self._storage.dtype)
-        if array.size != self._storage.size:
+        array = np.asarray(to_numpy(value), dtype=self._dtype)
+        if array.size != self._size:
             raise ValueError(
-                f"{self.path}: expected {self._storage.size} values (shape {self._shape}), got "
+                f"{self.path}: expected {self._size} values (shape {self._shape}), got "
                 f"an array of shape {array.shape}"
             )
-        self._storage[...] = array.reshape(-1)
+        assign_vector(self._storage, array.reshape(-1))
+
+    def _move(self, device: Device) -> None:
+        if device != self._device:
+            self._storage = device_vector(self.numpy(), device)
+            self._device = device
 
     def __repr__(self) -> str:
         return f"<Variable path={self.path} shape={self._shape} dtype={self.dtype.name}>"
@@ -210,7 +234,8 @@ class BatchNormalization:
         self._variables: dict[str, Variable] = {}
         self._last: dict[str, Any] | None = None
         self._options_cache: tuple[Any, Any] | None = None
-        self.gradients: dict[str, np.ndarray] = {}
+        self._device = CPU
+        self.gradients: dict[str, Any] = {}
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -340,6 +365,8 @@ class BatchNormalization:
         for key in ("gamma", "beta"):
             if key in variables:
                 variables[key]._trainable = self._trainable
+        for variable in variables.values():
+            variable._move(self._device)
         self._input_rank = rank
         self._axes = axes
         self._feature_shape = tuple(feature_shape)
@@ -349,6 +376,42 @@ class BatchNormalization:
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         return tuple(input_shape)
+
+    # ---- device ------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where the weights and moving statistics live: "cpu" or "cuda:N"."""
+        return str(self._device)
+
+    def to(self, device: Any) -> BatchNormalization:
+        """Moves the weights and moving statistics to `device` ("cpu", "cuda" or "cuda:N") and
+        returns the layer. Calls then need inputs on that device (nothing moves silently)."""
+        target = parse_device(device)
+        if target.type == "cuda" and not 0 <= target.index < _core.cuda_device_count():
+            raise ValueError(
+                f"{self.name}: no CUDA device {target.index} (batchnorm.cuda_available() is "
+                f"{_core.cuda_available()}; this build or machine has "
+                f"{_core.cuda_device_count()} CUDA devices)"
+            )
+        for variable in self._variables.values():
+            variable._move(target)
+        self._device = target
+        self._last = None  # the last input lives on the old device
+        return self
+
+    def _check_device(self, device: Device, what: str) -> None:
+        if device != self._device:
+            raise ValueError(
+                f"{self.name}: {what} is on {device} but the layer's weights are on "
+                f"{self._device}; move the layer with layer.to({str(device)!r}) or the array "
+                f"to {self._device}"
+            )
+
+    def _on_stream(self, framework: Any, arrays: list[Any]) -> None:
+        """Orders the kernels after the caller's work: on the framework's current CUDA stream."""
+        if self._device.type == "cuda":
+            framework.before(arrays)
+            _core.set_cuda_stream(framework.stream(self._device))
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
@@ -369,11 +432,11 @@ class BatchNormalization:
             )
         arrays = []
         for variable, value in zip(expected, weights):
-            array = np.asarray(value)
-            if array.size != variable._storage.size:
+            array = to_numpy(value)
+            if array.size != variable._size:
                 raise ValueError(
                     f"{self.name}: weight {variable.name!r} expects shape {variable.shape} "
-                    f"({variable._storage.size} values), got shape {array.shape}"
+                    f"({variable._size} values), got shape {array.shape}"
                 )
             check_numeric(array, f"weight {variable.name!r}")
             arrays.append(array)
@@ -413,48 +476,58 @@ class BatchNormalization:
         self._options_cache = (key, options)
         return options
 
-    def _prepare_input(self, inputs: Any) -> np.ndarray:
-        array = as_numpy(inputs, "inputs")
+    def _prepare_input(self, inputs: Any) -> Any:
+        array = read(inputs, "inputs")
         check_numeric(array, "inputs")
-        if array.ndim == 0:
+        shape = tuple(array.shape)
+        if not shape:
             raise ValueError("inputs must have rank >= 1")
         if not self.built:
-            self.build(array.shape)
-        if array.ndim != self._input_rank:
+            self.build(shape)
+        if len(shape) != self._input_rank:
             raise ValueError(
-                f"{self.name}: expected inputs of rank {self._input_rank}, got shape {array.shape}"
+                f"{self.name}: expected inputs of rank {self._input_rank}, got shape {shape}"
             )
-        actual = tuple(array.shape[a] for a in self._axes)
+        actual = tuple(shape[a] for a in self._axes)
         if actual != self._feature_shape:
             raise ValueError(
                 f"{self.name}: the feature axes {self._axes} have sizes {actual}, but the layer "
-                f"was built for {self._feature_shape} (input shape {array.shape})"
+                f"was built for {self._feature_shape} (input shape {shape})"
             )
-        return cast(array, data_dtype(self._policy, array.dtype))
+        framework = framework_of(array)
+        self._check_device(framework.device(array), "the input")
+        return framework.cast(array, data_dtype(self._policy, framework.dtype(array)))
 
-    def _prepare_mask(self, mask: Any, x: np.ndarray) -> np.ndarray | None:
+    def _prepare_mask(self, mask: Any, x: Any) -> Any:
+        """The mask as a view of x's shape (stride 0 along the feature axes), in the mask's own
+        framework and on its device."""
         if mask is None:
             return None
-        array = as_numpy(mask, "mask")
-        if array.dtype != np.bool_:
+        array = read(mask, "mask")
+        framework = framework_of(array)
+        self._check_device(framework.device(array), "the mask")
+        if framework.dtype_name(array) != "bool":
             check_numeric(array, "mask")
-            values = np.asarray(array)
-            if values.size and not np.all((values == 0) | (values == 1)):
+            if not framework.all_binary(array):
                 raise ValueError("mask: values must be booleans or 0/1")
-            array = values.astype(bool)
-        reduced_axes = [i for i in range(x.ndim) if i not in self._axes]
+            array = framework.cast(array, np.dtype(bool))
+        rank = len(x.shape)
+        reduced_axes = [i for i in range(rank) if i not in self._axes]
         reduced_shape = tuple(x.shape[i] for i in reduced_axes)
-        if array.ndim == x.ndim and all(array.shape[a] == 1 for a in self._axes):
-            array = array.reshape(tuple(array.shape[i] for i in reduced_axes))
-        try:
-            array = np.broadcast_to(array, reduced_shape)
-        except ValueError:
+        shape = tuple(array.shape)
+        if len(shape) == rank and all(shape[a] == 1 for a in self._axes):
+            shape = tuple(shape[i] for i in reduced_axes)
+        # NumPy broadcasting rules, checked here so every framework reports the same error.
+        if len(shape) > len(reduced_shape) or any(
+            m not in (1, r) for m, r in zip(shape[::-1], reduced_shape[::-1])
+        ):
             raise ValueError(
-                f"mask: shape {np.shape(mask)} is not broadcastable to {reduced_shape}, the input "
-                f"shape {x.shape} without the feature axes {self._axes}"
-            ) from None
-        full = np.expand_dims(array, tuple(self._axes))
-        return np.broadcast_to(full, x.shape).view(np.uint8)
+                f"mask: shape {tuple(np.shape(mask))} is not broadcastable to {reduced_shape}, "
+                f"the input shape {tuple(x.shape)} without the feature axes {self._axes}"
+            )
+        padded = iter((1,) * (len(reduced_shape) - len(shape)) + shape)
+        full = tuple(1 if i in self._axes else next(padded) for i in range(rank))
+        return framework.broadcast_to(array.reshape(full), tuple(x.shape))
 
     def _adjustment_vectors(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         assert self.adjustment is not None
@@ -464,7 +537,7 @@ class BatchNormalization:
         dtype = numpy_dtype(self._policy.variable)
         vectors = []
         for label, value in zip(("scale", "bias"), result):
-            array = np.asarray(value, dtype=np.float64)
+            array = np.asarray(to_numpy(value), dtype=np.float64)
             if array.size == math.prod(self._param_shape):
                 array = array.reshape(self._param_shape)  # any Keras layout of the feature shape
             try:
@@ -474,22 +547,31 @@ class BatchNormalization:
                     f"adjustment {label}: shape {array.shape} is not broadcastable to the feature "
                     f"shape {self._param_shape}"
                 ) from None
-            vectors.append(np.array(full, dtype=dtype).reshape(-1))
+            vectors.append(device_vector(np.array(full, dtype=dtype), self._device))
         return vectors[0], vectors[1]
 
-    def _output_array(self, x: np.ndarray, out: Any) -> np.ndarray:
+    def _output_array(self, x: Any, out: Any) -> Any:
+        """`out` checked against x, or a new array like x from x's own framework."""
+        framework = framework_of(x)
         if out is None:
-            return np.empty_like(x)
-        if not isinstance(out, np.ndarray):
-            raise TypeError("out must be a NumPy array")
-        if out.shape != x.shape or out.dtype != x.dtype:
-            raise ValueError(
-                f"out: expected shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
+            return framework.empty_like(x)
+        if framework_of(out) is not framework or (
+            isinstance(x, np.ndarray) and not isinstance(out, np.ndarray)
+        ):
+            raise TypeError(
+                f"out must be a {framework.label} array like the input, got {type(out).__name__}"
             )
-        if not out.flags.writeable:
-            raise ValueError("out: the array is read-only")
-        if np.shares_memory(out, x):
-            raise ValueError("out: must not overlap the input")
+        expected = (tuple(x.shape), framework.dtype_name(x))
+        got = (tuple(out.shape), framework.dtype_name(out))
+        if got != expected:
+            raise ValueError(
+                f"out: expected shape {expected[0]} and dtype {expected[1]}, got {got[0]} {got[1]}"
+            )
+        if framework.device(out) != framework.device(x):
+            raise ValueError(
+                f"out: is on {framework.device(out)} but the input is on {framework.device(x)}"
+            )
+        framework.check_out(out, x)
         return out
 
     def _communicator_hook(self) -> Any:
@@ -504,14 +586,16 @@ class BatchNormalization:
 
     def __call__(
         self, inputs: Any, training: bool | None = None, mask: Any = None, out: Any = None
-    ) -> np.ndarray:
-        """Normalizes `inputs`. `training` truthy uses (and updates) batch statistics unless the
-        layer is frozen (`trainable=False`); `mask` selects the positions the statistics use;
-        `out` receives the result in place."""
+    ) -> Any:
+        """Normalizes `inputs` (NumPy, PyTorch, CuPy, JAX or any DLPack array, read in place on
+        the layer's device); the result comes in the input's framework. `training` truthy uses
+        (and updates) batch statistics unless the layer is frozen (`trainable=False`); `mask`
+        selects the positions the statistics use; `out` receives the result in place."""
         x = self._prepare_input(inputs)
+        framework = framework_of(x)
         y = self._output_array(x, out)
-        x_view, bfloat16 = kernel_view(x)
-        y_view, _ = kernel_view(y)
+        x_view, bfloat16 = framework.kernel(x)
+        y_view, _ = framework.kernel(y)
         options = self._options()
         if training and self._trainable:
             mask_view = self._prepare_mask(mask, x)
@@ -520,6 +604,7 @@ class BatchNormalization:
                 adjust = self._adjustment_vectors(tuple(x.shape))
             context = _core.TrainingContext()
             hook = self._communicator_hook()
+            self._on_stream(framework, [x, mask_view])
             _core.train_forward(
                 x_view,
                 y_view,
@@ -543,31 +628,38 @@ class BatchNormalization:
         else:
             if mask is not None:
                 self._prepare_mask(mask, x)  # validated, but unused at inference (as Keras)
+            self._on_stream(framework, [x])
             _core.infer_forward(x_view, y_view, options, self._weight_vectors(), bfloat16)
             self._last = {"training": False, "x": x}
-        return y
+        return framework.finish(y, self._device)
 
-    def backward(self, dy: Any, out: Any = None) -> np.ndarray:
-        """Gradient of the last call: returns dx and fills `gradients` ({"gamma", "beta"})."""
+    def backward(self, dy: Any, out: Any = None) -> Any:
+        """Gradient of the last call: returns dx in the input's framework and fills `gradients`
+        ({"gamma", "beta"}, also in the input's framework and on the layer's device)."""
         if self._last is None:
             raise ValueError(f"{self.name}: backward needs a forward call first")
         x = self._last["x"]
-        dy_array = as_numpy(dy, "dy")
+        framework = framework_of(x)
+        dy_array = read(dy, "dy")
         check_numeric(dy_array, "dy")
-        if dy_array.shape != x.shape:
+        if tuple(dy_array.shape) != tuple(x.shape):
             raise ValueError(
-                f"dy: expected shape {x.shape} (the last input's), got {dy_array.shape}"
+                f"dy: expected shape {tuple(x.shape)} (the last input's), got "
+                f"{tuple(dy_array.shape)}"
             )
-        dy_array = cast(dy_array, x.dtype)
+        dy_framework = framework_of(dy_array)
+        self._check_device(dy_framework.device(dy_array), "dy")
+        dy_array = dy_framework.cast(dy_array, framework.dtype(x))
         dx = self._output_array(x, out)
-        weight_dtype = numpy_dtype(self._policy.variable)
         features = math.prod(self._feature_shape)
-        dgamma = np.zeros(features, weight_dtype) if self.scale else None
-        dbeta = np.zeros(features, weight_dtype) if self.center else None
-        dy_view, bfloat16 = kernel_view(dy_array)
-        x_view, _ = kernel_view(x)
-        dx_view, _ = kernel_view(dx)
+        variable = self._policy.variable
+        dgamma = framework.empty((features,), variable, self._device) if self.scale else None
+        dbeta = framework.empty((features,), variable, self._device) if self.center else None
+        dy_view, bfloat16 = dy_framework.kernel(dy_array)
+        x_view, _ = framework.kernel(x)
+        dx_view, _ = framework.kernel(dx)
         options = self._options()
+        self._on_stream(framework, [x, dy_array])
         if self._last["training"]:
             _core.train_backward(
                 dy_view,
@@ -588,11 +680,11 @@ class BatchNormalization:
             )
         gradients = {}
         if dgamma is not None:
-            gradients["gamma"] = dgamma.reshape(self._param_shape)
+            gradients["gamma"] = framework.finish(dgamma, self._device).reshape(self._param_shape)
         if dbeta is not None:
-            gradients["beta"] = dbeta.reshape(self._param_shape)
+            gradients["beta"] = framework.finish(dbeta, self._device).reshape(self._param_shape)
         self.gradients = gradients
-        return dx
+        return framework.finish(dx, self._device)
 
     def apply_gradients(self, learning_rate: float) -> None:
         """One plain SGD step on gamma/beta with the stored gradients plus the regularizers'
@@ -610,7 +702,7 @@ class BatchNormalization:
             if key not in self._variables:
                 continue
             value = self._variables[key].numpy()
-            step = self.gradients[key].astype(np.float64)
+            step = to_numpy(self.gradients[key]).astype(np.float64)
             if regularizer is not None:
                 step = step + regularizers.gradient(regularizer, value)
             new_value = (value - lr * step).astype(value.dtype)
