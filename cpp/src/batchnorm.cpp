@@ -303,6 +303,10 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
   if (context.groups != c.groups || context.features != c.features) {
     fail(op, "the training context does not belong to an input of this shape");
   }
+  if (context.has_mask != (mask != nullptr)) {
+    fail(op, context.has_mask ? "the forward call had a mask: pass the same mask to backward"
+                              : "the forward call had no mask: backward takes none either");
+  }
   const TensorRef* sums_ops[] = {&dy, &x};
   const TensorRef* dx_ops[] = {&dy, &x, &dx, mask ? mask : &x};
   const Plan sums_plan = detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1);

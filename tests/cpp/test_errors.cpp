@@ -178,6 +178,21 @@ BNTEST_CASE(free_functions_check_their_arguments) {
   BNTEST_THROWS(Invalid, "training context does not belong to an input of this shape",
                 batchnorm::train_backward(other, other, other, nullptr, options, w, context,
                                           nullptr, nullptr));
+  // The mask must be the forward call's: its presence is checked against the context.
+  bool flags[4] = {true, false, true, true};
+  batchnorm::TensorRef per_row = batchnorm::contiguous_view(flags, DType::boolean, {4, 1});
+  per_row.shape[1] = 3;
+  per_row.strides[1] = 0;
+  std::vector<float> dx(12);
+  const auto dxv = batchnorm::contiguous_view(dx.data(), DType::float32, {4, 3});
+  BNTEST_THROWS(
+      Invalid, "the forward call had no mask",
+      batchnorm::train_backward(xv, xv, dxv, &per_row, options, w, context, nullptr, nullptr));
+  batchnorm::train_forward(xv, yv, &per_row, options, w, nullptr, true, context);
+  BNTEST_THROWS(
+      Invalid, "the forward call had a mask",
+      batchnorm::train_backward(xv, xv, dxv, nullptr, options, w, context, nullptr, nullptr));
+  batchnorm::train_backward(xv, xv, dxv, &per_row, options, w, context, nullptr, nullptr);
 }
 
 }  // namespace
