@@ -1,0 +1,280 @@
+"""The CUDA backend against the CPU backend on the same inputs and weights: every layout (row,
+plane, general strided, misaligned), dtype (float32, float64, float16, bfloat16), mode
+(training with masks, ghost batches, renorm, adjustment; inference; both backward passes) and
+odd sizes, plus bitwise run-to-run determinism, the framework's current stream and the device
+checks. Device arrays come from PyTorch (with CUDA) or CuPy; without a CUDA device, a CUDA
+build, or either library, the module skips."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import batchnorm
+
+if not batchnorm.cuda_available():
+    pytest.skip("no CUDA device here (or a build without CUDA)", allow_module_level=True)
+
+
+def _device_library() -> Any:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        return cupy
+    except ImportError:
+        return None
+
+
+LIB = _device_library()
+if LIB is None:
+    pytest.skip("CUDA tests need PyTorch with CUDA or CuPy", allow_module_level=True)
+TORCH = LIB.__name__ == "torch"
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_device(a: np.ndarray) -> Any:
+    if not TORCH:
+        return LIB.asarray(a)
+    if a.dtype == BF16:
+        return LIB.from_numpy(np.ascontiguousarray(a).view(np.int16)).cuda().view(LIB.bfloat16)
+    return LIB.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def to_host(a: Any) -> np.ndarray:
+    if not TORCH:
+        return LIB.asnumpy(a)
+    if a.dtype == LIB.bfloat16:
+        return a.cpu().view(LIB.int16).numpy().view(BF16)
+    return a.cpu().numpy()
+
+
+def misaligned(a: Any) -> Any:
+    """The same values one element past an aligned start: no 16-byte vector loads."""
+    flat = a.reshape(-1)
+    if isinstance(a, np.ndarray):
+        holder = np.empty(flat.size + 1, a.dtype)
+    elif TORCH:
+        holder = LIB.empty(flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+    else:
+        holder = LIB.empty(flat.size + 1, dtype=flat.dtype)
+    holder[1:] = flat
+    return holder[1:].reshape(a.shape)
+
+
+VIEWS: dict[str, Callable[[Any], Any]] = {
+    "contiguous": lambda a: a,
+    "misaligned": misaligned,
+    "strided": lambda a: a[:, ::2],
+    "transposed": lambda a: a.transpose(1, 0) if a.ndim == 2 else a.swapaxes(0, 2),
+}
+
+
+def adjust(shape: tuple[int, ...]) -> tuple[float, float]:
+    return 1.25, -0.5
+
+
+# (shape before the view, layer arguments, view); the view is applied on both devices.
+CASES = [
+    ((8, 16, 6, 6), {"axis": 1}, "contiguous"),  # NCHW, plane, vector loads
+    ((8, 6, 6, 16), {"axis": -1}, "contiguous"),  # NHWC, row, vector loads
+    ((64, 33), {"axis": -1}, "contiguous"),  # row, odd feature count
+    ((4, 7, 5), {"axis": 1}, "contiguous"),  # plane, odd run
+    ((2, 8, 150, 150), {"axis": 1}, "contiguous"),  # several chunks per statistic
+    ((70000, 4), {"axis": -1}, "contiguous"),  # several row chunks
+    ((6, 4, 8), {"axis": -1, "virtual_batch_size": 2}, "contiguous"),
+    ((6, 8, 3, 3), {"axis": 1, "virtual_batch_size": 3}, "contiguous"),
+    ((4, 5, 6, 8), {"axis": [1, 3]}, "contiguous"),
+    ((5, 1, 1, 7), {"axis": -1}, "contiguous"),
+    ((1, 3, 1, 1), {"axis": 1}, "contiguous"),  # batch of one: dx is exactly zero
+    (
+        (6, 5, 4),
+        {"axis": 1, "renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}},
+        "contiguous",
+    ),
+    ((6, 9), {"center": False, "scale": False}, "contiguous"),
+    ((8, 16, 6, 6), {"axis": 1, "adjustment": adjust}, "contiguous"),
+    ((8, 6, 6, 16), {"axis": -1, "adjustment": adjust, "renorm": True}, "contiguous"),
+    ((8, 16, 6, 6), {"axis": 1}, "misaligned"),
+    ((8, 6, 6, 16), {"axis": -1}, "misaligned"),
+    ((10, 12, 5), {"axis": -1}, "strided"),
+    ((10, 12, 5), {"axis": 1}, "transposed"),
+]
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+TOLERANCE = {"float32": 2e-5, "float64": 1e-11, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def random_weights(layer: batchnorm.BatchNormalization, rng: np.random.Generator) -> list:
+    weights = []
+    for w in layer.weights:
+        if w.name in ("moving_variance", "moving_stddev", "renorm_stddev"):
+            weights.append(rng.uniform(0.5, 2.0, w.shape))
+        elif w.name == "gamma":
+            weights.append(rng.uniform(0.5, 1.5, w.shape))
+        else:
+            weights.append(rng.normal(0.0, 0.5, w.shape))
+    return weights
+
+
+def layers(shape: tuple[int, ...], dtype: str, kwargs: dict[str, Any], seed: int = 0):
+    """A CPU layer and an identical one moved to the GPU."""
+    kwargs = {"momentum": 0.8, "dtype": "float64" if dtype == "float64" else "float32", **kwargs}
+    cpu = batchnorm.BatchNormalization(**kwargs)
+    gpu = batchnorm.BatchNormalization(**kwargs)
+    cpu.build(shape)
+    gpu.build(shape)
+    weights = random_weights(cpu, np.random.default_rng(seed))
+    cpu.set_weights(weights)
+    gpu.set_weights(weights)
+    assert gpu.to("cuda:0") is gpu and gpu.device == "cuda:0"
+    return cpu, gpu
+
+
+def host_data(shape: tuple[int, ...], dtype: str, seed: int, mean: float) -> np.ndarray:
+    values = np.random.default_rng(seed).normal(mean, 2.0, size=shape)
+    return values.astype(BF16 if dtype == "bfloat16" else np.dtype(dtype))
+
+
+def close(gpu: Any, cpu: Any, dtype: str, what: str) -> None:
+    got = np.asarray(to_host(gpu) if not isinstance(gpu, np.ndarray) else gpu, np.float64)
+    want = np.asarray(cpu, np.float64)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * scale, err_msg=what)
+
+
+def close_weights(gpu: batchnorm.BatchNormalization, cpu: batchnorm.BatchNormalization) -> None:
+    for w_gpu, w_cpu, v in zip(gpu.get_weights(), cpu.get_weights(), cpu.weights):
+        tol = 1e-11 if w_cpu.dtype == np.float64 else 2e-6
+        np.testing.assert_allclose(w_gpu, w_cpu, rtol=tol, atol=tol, err_msg=v.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,kwargs,view", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_matches_cpu(
+    shape: tuple[int, ...], kwargs: dict[str, Any], view: str, dtype: str, training: bool
+) -> None:
+    if dtype == "bfloat16" and not TORCH:
+        pytest.skip("CuPy has no bfloat16")
+    x_host = VIEWS[view](host_data(shape, dtype, 1, 3.0))
+    dy_host = VIEWS[view](host_data(shape, dtype, 2, 0.0))
+    x = VIEWS[view](to_device(host_data(shape, dtype, 1, 3.0)))
+    dy = VIEWS[view](to_device(host_data(shape, dtype, 2, 0.0)))
+    cpu, gpu = layers(tuple(x_host.shape), dtype, kwargs)
+    y_cpu = cpu(x_host, training=training)
+    y_gpu = gpu(x, training=training)
+    assert type(y_gpu) is type(x)
+    close(y_gpu, y_cpu, dtype, "output")
+    close_weights(gpu, cpu)
+    close(gpu.backward(dy), cpu.backward(dy_host), dtype, "dx")
+    for key in cpu.gradients:
+        close(gpu.gradients[key], cpu.gradients[key], dtype, key)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("layout", ["btc", "nchw"])
+def test_cuda_masks_match_cpu(dtype: str, layout: str) -> None:
+    rng = np.random.default_rng(3)
+    if layout == "btc":
+        shape, axis, mask = (6, 40, 8), -1, rng.random((6, 40)) > 0.3
+    else:
+        shape, axis, mask = (4, 8, 5, 7), 1, rng.random((4, 5, 7)) > 0.3
+    mask[0] = False  # a sample without valid positions
+    x_host = host_data(shape, dtype, 4, -2.0)
+    dy_host = host_data(shape, dtype, 5, 0.0)
+    cpu, gpu = layers(shape, dtype, {"axis": axis})
+    y_cpu = cpu(x_host, training=True, mask=mask)
+    y_gpu = gpu(to_device(x_host), training=True, mask=to_device(mask))
+    close(y_gpu, y_cpu, dtype, "output")
+    close_weights(gpu, cpu)
+    close(gpu.backward(to_device(dy_host)), cpu.backward(dy_host), dtype, "dx")
+    for key in cpu.gradients:
+        close(gpu.gradients[key], cpu.gradients[key], dtype, key)
+
+
+def test_cuda_results_are_bitwise_reproducible() -> None:
+    x = to_device(host_data((16, 32, 20, 20), "float32", 6, 100.0))
+    dy = to_device(host_data((16, 32, 20, 20), "float32", 7, 0.0))
+    runs = []
+    for _ in range(2):
+        _, gpu = layers(tuple(x.shape), "float32", {"axis": 1, "renorm": True})
+        y = to_host(gpu(x, training=True))
+        dx = to_host(gpu.backward(dy))
+        runs.append([y, dx, to_host(gpu.gradients["gamma"]), *gpu.get_weights()])
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+def test_cuda_large_mean_variance_is_exact() -> None:
+    """SPEC 9: |mean| / std = 1e6 keeps the variance to 1e-5 relative (float64 merges)."""
+    base = np.random.default_rng(8).normal(0.0, 1.0, size=(4096, 3))
+    x_host = (base + 1e6).astype(np.float32)
+    _, gpu = layers(x_host.shape, "float32", {"momentum": 0.0})
+    gpu(to_device(x_host), training=True)
+    var = x_host.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(gpu.moving_variance.numpy(), var, rtol=1e-5)
+
+
+@pytest.mark.skipif(not TORCH, reason="streams are checked with PyTorch")
+def test_cuda_work_runs_on_the_current_torch_stream() -> None:
+    x_host = host_data((32, 64, 16, 16), "float32", 9, 1.0)
+    cpu, gpu = layers(x_host.shape, "float32", {"axis": 1})
+    stream = LIB.cuda.Stream()
+    with LIB.cuda.stream(stream):
+        x = to_device(x_host) * 1.0  # produced on the side stream: the layer must wait for it
+        y = gpu(x, training=True)
+        dx = gpu.backward(LIB.ones_like(x))
+    stream.synchronize()
+    close(y, cpu(x_host, training=True), "float32", "output")
+    close(dx, cpu.backward(np.ones_like(x_host)), "float32", "dx")
+
+
+def test_cuda_device_checks_and_moves() -> None:
+    x_host = host_data((4, 3), "float32", 10, 0.0)
+    cpu, gpu = layers(x_host.shape, "float32", {})
+    with pytest.raises(ValueError, match="cuda:0"):
+        cpu(to_device(x_host))
+    with pytest.raises(ValueError, match="cpu"):
+        gpu(x_host)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        gpu.to(f"cuda:{batchnorm._core.cuda_device_count()}")
+    weights = gpu.get_weights()
+    gpu.to("cpu")
+    for a, b in zip(gpu.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(gpu(x_host), cpu(x_host), rtol=0, atol=0)
+
+
+def test_layer_built_after_moving() -> None:
+    layer = batchnorm.BatchNormalization(axis=1).to("cuda")
+    x_host = host_data((8, 3, 4), "float32", 11, 5.0)
+    y = layer(to_device(x_host), training=True)
+    ref = batchnorm.BatchNormalization(axis=1)
+    close(y, ref(x_host, training=True), "float32", "output")
+    np.testing.assert_allclose(layer.moving_mean.numpy(), ref.moving_mean.numpy(), rtol=1e-6)
+
+
+def test_jax_arrays_on_cuda() -> None:
+    jax = pytest.importorskip("jax")
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX has no GPU backend here")
+    x_host = host_data((8, 4, 6), "float32", 12, 2.0)
+    mask = np.random.default_rng(13).random((8, 6)) > 0.3
+    cpu, gpu = layers(x_host.shape, "float32", {"axis": 1})
+    x = jax.device_put(x_host, device)
+    y = gpu(x, training=True, mask=jax.device_put(mask, device))
+    assert isinstance(y, jax.Array)
+    close(np.asarray(y), cpu(x_host, training=True, mask=mask), "float32", "output")
+    dx = gpu.backward(jax.device_put(np.ones_like(x_host), device))
+    close(np.asarray(dx), cpu.backward(np.ones_like(x_host)), "float32", "dx")
