@@ -100,8 +100,9 @@ def test_one_mpi_process_is_exactly_unsynchronized(mpiexec: str) -> None:
 
 @pytest.fixture(scope="module")
 def cpp_mpi_test(mpiexec: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/mpi/test_mpi.cpp built against the MPI of the mpich wheel (only that target and the
-    core library; CUDA off, as the other C++ test builds)."""
+    """tests/mpi/test_mpi.cpp as an MPI application builds it: the core installed into a
+    temporary prefix (CUDA off, as the other C++ test builds), then tests/mpi/consumer with
+    find_package(batchnorm COMPONENTS mpi) and the MPI of the mpich wheel."""
     try:
         cmake = str(Path(importlib.import_module("cmake").CMAKE_BIN_DIR) / "cmake")
     except (ImportError, AttributeError):
@@ -109,19 +110,36 @@ def cpp_mpi_test(mpiexec: str, tmp_path_factory: pytest.TempPathFactory) -> Path
     mpicxx = _script("mpicxx")
     if not Path(cmake).is_file() or mpicxx is None:
         pytest.skip("needs cmake and mpicxx: pip install '.[test]' installs both")
-    build = tmp_path_factory.mktemp("mpi") / "build"
+    work = tmp_path_factory.mktemp("mpi")
     generator = []
     ninja = _script("ninja")
     if ninja:
         generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-    configure = [cmake, "-S", str(ROOT), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release"]
-    configure += ["-DBATCHNORM_BUILD_TESTS=ON", "-DBATCHNORM_BUILD_PYTHON=OFF"]
-    configure += ["-DBATCHNORM_BUILD_BENCH=OFF", "-DBATCHNORM_INSTALL=OFF"]
-    configure += ["-DBATCHNORM_ENABLE_CUDA=OFF", f"-DMPI_CXX_COMPILER={mpicxx}"]
-    _launch(configure, timeout=600)
     jobs = str(max(1, min(os.cpu_count() or 1, 8)))
-    _launch([cmake, "--build", str(build), "--target", "batchnorm_test_mpi", "-j", jobs], 900)
-    return build / "tests" / "mpi" / "batchnorm_test_mpi"
+
+    def build(source: Path, build: Path, *defines: str) -> None:
+        configure = [cmake, "-S", str(source), "-B", str(build), *generator, *defines]
+        _launch([*configure, "-DCMAKE_BUILD_TYPE=Release"], timeout=600)
+        _launch([cmake, "--build", str(build), "-j", jobs], timeout=900)
+
+    core, prefix, consumer = work / "core", work / "prefix", work / "consumer"
+    build(
+        ROOT,
+        core,
+        "-DBATCHNORM_BUILD_TESTS=OFF",
+        "-DBATCHNORM_BUILD_PYTHON=OFF",
+        "-DBATCHNORM_BUILD_BENCH=OFF",
+        "-DBATCHNORM_ENABLE_CUDA=OFF",
+        "-DBATCHNORM_INSTALL=ON",
+    )
+    _launch([cmake, "--install", str(core), "--prefix", str(prefix)])
+    build(
+        ROOT / "tests" / "mpi" / "consumer",
+        consumer,
+        f"-DCMAKE_PREFIX_PATH={prefix}",
+        f"-DMPI_CXX_COMPILER={mpicxx}",
+    )
+    return consumer / "batchnorm_test_mpi"
 
 
 @pytest.mark.parametrize("processes", [2, 3])
