@@ -8,6 +8,9 @@
 Every process holds its own batch of `--shape` (NCHW float32, feature axis 1) and runs
 `BatchNormalization(axis=1, synchronized=True)` over MPI.COMM_WORLD. A step is the forward call
 plus `backward` (outputs reuse preallocated buffers through `out=`), timed between barriers.
+Synchronized steps alternate with independent ones (the same layer without `synchronized`), so
+both see the same contention for cores and memory bandwidth; their difference is what
+synchronizing costs.
 "Collectives" is the time the layer spends in its two collectives per step, split into waiting
 for the other processes to arrive (a barrier in front of each MPI_Allgather, which the
 measurement adds) and the MPI_Allgather itself; "bare allgather" is one MPI_Allgather of the
@@ -62,18 +65,24 @@ def worker(shape: tuple[int, ...], steps: int, warmup: int) -> None:
     dy = rng.normal(0.0, 1.0, shape).astype(np.float32)
     y, dx = np.empty_like(x), np.empty_like(x)
     timed = TimedCommunicator(comm, MPI)
-    layer = batchnorm.BatchNormalization(axis=1, synchronized=True, communicator=timed)
+    synchronized = batchnorm.BatchNormalization(axis=1, synchronized=True, communicator=timed)
+    independent = batchnorm.BatchNormalization(axis=1)
 
-    step_times, waiting_times, transfer_times = [], [], []
-    for step in range(warmup + steps):
+    def step_time(layer: Any) -> float:
         comm.Barrier()
-        waiting, transfer = timed.waiting, timed.transfer
         start = time.perf_counter()
         layer(x, training=True, out=y)
         layer.backward(dy, out=dx)
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    step_times, independent_times, waiting_times, transfer_times = [], [], [], []
+    for step in range(warmup + steps):
+        waiting, transfer = timed.waiting, timed.transfer
+        elapsed = step_time(synchronized)
+        alone = step_time(independent)
         if step >= warmup:
             step_times.append(elapsed)
+            independent_times.append(alone)
             waiting_times.append(timed.waiting - waiting)
             transfer_times.append(timed.transfer - transfer)
 
@@ -88,6 +97,7 @@ def worker(shape: tuple[int, ...], steps: int, warmup: int) -> None:
 
     mine = {
         "step": float(np.median(step_times)),
+        "independent": float(np.median(independent_times)),
         "waiting": float(np.median(waiting_times)),
         "transfer": float(np.median(transfer_times)),
         "allgather": float(np.median(latencies)),
@@ -97,6 +107,7 @@ def worker(shape: tuple[int, ...], steps: int, warmup: int) -> None:
         result = {
             "ranks": comm.Get_size(),
             "step_s": max(r["step"] for r in everyone),
+            "independent_s": max(r["independent"] for r in everyone),
             "waiting_s": float(np.mean([r["waiting"] for r in everyone])),
             "transfer_s": float(np.mean([r["transfer"] for r in everyone])),
             "share": float(np.mean([(r["waiting"] + r["transfer"]) / r["step"] for r in everyone])),
@@ -135,8 +146,9 @@ def main() -> None:
         f"process; {os.cpu_count()} CPUs; median of {args.steps} steps"
     )
     print(
-        f"{'ranks':>5}  {'step (ms)':>9}  {'collectives: waiting (ms)':>25}  "
-        f"{'allgather (us)':>14}  {'share':>6}  {'bare allgather (us)':>19}"
+        f"{'ranks':>5}  {'step (ms)':>9}  {'independent (ms)':>16}  "
+        f"{'collectives: waiting (ms)':>25}  {'allgather (us)':>14}  {'share':>6}  "
+        f"{'bare allgather (us)':>19}"
     )
     for ranks in (int(r) for r in args.ranks.split(",")):
         run = subprocess.run(
@@ -151,7 +163,8 @@ def main() -> None:
             sys.exit(f"{ranks} processes failed:\n{run.stdout}\n{run.stderr}")
         r = json.loads(lines[0][len("RESULT ") :])
         print(
-            f"{ranks:>5}  {r['step_s'] * 1e3:>9.2f}  {r['waiting_s'] * 1e3:>25.3f}  "
+            f"{ranks:>5}  {r['step_s'] * 1e3:>9.2f}  {r['independent_s'] * 1e3:>16.2f}  "
+            f"{r['waiting_s'] * 1e3:>25.3f}  "
             f"{r['transfer_s'] * 1e6:>14.1f}  {r['share']:>6.1%}  {r['allgather_s'] * 1e6:>19.1f}"
         )
 
