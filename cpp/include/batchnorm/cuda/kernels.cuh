@@ -152,6 +152,49 @@ __device__ P merge_over_block(P value, P* shared) {
   return shared[0];
 }
 
+// ---- batched walks -----------------------------------------------------------------------------
+
+// Positions a thread loads before it uses any: a dependent use right after each load would
+// leave one load in flight per warp, too few to cover memory latency at the occupancy these
+// kernels reach.
+inline constexpr int kBatch = 4;
+
+// Row mode: calls load(u, row) for the next kBatch rows of this thread (it returns whether the
+// row takes part), then use(u) for each taking part, in row order.
+template <class Load, class Use>
+__device__ __forceinline__ void for_each_row(const RowBlock& b, Load&& load, Use&& use) {
+  const std::int64_t step = blockDim.y;
+  for (std::int64_t r = b.first_row; r < b.end_row; r += kBatch * step) {
+    bool taken[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const std::int64_t row = r + u * step;
+      taken[u] = row < b.end_row && load(u, row);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (taken[u]) use(u);
+    }
+  }
+}
+
+// Plane mode: the same over the cursor's positions; load(u, unit, position).
+template <int V, class Load, class Use>
+__device__ __forceinline__ void for_each_position(PlaneCursor<V>& cursor, Load&& load, Use&& use) {
+  while (cursor.valid()) {
+    bool taken[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      taken[u] = cursor.valid() && load(u, cursor.unit, cursor.position);
+      cursor.next();
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (taken[u]) use(u);
+    }
+  }
+}
+
 // ---- statistics ------------------------------------------------------------------------------
 
 // Shifted float64 sums of one thread: the shift is the thread's first valid value, so the sums
@@ -186,23 +229,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int v = 0; v < V; ++v) shift[v] = sum[v] = squares[v] = 0.0;
   if (b.active) {
     const T* column = x + base[0] + b.column * V;
-    for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
-      std::int64_t at[2];
-      offsets_of(plan.reduced, r, plan.reduced.count, at);
-      if (mask && !mask[base[1] + at[1]]) continue;
-      const Pack<T, V> p = load_pack<T, V>(column + at[0]);
-      if (count == 0.0) {
+    Pack<T, V> p[kBatch];
+    for_each_row(
+        b,
+        [&](int u, std::int64_t row) {
+          std::int64_t at[2];
+          offsets_of(plan.reduced, row, plan.reduced.count, at);
+          if (mask && !mask[base[1] + at[1]]) return false;
+          p[u] = load_pack<T, V>(column + at[0]);
+          return true;
+        },
+        [&](int u) {
+          if (count == 0.0) {
 #pragma unroll
-        for (int v = 0; v < V; ++v) shift[v] = detail::load<double>(p.v[v]);
-      }
+            for (int v = 0; v < V; ++v) shift[v] = detail::load<double>(p[u].v[v]);
+          }
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const double d = detail::load<double>(p.v[v]) - shift[v];
-        sum[v] += d;
-        squares[v] += d * d;
-      }
-      count += 1.0;
-    }
+          for (int v = 0; v < V; ++v) {
+            const double d = detail::load<double>(p[u].v[v]) - shift[v];
+            sum[v] += d;
+            squares[v] += d * d;
+          }
+          count += 1.0;
+        });
   }
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -222,25 +271,32 @@ __global__ void __launch_bounds__(kThreads)
                          detail::Moments* __restrict__ partial) {
   __shared__ detail::Moments shared[kThreads];
   PlaneCursor<V> cursor(geo);
+  const std::int64_t stat = cursor.stat;
   std::int64_t base[2];
-  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  offsets_of(plan.stat, stat, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   ShiftedSums sums;
-  for (; cursor.valid(); cursor.next()) {
-    std::int64_t at[2];
-    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
-    const std::int64_t i = cursor.position * V;
-    if constexpr (V == 1) {
-      if (mask && !mask[base[1] + at[1] + i * last.stride[1]]) continue;
-      sums.add(detail::load<double>(x[base[0] + at[0] + i * last.stride[0]]));
-    } else {  // vector path: unit stride and no mask (make_geometry guarantees both)
-      const Pack<T, V> p = load_pack<T, V>(x + base[0] + at[0] + i);
+  Pack<T, V> p[kBatch];
+  for_each_position(
+      cursor,
+      [&](int u, std::int64_t unit, std::int64_t position) {
+        std::int64_t at[2];
+        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        const std::int64_t i = position * V;
+        if constexpr (V == 1) {
+          if (mask && !mask[base[1] + at[1] + i * last.stride[1]]) return false;
+          p[u].v[0] = x[base[0] + at[0] + i * last.stride[0]];
+        } else {  // vector path: unit stride and no mask (make_geometry guarantees both)
+          p[u] = load_pack<T, V>(x + base[0] + at[0] + i);
+        }
+        return true;
+      },
+      [&](int u) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) sums.add(detail::load<double>(p.v[v]));
-    }
-  }
+        for (int v = 0; v < V; ++v) sums.add(detail::load<double>(p[u].v[v]));
+      });
   const detail::Moments merged = merge_over_block(sums.moments(), shared);
-  if (threadIdx.x == 0) partial[cursor.stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
+  if (threadIdx.x == 0) partial[stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
 }
 
 // One warp per statistic: lanes merge chunks lane, lane + 32, ... in order, then a fixed
@@ -290,17 +346,25 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T* in = x + base[0] + b.column * V;
   T* out = y + base[1] + b.column * V;
-  for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
-    std::int64_t at[2];
-    offsets_of(plan.reduced, r, plan.reduced.count, at);
-    const Pack<T, V> p = load_pack<T, V>(in + at[0]);
-    Pack<T, V> q;
+  Pack<T, V> p[kBatch];
+  std::int64_t to[kBatch];
+  for_each_row(
+      b,
+      [&](int u, std::int64_t row) {
+        std::int64_t at[2];
+        offsets_of(plan.reduced, row, plan.reduced.count, at);
+        p[u] = load_pack<T, V>(in + at[0]);
+        to[u] = at[1];
+        return true;
+      },
+      [&](int u) {
+        Pack<T, V> q;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      q.v[v] = detail::store<T>((detail::load<Acc>(p.v[v]) - m[v]) * a[v] + o[v]);
-    }
-    store_pack<T, V>(out + at[1], q);
-  }
+        for (int v = 0; v < V; ++v) {
+          q.v[v] = detail::store<T>((detail::load<Acc>(p[u].v[v]) - m[v]) * a[v] + o[v]);
+        }
+        store_pack<T, V>(out + to[u], q);
+      });
 }
 
 template <class T, class Acc, int V>
@@ -309,26 +373,36 @@ __global__ void __launch_bounds__(kThreads)
                         const Acc* __restrict__ shift, const Acc* __restrict__ scale,
                         const Acc* __restrict__ offset) {
   PlaneCursor<V> cursor(geo);
+  const std::int64_t stat = cursor.stat;
   std::int64_t base[2];
-  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  offsets_of(plan.stat, stat, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
-  const Acc m = shift[cursor.stat], a = scale[cursor.stat], o = offset[cursor.stat];
-  for (; cursor.valid(); cursor.next()) {
-    std::int64_t at[2];
-    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
-    const std::int64_t i = cursor.position * V;
-    if constexpr (V == 1) {
-      const Acc value = detail::load<Acc>(x[base[0] + at[0] + i * last.stride[0]]);
-      y[base[1] + at[1] + i * last.stride[1]] = detail::store<T>((value - m) * a + o);
-    } else {
-      const Pack<T, V> p = load_pack<T, V>(x + base[0] + at[0] + i);
-      Pack<T, V> q;
+  const Acc m = shift[stat], a = scale[stat], o = offset[stat];
+  Pack<T, V> p[kBatch];
+  std::int64_t to[kBatch];
+  for_each_position(
+      cursor,
+      [&](int u, std::int64_t unit, std::int64_t position) {
+        std::int64_t at[2];
+        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        const std::int64_t i = position * V;
+        if constexpr (V == 1) {
+          p[u].v[0] = x[base[0] + at[0] + i * last.stride[0]];
+          to[u] = base[1] + at[1] + i * last.stride[1];
+        } else {
+          p[u] = load_pack<T, V>(x + base[0] + at[0] + i);
+          to[u] = base[1] + at[1] + i;
+        }
+        return true;
+      },
+      [&](int u) {
+        Pack<T, V> q;
 #pragma unroll
-      for (int v = 0; v < V; ++v)
-        q.v[v] = detail::store<T>((detail::load<Acc>(p.v[v]) - m) * a + o);
-      store_pack<T, V>(y + base[1] + at[1] + i, q);
-    }
-  }
+        for (int v = 0; v < V; ++v) {
+          q.v[v] = detail::store<T>((detail::load<Acc>(p[u].v[v]) - m) * a + o);
+        }
+        store_pack<T, V>(y + to[u], q);
+      });
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -352,18 +426,24 @@ __global__ void __launch_bounds__(kThreads)
   if (b.active) {
     const T* g = dy + base[0] + b.column * V;
     const T* in = x + base[1] + b.column * V;
-    for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
-      std::int64_t at[2];
-      offsets_of(plan.reduced, r, plan.reduced.count, at);
-      const Pack<T, V> pg = load_pack<T, V>(g + at[0]);
-      const Pack<T, V> px = load_pack<T, V>(in + at[1]);
+    Pack<T, V> pg[kBatch], px[kBatch];
+    for_each_row(
+        b,
+        [&](int u, std::int64_t row) {
+          std::int64_t at[2];
+          offsets_of(plan.reduced, row, plan.reduced.count, at);
+          pg[u] = load_pack<T, V>(g + at[0]);
+          px[u] = load_pack<T, V>(in + at[1]);
+          return true;
+        },
+        [&](int u) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const double gd = detail::load<double>(pg.v[v]);
-        sum_dy[v] += gd;
-        sum_dyx[v] += gd * (detail::load<double>(px.v[v]) - m[v]);
-      }
-    }
+          for (int v = 0; v < V; ++v) {
+            const double gd = detail::load<double>(pg[u].v[v]);
+            sum_dy[v] += gd;
+            sum_dyx[v] += gd * (detail::load<double>(px[u].v[v]) - m[v]);
+          }
+        });
   }
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -379,32 +459,38 @@ __global__ void __launch_bounds__(kThreads)
                                Sums* __restrict__ partial) {
   __shared__ Sums shared[kThreads];
   PlaneCursor<V> cursor(geo);
+  const std::int64_t stat = cursor.stat;
   std::int64_t base[2];
-  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
+  offsets_of(plan.stat, stat, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
-  const double m = static_cast<double>(shift[cursor.stat]);
+  const double m = static_cast<double>(shift[stat]);
   Sums sums{0.0, 0.0};
-  for (; cursor.valid(); cursor.next()) {
-    std::int64_t at[2];
-    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
-    const std::int64_t i = cursor.position * V;
-    if constexpr (V == 1) {
-      const double gd = detail::load<double>(dy[base[0] + at[0] + i * last.stride[0]]);
-      sums.dy += gd;
-      sums.dy_centered += gd * (detail::load<double>(x[base[1] + at[1] + i * last.stride[1]]) - m);
-    } else {
-      const Pack<T, V> pg = load_pack<T, V>(dy + base[0] + at[0] + i);
-      const Pack<T, V> px = load_pack<T, V>(x + base[1] + at[1] + i);
+  Pack<T, V> pg[kBatch], px[kBatch];
+  for_each_position(
+      cursor,
+      [&](int u, std::int64_t unit, std::int64_t position) {
+        std::int64_t at[2];
+        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        const std::int64_t i = position * V;
+        if constexpr (V == 1) {
+          pg[u].v[0] = dy[base[0] + at[0] + i * last.stride[0]];
+          px[u].v[0] = x[base[1] + at[1] + i * last.stride[1]];
+        } else {
+          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i);
+          px[u] = load_pack<T, V>(x + base[1] + at[1] + i);
+        }
+        return true;
+      },
+      [&](int u) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const double gd = detail::load<double>(pg.v[v]);
-        sums.dy += gd;
-        sums.dy_centered += gd * (detail::load<double>(px.v[v]) - m);
-      }
-    }
-  }
+        for (int v = 0; v < V; ++v) {
+          const double gd = detail::load<double>(pg[u].v[v]);
+          sums.dy += gd;
+          sums.dy_centered += gd * (detail::load<double>(px[u].v[v]) - m);
+        }
+      });
   const Sums merged = merge_over_block(sums, shared);
-  if (threadIdx.x == 0) partial[cursor.stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
+  if (threadIdx.x == 0) partial[stat * geo.chunks + (blockIdx.x % geo.chunks)] = merged;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -446,26 +532,30 @@ __global__ void __launch_bounds__(kThreads)
   const T* g = dy + base[0] + b.column * V;
   const T* in = x + base[1] + b.column * V;
   T* out = dx + base[2] + b.column * V;
-  for (std::int64_t r = b.first_row; r < b.end_row; r += blockDim.y) {
-    std::int64_t at[4];
-    offsets_of(plan.reduced, r, plan.reduced.count, at);
-    const bool valid = !mask || mask[base[3] + at[3]];
-    const Pack<T, V> pg = load_pack<T, V>(g + at[0]);
-    Pack<T, V> q;
-    if (valid) {
-      const Pack<T, V> px = load_pack<T, V>(in + at[1]);
+  Pack<T, V> pg[kBatch], px[kBatch];
+  std::int64_t to[kBatch];
+  bool valid[kBatch];
+  for_each_row(
+      b,
+      [&](int u, std::int64_t row) {
+        std::int64_t at[4];
+        offsets_of(plan.reduced, row, plan.reduced.count, at);
+        valid[u] = !mask || mask[base[3] + at[3]];
+        pg[u] = load_pack<T, V>(g + at[0]);
+        if (valid[u]) px[u] = load_pack<T, V>(in + at[1]);
+        to[u] = at[2];
+        return true;
+      },
+      [&](int u) {
+        Pack<T, V> q;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const Acc centered = detail::load<Acc>(px.v[v]) - m[v];
-        q.v[v] =
-            detail::store<T>(a[v] * (detail::load<Acc>(pg.v[v]) - (o[v] + centered * slope[v])));
-      }
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) q.v[v] = detail::store<T>(detail::load<Acc>(pg.v[v]) * a[v]);
-    }
-    store_pack<T, V>(out + at[2], q);
-  }
+        for (int v = 0; v < V; ++v) {
+          Acc value = detail::load<Acc>(pg[u].v[v]);
+          if (valid[u]) value -= o[v] + (detail::load<Acc>(px[u].v[v]) - m[v]) * slope[v];
+          q.v[v] = detail::store<T>(a[v] * value);
+        }
+        store_pack<T, V>(out + to[u], q);
+      });
 }
 
 template <class T, class Acc, int V>
@@ -474,33 +564,43 @@ __global__ void __launch_bounds__(kThreads)
                              const T* __restrict__ x, const std::uint8_t* __restrict__ mask,
                              T* __restrict__ dx, Coefficients<Acc> k) {
   PlaneCursor<V> cursor(geo);
-  std::int64_t base[4];
-  offsets_of(plan.stat, cursor.stat, plan.stat.count, base);
-  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   const std::int64_t s = cursor.stat;
+  std::int64_t base[4];
+  offsets_of(plan.stat, s, plan.stat.count, base);
+  const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   const Acc m = k.shift[s], a = k.scale[s], slope = k.slope[s], o = k.offset[s];
-  for (; cursor.valid(); cursor.next()) {
-    std::int64_t at[4];
-    offsets_of(plan.reduced, cursor.unit, geo.unit_dims, at);
-    const std::int64_t i = cursor.position * V;
-    if constexpr (V == 1) {
-      Acc value = detail::load<Acc>(dy[base[0] + at[0] + i * last.stride[0]]);
-      if (!mask || mask[base[3] + at[3] + i * last.stride[3]]) {
-        value -= o + (detail::load<Acc>(x[base[1] + at[1] + i * last.stride[1]]) - m) * slope;
-      }
-      dx[base[2] + at[2] + i * last.stride[2]] = detail::store<T>(a * value);
-    } else {
-      const Pack<T, V> pg = load_pack<T, V>(dy + base[0] + at[0] + i);
-      const Pack<T, V> px = load_pack<T, V>(x + base[1] + at[1] + i);
-      Pack<T, V> q;
+  Pack<T, V> pg[kBatch], px[kBatch];
+  std::int64_t to[kBatch];
+  bool valid[kBatch];
+  for_each_position(
+      cursor,
+      [&](int u, std::int64_t unit, std::int64_t position) {
+        std::int64_t at[4];
+        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        const std::int64_t i = position * V;
+        if constexpr (V == 1) {
+          valid[u] = !mask || mask[base[3] + at[3] + i * last.stride[3]];
+          pg[u].v[0] = dy[base[0] + at[0] + i * last.stride[0]];
+          if (valid[u]) px[u].v[0] = x[base[1] + at[1] + i * last.stride[1]];
+          to[u] = base[2] + at[2] + i * last.stride[2];
+        } else {  // no mask on the vector path
+          valid[u] = true;
+          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i);
+          px[u] = load_pack<T, V>(x + base[1] + at[1] + i);
+          to[u] = base[2] + at[2] + i;
+        }
+        return true;
+      },
+      [&](int u) {
+        Pack<T, V> q;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const Acc centered = detail::load<Acc>(px.v[v]) - m;
-        q.v[v] = detail::store<T>(a * (detail::load<Acc>(pg.v[v]) - (o + centered * slope)));
-      }
-      store_pack<T, V>(dx + base[2] + at[2] + i, q);
-    }
-  }
+        for (int v = 0; v < V; ++v) {
+          Acc value = detail::load<Acc>(pg[u].v[v]);
+          if (valid[u]) value -= o + (detail::load<Acc>(px[u].v[v]) - m) * slope;
+          q.v[v] = detail::store<T>(a * value);
+        }
+        store_pack<T, V>(dx + to[u], q);
+      });
 }
 
 // ---- per-feature coefficients (one thread per feature) -----------------------------------------
