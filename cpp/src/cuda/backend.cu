@@ -1,7 +1,8 @@
 // CUDA backend: the four layer operations as kernel sequences on the calling thread's stream
 // (batchnorm::set_cuda_stream), on the device that holds the weights. Per-call scratch memory
-// comes from the stream-ordered allocator. The training forward waits for its statistics,
-// which TrainingContext returns on the host; the other operations return once queued.
+// comes from batchnorm's stream-ordered pool (cuda::scratch_pool). The training forward waits
+// for its statistics, which TrainingContext returns on the host; the other operations return
+// once queued.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -35,8 +36,9 @@ class Workspace {
     Cutter sizing{nullptr};
     layout(sizing);
     if (sizing.used > 0) {
-      check(cudaMallocAsync(reinterpret_cast<void**>(&base_), sizing.used, stream_),
-            "allocating scratch memory (cudaMallocAsync)");
+      check(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&base_), sizing.used,
+                                    cuda::scratch_pool(), stream_),
+            "allocating scratch memory");
     }
     Cutter cutting{base_};
     return layout(cutting);

@@ -4,6 +4,9 @@
 // loads without any CUDA library installed and only finds the driver when first used.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -36,6 +39,27 @@ void check(cudaError_t status, const char* what) {
 }
 
 cudaStream_t current_stream() { return static_cast<cudaStream_t>(cuda_stream()); }
+
+cudaMemPool_t scratch_pool() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::map<int, cudaMemPool_t> pools;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = pools.find(device);
+  if (found != pools.end()) return found->second;
+  cudaMemPoolProps properties{};
+  properties.allocType = cudaMemAllocationTypePinned;
+  properties.location.type = cudaMemLocationTypeDevice;
+  properties.location.id = device;
+  cudaMemPool_t pool = nullptr;
+  check(cudaMemPoolCreate(&pool, &properties), "creating the scratch memory pool");
+  std::uint64_t keep = UINT64_MAX;
+  check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+        "configuring the scratch memory pool");
+  pools.emplace(device, pool);
+  return pool;
+}
 
 namespace {
 

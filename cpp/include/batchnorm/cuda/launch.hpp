@@ -36,6 +36,11 @@ class DeviceScope {
 // The stream set by batchnorm::set_cuda_stream for the calling thread.
 cudaStream_t current_stream();
 
+// batchnorm's own stream-ordered memory pool on the current device, for per-call scratch
+// memory. Unlike the device's default pool (which returns memory to the driver at every
+// synchronization) it keeps what it has grown to, so repeated calls do not map memory again.
+cudaMemPool_t scratch_pool();
+
 inline constexpr int kThreads = 256;
 inline constexpr int kVectorBytes = 16;
 // Elements one block reduces per statistic chunk: enough per thread (128) to amortize the
