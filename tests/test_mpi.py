@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,30 @@ def test_config_leaves_the_communicator_out() -> None:
     assert "communicator" not in config
     clone = batchnorm.BatchNormalization.from_config(config)
     assert clone.synchronized and clone.communicator is None
+
+
+class _MpiLibraryMissing(types.ModuleType):
+    """An mpi4py whose MPI module cannot load its library (mpi4py installed without MPI)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("cannot load MPI library")
+
+
+@pytest.mark.parametrize("mpi4py", [None, _MpiLibraryMissing("mpi4py")])
+def test_without_usable_mpi4py_the_default_is_unsynchronized(
+    monkeypatch: pytest.MonkeyPatch, mpi4py: Any
+) -> None:
+    """No mpi4py (None in sys.modules makes the import fail), or one that finds no MPI library
+    (a warning says so): synchronized=True trains exactly as the unsynchronized layer."""
+    monkeypatch.setitem(sys.modules, "mpi4py", mpi4py)
+    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
+    x = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)
+    layer = batchnorm.BatchNormalization(synchronized=True)
+    if mpi4py is None:
+        y = layer(x, training=True)
+    else:
+        with pytest.warns(RuntimeWarning, match="cannot load MPI library"):
+            y = layer(x, training=True)
+    single = batchnorm.BatchNormalization()
+    np.testing.assert_array_equal(y, single(x, training=True))
+    np.testing.assert_array_equal(layer.backward(x), single.backward(x))

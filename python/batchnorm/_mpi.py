@@ -72,7 +72,7 @@ def default_hook() -> _core.Communicator | None:
             f"synchronized=True: mpi4py cannot initialize MPI ({error}); the layer uses its own "
             "batch statistics",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
     return _from_mpi4py(MPI, MPI.COMM_WORLD)
