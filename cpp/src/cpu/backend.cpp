@@ -47,6 +47,12 @@ void CpuBackend::train_forward(const Plan& stats_plan, const Plan& apply_plan, c
   const std::int64_t stats = groups * features;
   reset_context(context, groups, features, mask != nullptr);
   std::vector<double> var(static_cast<std::size_t>(stats));
+  // Within one process, plane layouts finish each feature while its data is in cache.
+  if (!synchronizing(communicator) &&
+      cpu::train_forward_fused(stats_plan, apply_plan, x, y, mask, scalars, weights, context,
+                               var.data())) {
+    return;
+  }
   cpu::moments(stats_plan, x, mask, context.count.data(), context.mean.data(), var.data());
   // Ghost batches stay per process: only their averages are synchronized (one collective either
   // way).
@@ -89,6 +95,17 @@ void CpuBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   using Acc = compute_t<T>;
   const std::int64_t groups = context.groups, features = context.features;
   const auto stats = static_cast<std::size_t>(groups * features);
+  const auto feature_step = [&](std::int64_t c, const BackwardSums& sums,
+                                const Coefficients<Acc>& out) {
+    train_backward_feature<Acc, Acc>(
+        c, features, groups, context.count.data(), context.inv_std.data(), context.zscale.data(),
+        context.zshift.data(), weights.gamma, sums, dgamma, dbeta, out);
+  };
+  if (!synchronizing(communicator) &&
+      cpu::backward_fused(sums_plan, dx_plan, dy, x, dx, mask, context.mean.data(), groups,
+                          feature_step)) {
+    return;
+  }
   std::vector<double> sum_dy(stats), sum_dy_centered(stats);
   cpu::backward_sums(sums_plan, dy, x, context.mean.data(), sum_dy.data(), sum_dy_centered.data());
   // Without ghost batches dx needs the global sums; with them, dx uses its process's ghost
@@ -124,6 +141,14 @@ void CpuBackend::infer_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   const auto n = static_cast<std::size_t>(features);
   std::vector<double> moving_mean(n), sum_dy(n), sum_dy_centered(n);
   for (std::size_t c = 0; c < n; ++c) moving_mean[c] = static_cast<double>(weights.moving_mean[c]);
+  const auto feature_step = [&](std::int64_t c, const BackwardSums& sums,
+                                const Coefficients<Acc>& out) {
+    inference_backward_feature<Acc, Acc>(c, epsilon, weights, sums, dgamma, dbeta, out);
+  };
+  if (cpu::backward_fused(sums_plan, dx_plan, dy, x, dx, static_cast<const std::uint8_t*>(nullptr),
+                          moving_mean.data(), 1, feature_step)) {
+    return;
+  }
   cpu::backward_sums(sums_plan, dy, x, moving_mean.data(), sum_dy.data(), sum_dy_centered.data());
   CoefficientBuffers<Acc> k(features);
   for (std::size_t c = 0; c < n; ++c) k.shift[c] = static_cast<Acc>(moving_mean[c]);

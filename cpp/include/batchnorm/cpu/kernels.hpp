@@ -1,37 +1,52 @@
-// OpenMP kernels of the CPU backend, templated on the storage type T. Each kernel walks a Plan
-// (detail/layout.hpp) in fixed chunks: row mode vectorizes across the contiguous features,
-// plane mode along the contiguous reduced run. Reductions accumulate in float64 per chunk and
-// are merged in chunk order, so the result never depends on the number of threads.
+// The parallel passes of the CPU backend, templated on the storage type T: OpenMP loops that hand
+// fixed chunks of a Plan (detail/layout.hpp) to the vectorized chunk kernels of the instruction
+// set picked at run time (cpu/dispatch.hpp). Chunks depend on the shape only, and their partial
+// results merge in chunk order, so every result is bitwise the same for any number of threads.
+// Plane layouts also have fused passes that finish a feature while its data is in cache.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "batchnorm/batchnorm.hpp"
+#include "batchnorm/cpu/dispatch.hpp"
 #include "batchnorm/detail/half.hpp"
 #include "batchnorm/detail/layout.hpp"
 #include "batchnorm/detail/math.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace batchnorm::cpu {
 
 using detail::Chunking;
-using detail::LoopDim;
 using detail::LoopNest;
 using detail::Moments;
-using detail::NestWalker;
 using detail::Plan;
+using Index = std::int64_t;
 
-// Lanes of independent accumulators: lets the compiler vectorize float64 sums without
-// reassociating (and so without changing) the summation order.
-inline constexpr int kLanes = 8;
+// Calls smaller than this run on the calling thread: waking the team costs more than they do.
+inline constexpr Index kParallelElements = Index{1} << 15;
+// Outputs at least this large are written with non-temporal stores: they would not stay in cache
+// anyway, and bypassing it saves the read-for-ownership and keeps the input cached.
+inline constexpr Index kStreamBytes = Index{16} << 20;
 
-// Geometry shared by the kernels: which chunks exist and how work items map onto them.
+inline int thread_count() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Geometry shared by the passes: which chunks exist and how work items map onto them.
 struct Geometry {
-  std::int64_t inner = 1;  // row mode: features per row; plane mode: 1
-  std::int64_t outer = 1;  // stat items: stat count / inner
-  std::int64_t run = 1;    // plane mode: inner reduced run length; row mode: 1
-  std::int64_t units = 0;  // rows (row mode) or outer reduced indices (plane mode)
-  int unit_dims = 0;       // reduced dims walked per unit
+  Index inner = 1;  // row mode: features per row; plane mode: 1
+  Index outer = 1;  // stat items: stat count / inner
+  Index run = 1;    // plane mode: inner reduced run length; row mode: 1
+  Index units = 0;  // rows (row mode) or outer reduced indices (plane mode)
   Chunking chunking;
 
   explicit Geometry(const Plan& plan) {
@@ -39,160 +54,146 @@ struct Geometry {
     const LoopNest& red = plan.reduced;
     if (plan.row) {
       inner = stat.dims[stat.count - 1].size;
-      outer = stat.total() / std::max<std::int64_t>(inner, 1);
+      outer = stat.total() / std::max<Index>(inner, 1);
       units = red.total();
-      unit_dims = red.count;
     } else {
       outer = stat.total();
       run = red.dims[red.count - 1].size;
       units = run > 0 ? red.total() / run : 0;
-      unit_dims = red.count - 1;
     }
     chunking = detail::make_chunking(units, inner * run);
   }
 
-  std::int64_t items() const { return outer * chunking.chunks; }
-  std::int64_t first_unit(std::int64_t chunk) const { return chunk * chunking.per_chunk; }
-  std::int64_t last_unit(std::int64_t chunk) const {
-    return std::min(units, (chunk + 1) * chunking.per_chunk);
-  }
+  Index chunks() const { return chunking.chunks; }
+  Index items() const { return outer * chunking.chunks; }
+  Index elements() const { return outer * inner * units * run; }
+  Index first_unit(Index chunk) const { return chunk * chunking.per_chunk; }
+  Index last_unit(Index chunk) const { return std::min(units, (chunk + 1) * chunking.per_chunk); }
 };
 
-// Offsets of stat item `item` (row mode: outer stat dims only) for every operand.
-inline void stat_offsets(const Plan& plan, std::int64_t item, std::int64_t* offsets) {
-  const int end = plan.row ? plan.stat.count - 1 : plan.stat.count;
-  for (int op = 0; op < plan.operands; ++op) offsets[op] = plan.stat.offset(item, op, end);
+// Element offset of stat item `item` (row mode: outer stat dims only) in operand `op`.
+inline Index stat_offset(const Plan& plan, Index item, int op) {
+  return plan.stat.offset(item, op, plan.row ? plan.stat.count - 1 : plan.stat.count);
 }
 
-template <class T>
-inline double as_double(T value) {
-  return detail::load<double>(value);
+template <class P>
+inline P* at_offset(P* base, Index offset) {
+  return base ? base + offset : nullptr;
 }
 
-// Shifted float64 sums of one contiguous-or-strided run, optionally masked.
-template <class T>
-inline void accumulate_run(const T* x, std::int64_t stride, const std::uint8_t* mask,
-                           std::int64_t mask_stride, std::int64_t n, double shift, double* sum,
-                           double* squares, double& count) {
-  std::int64_t i = 0;
-  if (!mask && stride == 1) {
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const double d = as_double(x[i + l]) - shift;
-        sum[l] += d;
-        squares[l] += d * d;
-      }
-    }
-    for (; i < n; ++i) {
-      const double d = as_double(x[i]) - shift;
-      sum[0] += d;
-      squares[0] += d * d;
-    }
-    count += static_cast<double>(n);
-    return;
+inline std::size_t size(Index n) { return static_cast<std::size_t>(n); }
+
+// Row-mode coefficients as the kernels read them: per outer item, C + 16 entries where entry i
+// is feature i mod C.
+template <class A>
+std::vector<A> periodic(const A* values, Index outer, Index features) {
+  const Index width = features + 16;
+  std::vector<A> result(size(outer * width));
+  for (Index o = 0; o < outer; ++o) {
+    for (Index i = 0; i < width; ++i)
+      result[size(o * width + i)] = values[o * features + i % features];
   }
-  for (; i < n; ++i) {
-    if (mask && !mask[i * mask_stride]) continue;
-    const double d = as_double(x[i * stride]) - shift;
-    sum[0] += d;
-    squares[0] += d * d;
-    count += 1.0;
+  return result;
+}
+
+// Plane mode: statistics per block, so that a block's runs of one unit make a stretch of about
+// kBlockSpan elements (long runs: one statistic per block).
+inline Index items_per_block(const Geometry& geo) {
+  return std::clamp<Index>(kBlockSpan / std::max<Index>(geo.run, 1), 1, kMaxBlockItems);
+}
+
+// Calls f(first, block) for the statistics [k0, k1) in blocks of at most `per_block`, never
+// across a row of the innermost stat dim (where the step between statistics changes).
+template <class F>
+void for_each_block(const Plan& plan, Index k0, Index k1, Index per_block, F&& f) {
+  const detail::LoopDim& inner = plan.stat.dims[plan.stat.count - 1];
+  ItemBlock block;
+  for (int op = 0; op < plan.operands; ++op) block.step[op] = inner.stride[op];
+  while (k0 < k1) {
+    const Index row_end = (k0 / inner.size + 1) * inner.size;
+    block.count = std::min({per_block, k1 - k0, row_end - k0});
+    f(k0, block);
+    k0 += block.count;
   }
 }
 
-inline double sum_lanes(const double* lanes) {
-  double total = 0.0;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+struct Block {
+  Index first;
+  ItemBlock items;
+};
+
+inline std::vector<Block> blocks_of(const Plan& plan, Index stats, Index per_block) {
+  std::vector<Block> blocks;
+  for_each_block(plan, 0, stats, per_block,
+                 [&](Index first, const ItemBlock& items) { blocks.push_back({first, items}); });
+  return blocks;
 }
 
 // Batch moments per statistic: count, mean and biased variance (operands: x, mask).
 template <class T>
 void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* count, double* mean,
              double* var) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const std::int64_t stats = geo.outer * geo.inner;
-  const std::int64_t chunks = geo.chunking.chunks;
-  std::vector<Moments> partial(static_cast<std::size_t>(stats * chunks));
-  const LoopNest& red = plan.reduced;
-  const LoopDim& last = red.dims[red.count - 1];
-
-#pragma omp parallel
-  {
-    std::vector<double> scratch(plan.row ? static_cast<std::size_t>(3 * geo.inner) : 0);
+  const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
+  const bool parallel = geo.elements() >= kParallelElements;
+  if (plan.row) {
+    const Index features = geo.inner;
+    std::vector<double> part_count(size(geo.items()));
+    std::vector<double> part_mean(size(geo.items() * features));
+    std::vector<double> part_m2(size(geo.items() * features));
+#pragma omp parallel if (parallel)
+    {
+      std::vector<double> scratch(size(3 * features));
+#pragma omp for schedule(dynamic)
+      for (Index item = 0; item < geo.items(); ++item) {
+        const Index o = item / chunks, chunk = item % chunks;
+        part_count[size(item)] = static_cast<double>(kernels.row_moments(
+            plan, x + stat_offset(plan, o, 0), at_offset(mask, mask ? stat_offset(plan, o, 1) : 0),
+            geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
+            part_mean.data() + item * features, part_m2.data() + item * features));
+      }
 #pragma omp for schedule(static)
-    for (std::int64_t item = 0; item < geo.items(); ++item) {
-      const std::int64_t so = item / chunks, chunk = item % chunks;
-      std::int64_t base[detail::kMaxOperands];
-      stat_offsets(plan, so, base);
-      const std::int64_t u0 = geo.first_unit(chunk), u1 = geo.last_unit(chunk);
-      NestWalker walk(red, geo.unit_dims, plan.operands, u0);
-      if (plan.row) {
-        const std::int64_t ci_count = geo.inner;
-        const std::int64_t xs = plan.stat.dims[plan.stat.count - 1].stride[0];
-        double* shift = scratch.data();
-        double* sum = shift + ci_count;
-        double* squares = sum + ci_count;
-        std::fill(sum, sum + 2 * ci_count, 0.0);
-        double rows = 0.0;
-        bool shifted = false;
-        for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-          if (mask && !mask[base[1] + walk.offset[1]]) continue;
-          const T* row = x + base[0] + walk.offset[0];
-          if (!shifted) {
-            for (std::int64_t c = 0; c < ci_count; ++c) shift[c] = as_double(row[c * xs]);
-            shifted = true;
-          }
-          if (xs == 1) {
-            for (std::int64_t c = 0; c < ci_count; ++c) {
-              const double d = as_double(row[c]) - shift[c];
-              sum[c] += d;
-              squares[c] += d * d;
-            }
-          } else {
-            for (std::int64_t c = 0; c < ci_count; ++c) {
-              const double d = as_double(row[c * xs]) - shift[c];
-              sum[c] += d;
-              squares[c] += d * d;
-            }
-          }
-          rows += 1.0;
+      for (Index k = 0; k < stats; ++k) {
+        const Index o = k / features, c = k % features;
+        Moments total;
+        for (Index chunk = 0; chunk < chunks; ++chunk) {
+          const Index item = o * chunks + chunk;
+          detail::merge_into(total,
+                             Moments{part_count[size(item)], part_mean[size(item * features + c)],
+                                     part_m2[size(item * features + c)]});
         }
-        for (std::int64_t c = 0; c < ci_count; ++c) {
-          partial[static_cast<std::size_t>((so * ci_count + c) * chunks + chunk)] =
-              detail::moments_from_shifted_sums(rows, shifted ? shift[c] : 0.0, sum[c], squares[c]);
-        }
-      } else {
-        double sum[kLanes] = {}, squares[kLanes] = {};
-        double n = 0.0, shift = 0.0;
-        bool shifted = false;
-        for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-          const T* run = x + base[0] + walk.offset[0];
-          const std::uint8_t* run_mask = mask ? mask + base[1] + walk.offset[1] : nullptr;
-          if (!shifted) {
-            for (std::int64_t i = 0; i < geo.run && !shifted; ++i) {
-              if (run_mask && !run_mask[i * last.stride[1]]) continue;
-              shift = as_double(run[i * last.stride[0]]);
-              shifted = true;
-            }
-          }
-          accumulate_run(run, last.stride[0], run_mask, last.stride[1], geo.run, shift, sum,
-                         squares, n);
-        }
-        partial[static_cast<std::size_t>(so * chunks + chunk)] =
-            detail::moments_from_shifted_sums(n, shift, sum_lanes(sum), sum_lanes(squares));
+        count[k] = total.count;
+        mean[k] = total.mean;
+        var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
       }
     }
+    return;
   }
-
-  for (std::int64_t k = 0; k < stats; ++k) {
-    Moments total;
-    for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
-      detail::merge_into(total, partial[static_cast<std::size_t>(k * chunks + chunk)]);
+  const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
+  const auto work = static_cast<Index>(blocks.size()) * chunks;
+  std::vector<Moments> partial(size(stats * chunks));  // [chunk][statistic]
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(dynamic)
+    for (Index item = 0; item < work; ++item) {
+      const Block& b = blocks[size(item / chunks)];
+      const Index chunk = item % chunks;
+      kernels.plane_moments(plan, x + stat_offset(plan, b.first, 0),
+                            at_offset(mask, mask ? stat_offset(plan, b.first, 1) : 0), b.items,
+                            geo.first_unit(chunk), geo.last_unit(chunk),
+                            partial.data() + chunk * stats + b.first);
     }
-    count[k] = total.count;
-    mean[k] = total.mean;
-    var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
+#pragma omp for schedule(static)
+    for (Index k = 0; k < stats; ++k) {
+      Moments total;
+      for (Index chunk = 0; chunk < chunks; ++chunk) {
+        detail::merge_into(total, partial[size(chunk * stats + k)]);
+      }
+      count[k] = total.count;
+      mean[k] = total.mean;
+      var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
+    }
   }
 }
 
@@ -200,54 +201,35 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
 template <class T, class Acc>
 void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* scale,
             const Acc* offset) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const std::int64_t chunks = geo.chunking.chunks;
-  const LoopNest& red = plan.reduced;
-  const LoopDim& last = red.dims[red.count - 1];
-#pragma omp parallel for schedule(static)
-  for (std::int64_t item = 0; item < geo.items(); ++item) {
-    const std::int64_t so = item / chunks, chunk = item % chunks;
-    std::int64_t base[detail::kMaxOperands];
-    stat_offsets(plan, so, base);
-    const std::int64_t u0 = geo.first_unit(chunk), u1 = geo.last_unit(chunk);
-    NestWalker walk(red, geo.unit_dims, plan.operands, u0);
-    if (plan.row) {
-      const std::int64_t n = geo.inner;
-      const LoopDim& features = plan.stat.dims[plan.stat.count - 1];
-      const Acc* m = shift + so * n;
-      const Acc* a = scale + so * n;
-      const Acc* b = offset + so * n;
-      for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-        const T* src = in + base[0] + walk.offset[0];
-        T* dst = out + base[1] + walk.offset[1];
-        if (features.stride[0] == 1 && features.stride[1] == 1) {
-          for (std::int64_t c = 0; c < n; ++c) {
-            dst[c] = detail::store<T>((detail::load<Acc>(src[c]) - m[c]) * a[c] + b[c]);
-          }
-        } else {
-          for (std::int64_t c = 0; c < n; ++c) {
-            dst[c * features.stride[1]] = detail::store<T>(
-                (detail::load<Acc>(src[c * features.stride[0]]) - m[c]) * a[c] + b[c]);
-          }
-        }
-      }
-    } else {
-      const Acc m = shift[so], a = scale[so], b = offset[so];
-      const std::int64_t n = geo.run, xs = last.stride[0], ys = last.stride[1];
-      for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-        const T* src = in + base[0] + walk.offset[0];
-        T* dst = out + base[1] + walk.offset[1];
-        if (xs == 1 && ys == 1) {
-          for (std::int64_t i = 0; i < n; ++i) {
-            dst[i] = detail::store<T>((detail::load<Acc>(src[i]) - m) * a + b);
-          }
-        } else {
-          for (std::int64_t i = 0; i < n; ++i) {
-            dst[i * ys] = detail::store<T>((detail::load<Acc>(src[i * xs]) - m) * a + b);
-          }
-        }
-      }
+  const Index chunks = geo.chunks();
+  const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool parallel = geo.elements() >= kParallelElements;
+  if (plan.row) {
+    const Index width = geo.inner + 16;
+    const std::vector<Acc> m = periodic(shift, geo.outer, geo.inner);
+    const std::vector<Acc> a = periodic(scale, geo.outer, geo.inner);
+    const std::vector<Acc> b = periodic(offset, geo.outer, geo.inner);
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (Index item = 0; item < geo.items(); ++item) {
+      const Index o = item / chunks, chunk = item % chunks;
+      kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
+                         {m.data() + o * width, a.data() + o * width, b.data() + o * width},
+                         geo.first_unit(chunk), geo.last_unit(chunk), stream);
     }
+    return;
+  }
+  const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
+  const auto work = static_cast<Index>(blocks.size()) * chunks;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (Index item = 0; item < work; ++item) {
+    const Block& b = blocks[size(item / chunks)];
+    const Index chunk = item % chunks;
+    kernels.plane_affine(plan, in + stat_offset(plan, b.first, 0),
+                         out + stat_offset(plan, b.first, 1), b.items,
+                         {shift + b.first, scale + b.first, offset + b.first},
+                         geo.first_unit(chunk), geo.last_unit(chunk), stream);
   }
 }
 
@@ -255,91 +237,62 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
 template <class T>
 void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shift, double* sum_dy,
                    double* sum_dy_centered) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const std::int64_t stats = geo.outer * geo.inner;
-  const std::int64_t chunks = geo.chunking.chunks;
-  std::vector<double> partial(static_cast<std::size_t>(2 * stats * chunks));
-  const LoopNest& red = plan.reduced;
-  const LoopDim& last = red.dims[red.count - 1];
-
-#pragma omp parallel
-  {
-    std::vector<double> scratch(plan.row ? static_cast<std::size_t>(2 * geo.inner) : 0);
+  const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
+  const bool parallel = geo.elements() >= kParallelElements;
+  if (plan.row) {
+    const Index width = geo.inner;
+    std::vector<double> partial(size(2 * geo.items() * width));  // [outer][chunk][sum][feature]
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(dynamic)
+      for (Index item = 0; item < geo.items(); ++item) {
+        const Index o = item / chunks, chunk = item % chunks;
+        double* part = partial.data() + 2 * item * width;
+        kernels.row_sums(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
+                         shift + o * width, geo.first_unit(chunk), geo.last_unit(chunk), part,
+                         part + width);
+      }
 #pragma omp for schedule(static)
-    for (std::int64_t item = 0; item < geo.items(); ++item) {
-      const std::int64_t so = item / chunks, chunk = item % chunks;
-      std::int64_t base[detail::kMaxOperands];
-      stat_offsets(plan, so, base);
-      const std::int64_t u0 = geo.first_unit(chunk), u1 = geo.last_unit(chunk);
-      NestWalker walk(red, geo.unit_dims, plan.operands, u0);
-      if (plan.row) {
-        const std::int64_t n = geo.inner;
-        const LoopDim& features = plan.stat.dims[plan.stat.count - 1];
-        const double* m = shift + so * n;
-        double* s_dy = scratch.data();
-        double* s_dyx = s_dy + n;
-        std::fill(s_dy, s_dy + 2 * n, 0.0);
-        for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-          const T* g = dy + base[0] + walk.offset[0];
-          const T* v = x + base[1] + walk.offset[1];
-          if (features.stride[0] == 1 && features.stride[1] == 1) {
-            for (std::int64_t c = 0; c < n; ++c) {
-              const double gd = as_double(g[c]);
-              s_dy[c] += gd;
-              s_dyx[c] += gd * (as_double(v[c]) - m[c]);
-            }
-          } else {
-            for (std::int64_t c = 0; c < n; ++c) {
-              const double gd = as_double(g[c * features.stride[0]]);
-              s_dy[c] += gd;
-              s_dyx[c] += gd * (as_double(v[c * features.stride[1]]) - m[c]);
-            }
-          }
+      for (Index k = 0; k < stats; ++k) {
+        const Index o = k / width, c = k % width;
+        double total_dy = 0.0, total_dyx = 0.0;
+        for (Index chunk = 0; chunk < chunks; ++chunk) {
+          const double* part = partial.data() + 2 * (o * chunks + chunk) * width;
+          total_dy += part[c];
+          total_dyx += part[width + c];
         }
-        for (std::int64_t c = 0; c < n; ++c) {
-          const std::size_t at = static_cast<std::size_t>(2 * ((so * n + c) * chunks + chunk));
-          partial[at] = s_dy[c];
-          partial[at + 1] = s_dyx[c];
-        }
-      } else {
-        double s_dy[kLanes] = {}, s_dyx[kLanes] = {};
-        const double m = shift[so];
-        const std::int64_t n = geo.run, gs = last.stride[0], xs = last.stride[1];
-        for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-          const T* g = dy + base[0] + walk.offset[0];
-          const T* v = x + base[1] + walk.offset[1];
-          std::int64_t i = 0;
-          if (gs == 1 && xs == 1) {
-            for (; i + kLanes <= n; i += kLanes) {
-              for (int l = 0; l < kLanes; ++l) {
-                const double gd = as_double(g[i + l]);
-                s_dy[l] += gd;
-                s_dyx[l] += gd * (as_double(v[i + l]) - m);
-              }
-            }
-          }
-          for (; i < n; ++i) {
-            const double gd = as_double(g[i * gs]);
-            s_dy[0] += gd;
-            s_dyx[0] += gd * (as_double(v[i * xs]) - m);
-          }
-        }
-        const std::size_t at = static_cast<std::size_t>(2 * (so * chunks + chunk));
-        partial[at] = sum_lanes(s_dy);
-        partial[at + 1] = sum_lanes(s_dyx);
+        sum_dy[k] = total_dy;
+        sum_dy_centered[k] = total_dyx;
       }
     }
+    return;
   }
-
-  for (std::int64_t k = 0; k < stats; ++k) {
-    double total_dy = 0.0, total_dyx = 0.0;
-    for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const std::size_t at = static_cast<std::size_t>(2 * (k * chunks + chunk));
-      total_dy += partial[at];
-      total_dyx += partial[at + 1];
+  const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
+  const auto work = static_cast<Index>(blocks.size()) * chunks;
+  std::vector<double> partial(size(2 * stats * chunks));  // [chunk][statistic][sum]
+#pragma omp parallel if (parallel)
+  {
+#pragma omp for schedule(dynamic)
+    for (Index item = 0; item < work; ++item) {
+      const Block& b = blocks[size(item / chunks)];
+      const Index chunk = item % chunks;
+      kernels.plane_sums(plan, dy + stat_offset(plan, b.first, 0),
+                         x + stat_offset(plan, b.first, 1), b.items, shift + b.first,
+                         geo.first_unit(chunk), geo.last_unit(chunk),
+                         partial.data() + 2 * (chunk * stats + b.first));
     }
-    sum_dy[k] = total_dy;
-    sum_dy_centered[k] = total_dyx;
+#pragma omp for schedule(static)
+    for (Index k = 0; k < stats; ++k) {
+      double total_dy = 0.0, total_dyx = 0.0;
+      for (Index chunk = 0; chunk < chunks; ++chunk) {
+        total_dy += partial[size(2 * (chunk * stats + k))];
+        total_dyx += partial[size(2 * (chunk * stats + k) + 1)];
+      }
+      sum_dy[k] = total_dy;
+      sum_dy_centered[k] = total_dyx;
+    }
   }
 }
 
@@ -347,66 +300,185 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
 template <class T, class Acc>
 void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* mask, T* dx,
                  const detail::Coefficients<Acc>& k) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const std::int64_t chunks = geo.chunking.chunks;
-  const LoopNest& red = plan.reduced;
-  const LoopDim& last = red.dims[red.count - 1];
-#pragma omp parallel for schedule(static)
-  for (std::int64_t item = 0; item < geo.items(); ++item) {
-    const std::int64_t so = item / chunks, chunk = item % chunks;
-    std::int64_t base[detail::kMaxOperands];
-    stat_offsets(plan, so, base);
-    const std::int64_t u0 = geo.first_unit(chunk), u1 = geo.last_unit(chunk);
-    NestWalker walk(red, geo.unit_dims, plan.operands, u0);
-    if (plan.row) {
-      const std::int64_t n = geo.inner;
-      const LoopDim& f = plan.stat.dims[plan.stat.count - 1];
-      const Acc* m = k.shift + so * n;
-      const Acc* a = k.scale + so * n;
-      const Acc* b = k.slope + so * n;
-      const Acc* o = k.offset + so * n;
-      for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-        const T* g = dy + base[0] + walk.offset[0];
-        const T* v = x + base[1] + walk.offset[1];
-        T* out = dx + base[2] + walk.offset[2];
-        const bool valid = !mask || mask[base[3] + walk.offset[3]];
-        if (valid) {
-          for (std::int64_t c = 0; c < n; ++c) {
-            const Acc gd = detail::load<Acc>(g[c * f.stride[0]]);
-            const Acc xc = detail::load<Acc>(v[c * f.stride[1]]) - m[c];
-            out[c * f.stride[2]] = detail::store<T>(a[c] * (gd - (o[c] + xc * b[c])));
-          }
-        } else {
-          for (std::int64_t c = 0; c < n; ++c) {
-            out[c * f.stride[2]] = detail::store<T>(detail::load<Acc>(g[c * f.stride[0]]) * a[c]);
-          }
-        }
-      }
-    } else {
-      const Acc m = k.shift[so], a = k.scale[so], b = k.slope[so], o = k.offset[so];
-      const std::int64_t n = geo.run;
-      const std::int64_t gs = last.stride[0], xs = last.stride[1], ds = last.stride[2];
-      const std::int64_t ms = mask ? last.stride[3] : 0;
-      for (std::int64_t u = u0; u < u1; ++u, walk.next()) {
-        const T* g = dy + base[0] + walk.offset[0];
-        const T* v = x + base[1] + walk.offset[1];
-        T* out = dx + base[2] + walk.offset[2];
-        if (!mask && gs == 1 && xs == 1 && ds == 1) {
-          for (std::int64_t i = 0; i < n; ++i) {
-            const Acc xc = detail::load<Acc>(v[i]) - m;
-            out[i] = detail::store<T>(a * (detail::load<Acc>(g[i]) - (o + xc * b)));
-          }
-          continue;
-        }
-        const std::uint8_t* valid = mask ? mask + base[3] + walk.offset[3] : nullptr;
-        for (std::int64_t i = 0; i < n; ++i) {
-          Acc value = detail::load<Acc>(g[i * gs]);
-          if (!valid || valid[i * ms]) value -= o + (detail::load<Acc>(v[i * xs]) - m) * b;
-          out[i * ds] = detail::store<T>(a * value);
-        }
-      }
+  const Index chunks = geo.chunks();
+  const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool parallel = geo.elements() >= kParallelElements;
+  if (plan.row) {
+    const Index width = geo.inner + 16;
+    const std::vector<Acc> m = periodic(k.shift, geo.outer, geo.inner);
+    const std::vector<Acc> a = periodic(k.scale, geo.outer, geo.inner);
+    const std::vector<Acc> s = periodic(k.slope, geo.outer, geo.inner);
+    const std::vector<Acc> b = periodic(k.offset, geo.outer, geo.inner);
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (Index item = 0; item < geo.items(); ++item) {
+      const Index o = item / chunks, chunk = item % chunks;
+      const Index at = o * width;
+      kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
+                     dx + stat_offset(plan, o, 2),
+                     at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
+                     {m.data() + at, a.data() + at, s.data() + at, b.data() + at},
+                     geo.first_unit(chunk), geo.last_unit(chunk), stream);
+    }
+    return;
+  }
+  const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
+  const auto work = static_cast<Index>(blocks.size()) * chunks;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (Index item = 0; item < work; ++item) {
+    const Block& b = blocks[size(item / chunks)];
+    const Index chunk = item % chunks, i = b.first;
+    kernels.plane_dx(plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
+                     dx + stat_offset(plan, i, 2),
+                     at_offset(mask, mask ? stat_offset(plan, i, 3) : 0), b.items,
+                     {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, geo.first_unit(chunk),
+                     geo.last_unit(chunk), stream);
+  }
+}
+
+// ---- fused plane passes --------------------------------------------------------------------
+
+// Whether the fused passes apply: plane layouts, and enough feature blocks to share among the
+// threads evenly (each thread finishes whole blocks). The choice never changes a result: a fused
+// pass computes exactly what the separate passes compute.
+inline bool fusable(const Plan& first, const Plan& second, Index feature_blocks) {
+  if (first.row || second.row) return false;
+  const Index threads = thread_count();
+  return feature_blocks >= threads &&
+         (feature_blocks % threads == 0 || feature_blocks >= 4 * threads);
+}
+
+// Training forward on a plane layout, one block of features at a time: the moments of their
+// ghost groups (in the chunks and merge order of `moments`), their coefficients and moving
+// statistics (detail::train_feature), then their output while their data is still in cache.
+// Fills context and var like the separate passes. Returns false (doing nothing) where not
+// fusable.
+template <class T>
+bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,
+                         const std::uint8_t* mask, const detail::TrainScalars& scalars,
+                         const detail::WeightPtrs<detail::compute_t<T>>& weights,
+                         TrainingContext& context, double* var) {
+  using Acc = detail::compute_t<T>;
+  const Geometry sg(stats_plan), ag(apply_plan);
+  const Index features = stats_plan.features, groups = stats_plan.groups;
+  const Index per_block = items_per_block(sg);
+  const Index feature_blocks = (features + per_block - 1) / per_block;
+  if (!fusable(stats_plan, apply_plan, feature_blocks)) return false;
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index chunks = sg.chunks();
+  const bool stream = ag.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool parallel = sg.elements() >= kParallelElements;
+  std::vector<Acc> shift(size(groups * features)), scale(shift.size()), slope(shift.size()),
+      offset(shift.size());
+  const detail::Coefficients<Acc> coefficients{shift.data(), scale.data(), slope.data(),
+                                               offset.data()};
+  const detail::GroupStats group_stats{
+      context.count.data(),   context.mean.data(),   var,
+      context.inv_std.data(), context.zscale.data(), context.zshift.data()};
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (Index fb = 0; fb < feature_blocks; ++fb) {
+    const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
+    for (Index g = 0; g < groups; ++g) {
+      for_each_block(stats_plan, g * features + c0, g * features + c1, per_block,
+                     [&](Index first, const ItemBlock& items) {
+                       Moments total[kMaxBlockItems], part[kMaxBlockItems];
+                       for (Index chunk = 0; chunk < chunks; ++chunk) {
+                         kernels.plane_moments(
+                             stats_plan, x + stat_offset(stats_plan, first, 0),
+                             at_offset(mask, mask ? stat_offset(stats_plan, first, 1) : 0), items,
+                             sg.first_unit(chunk), sg.last_unit(chunk), part);
+                         for (Index j = 0; j < items.count; ++j)
+                           detail::merge_into(total[j], part[j]);
+                       }
+                       for (Index j = 0; j < items.count; ++j) {
+                         const Index k = first + j;
+                         context.count[size(k)] = total[j].count;
+                         context.mean[size(k)] = total[j].mean;
+                         var[k] = total[j].count > 0.0 ? total[j].m2 / total[j].count : 0.0;
+                       }
+                     });
+    }
+    for (Index c = c0; c < c1; ++c) {
+      detail::train_feature<Acc, Acc>(c, features, groups, scalars, group_stats, weights,
+                                      coefficients);
+    }
+    for (Index g = 0; g < groups; ++g) {
+      for_each_block(apply_plan, g * features + c0, g * features + c1, per_block,
+                     [&](Index first, const ItemBlock& items) {
+                       kernels.plane_affine(
+                           apply_plan, x + stat_offset(apply_plan, first, 0),
+                           y + stat_offset(apply_plan, first, 1), items,
+                           {shift.data() + first, scale.data() + first, offset.data() + first}, 0,
+                           ag.units, stream);
+                     });
     }
   }
+  return true;
+}
+
+// Backward on a plane layout, one block of features at a time: the sums of their groups (chunks
+// and order of `backward_sums`, shifted by shift[k]), then `coefficients(c, sums, out)` fills
+// feature c's dx coefficients (and dgamma/dbeta), then their dx while dy and x are in cache.
+// Returns false (doing nothing) where not fusable.
+template <class T, class FeatureCoefficients>
+bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, const T* x, T* dx,
+                    const std::uint8_t* mask, const double* shift, Index groups,
+                    FeatureCoefficients&& coefficients) {
+  using Acc = detail::compute_t<T>;
+  const Geometry sg(sums_plan), dg(dx_plan);
+  const Index features = sums_plan.features, stats = groups * features;
+  const Index per_block = items_per_block(sg);
+  const Index feature_blocks = (features + per_block - 1) / per_block;
+  if (!fusable(sums_plan, dx_plan, feature_blocks)) return false;
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index chunks = sg.chunks();
+  const bool stream = dg.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool parallel = sg.elements() >= kParallelElements;
+  std::vector<double> sum_dy(size(stats)), sum_dyx(size(stats));
+  std::vector<Acc> k_shift(size(stats)), k_scale(size(stats)), k_slope(size(stats)),
+      k_offset(size(stats));
+  const detail::Coefficients<Acc> out{k_shift.data(), k_scale.data(), k_slope.data(),
+                                      k_offset.data()};
+  const detail::BackwardSums sums{sum_dy.data(), sum_dyx.data()};
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (Index fb = 0; fb < feature_blocks; ++fb) {
+    const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
+    for (Index g = 0; g < groups; ++g) {
+      for_each_block(sums_plan, g * features + c0, g * features + c1, per_block,
+                     [&](Index first, const ItemBlock& items) {
+                       double part[2 * kMaxBlockItems];
+                       for (Index j = 0; j < items.count; ++j) {
+                         sum_dy[size(first + j)] = sum_dyx[size(first + j)] = 0.0;
+                         k_shift[size(first + j)] = static_cast<Acc>(shift[first + j]);
+                       }
+                       for (Index chunk = 0; chunk < chunks; ++chunk) {
+                         kernels.plane_sums(sums_plan, dy + stat_offset(sums_plan, first, 0),
+                                            x + stat_offset(sums_plan, first, 1), items,
+                                            shift + first, sg.first_unit(chunk),
+                                            sg.last_unit(chunk), part);
+                         for (Index j = 0; j < items.count; ++j) {
+                           sum_dy[size(first + j)] += part[2 * j];
+                           sum_dyx[size(first + j)] += part[2 * j + 1];
+                         }
+                       }
+                     });
+    }
+    for (Index c = c0; c < c1; ++c) coefficients(c, sums, out);
+    for (Index g = 0; g < groups; ++g) {
+      for_each_block(dx_plan, g * features + c0, g * features + c1, per_block,
+                     [&](Index first, const ItemBlock& items) {
+                       kernels.plane_dx(
+                           dx_plan, dy + stat_offset(dx_plan, first, 0),
+                           x + stat_offset(dx_plan, first, 1), dx + stat_offset(dx_plan, first, 2),
+                           at_offset(mask, mask ? stat_offset(dx_plan, first, 3) : 0), items,
+                           {k_shift.data() + first, k_scale.data() + first, k_slope.data() + first,
+                            k_offset.data() + first},
+                           0, dg.units, stream);
+                     });
+    }
+  }
+  return true;
 }
 
 }  // namespace batchnorm::cpu

@@ -1,0 +1,734 @@
+// The chunk kernels of cpu/dispatch.hpp, written once over the 16-lane blocks of cpu/simd.hpp and
+// compiled once per instruction set. Reductions keep 16 float64 lanes per statistic (lane i of a
+// run takes its elements i, i + 16, ...), fuse no multiply-adds (the build compiles these units
+// with -ffp-contract=off) and finish with a fixed tree, so their results depend neither on threads,
+// chunk placement or loop blocking nor on the instruction set.
+// Not a normal header: included once by each cpp/src/cpu/isa_*.cpp inside its target region, after
+// every header it depends on (so that nothing shared is compiled for a wider instruction set).
+#ifndef BATCHNORM_CPU_NS
+#error "cpu/chunk_kernels.hpp is included by the kernel translation units only"
+#endif
+
+#include <cstdint>
+
+#include "batchnorm/cpu/dispatch.hpp"
+#include "batchnorm/cpu/simd.hpp"
+
+namespace batchnorm::cpu::BATCHNORM_CPU_NS {
+
+using detail::LoopDim;
+using detail::LoopNest;
+using detail::Moments;
+using detail::NestWalker;
+using detail::Plan;
+using Index = std::int64_t;
+
+template <class T>
+inline double as_double(T value) {
+  return detail::load<double>(value);
+}
+
+inline Index min_index(Index a, Index b) { return a < b ? a : b; }
+
+// Spans shorter than this keep plain stores: streaming them would leave many partial cache lines
+// (at their unaligned ends), which defeat write combining.
+inline constexpr Index kMinStreamBytes = 2048;
+
+// Elements before p starts a cache line (where streaming begins), or -1 if it never does.
+template <class T>
+inline Index stream_head(const T* p, Index n) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  if (address % sizeof(T) != 0) return -1;
+  return min_index(
+      static_cast<Index>((kStreamAlign - address % kStreamAlign) % kStreamAlign / sizeof(T)), n);
+}
+
+// Coefficients of a span: the same for every lane (plane mode: one statistic), or read from
+// feature-periodic arrays at the span's current feature (row mode: rows of C features).
+template <class A, int N>
+struct UniformCoefficients {
+  Vec<A> value[N];
+  Vec<A> get(int i) const { return value[i]; }
+  void advance(Index) {}
+  void next_block() {}
+};
+
+template <class A, int N>
+struct PeriodicCoefficients {
+  const A* array[N];
+  Index feature, features, block_step;
+  PeriodicCoefficients(const A* const (&arrays)[N], Index first_feature, Index count)
+      : feature(first_feature), features(count), block_step(kLanes % count) {
+    for (int i = 0; i < N; ++i) array[i] = arrays[i];
+  }
+  Vec<A> get(int i) const { return load(array[i] + feature); }
+  void advance(Index n) { feature = (feature + n) % features; }
+  void next_block() {
+    feature += block_step;
+    if (feature >= features) feature -= features;
+  }
+};
+
+// ---- elementwise spans -------------------------------------------------------------------------
+
+// y = (x - shift) * scale + offset over n contiguous elements.
+template <class T, class Coefficients>
+void affine_span(const T* x, T* y, Index n, Coefficients k, bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const auto apply = [&](Vec<A> v) { return fmadd(sub(v, k.get(0)), k.get(1), k.get(2)); };
+  Index i = 0;
+  nontemporal = nontemporal && n * Index{sizeof(T)} >= kMinStreamBytes;
+  if (nontemporal) {
+    const Index head = stream_head(y, n);
+    nontemporal = head >= 0;
+    if (head > 0) {
+      store_first(y, apply(load_first(x, static_cast<int>(head))), static_cast<int>(head));
+      k.advance(head);
+      i = head;
+    }
+  }
+  if (nontemporal) {
+    for (; i + kLanes <= n; i += kLanes, k.next_block()) stream(y + i, apply(load(x + i)));
+  } else {
+    for (; i + kLanes <= n; i += kLanes, k.next_block()) store(y + i, apply(load(x + i)));
+  }
+  if (i < n) {
+    const int tail = static_cast<int>(n - i);
+    store_first(y + i, apply(load_first(x + i, tail)), tail);
+  }
+}
+
+template <class T, class Coefficients>
+void affine_strided(const T* x, Index xs, T* y, Index ys, Index n, Coefficients k) {
+  using A = detail::compute_t<T>;
+  for (Index i = 0; i < n; i += kLanes) {
+    const int lanes = static_cast<int>(min_index(kLanes, n - i));
+    const Vec<A> v = load_strided(x + i * xs, xs, lanes);
+    store_strided(y + i * ys, ys, fmadd(sub(v, k.get(0)), k.get(1), k.get(2)), lanes);
+  }
+}
+
+// Which positions of a dx span take the correction terms.
+enum class Valid { all, none, masked };
+
+// dx = scale * (dy - valid * (offset + (x - shift) * slope)) over n contiguous elements; with
+// Valid::masked, `mask` holds one byte per element.
+template <Valid kValid, class T, class Coefficients>
+void dx_span(const T* dy, const T* x, T* dx, const std::uint8_t* mask, Index n, Coefficients k,
+             bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const auto apply = [&](Index i, int lanes) {
+    const Vec<A> g = lanes == kLanes ? load(dy + i) : load_first(dy + i, lanes);
+    if constexpr (kValid == Valid::none) {
+      return mul(k.get(1), g);
+    } else {
+      const Vec<A> v = lanes == kLanes ? load(x + i) : load_first(x + i, lanes);
+      Vec<A> correction = fmadd(sub(v, k.get(0)), k.get(2), k.get(3));
+      if constexpr (kValid == Valid::masked) {
+        correction = select(
+            lanes == kLanes ? mask_bytes(mask + i) : mask_bytes_first(mask + i, lanes), correction);
+      }
+      return mul(k.get(1), sub(g, correction));
+    }
+  };
+  Index i = 0;
+  nontemporal = nontemporal && n * Index{sizeof(T)} >= kMinStreamBytes;
+  if (nontemporal) {
+    const Index head = stream_head(dx, n);
+    nontemporal = head >= 0;
+    if (head > 0) {
+      store_first(dx, apply(0, static_cast<int>(head)), static_cast<int>(head));
+      k.advance(head);
+      i = head;
+    }
+  }
+  if (nontemporal) {
+    for (; i + kLanes <= n; i += kLanes, k.next_block()) stream(dx + i, apply(i, kLanes));
+  } else {
+    for (; i + kLanes <= n; i += kLanes, k.next_block()) store(dx + i, apply(i, kLanes));
+  }
+  if (i < n) {
+    const int tail = static_cast<int>(n - i);
+    store_first(dx + i, apply(i, tail), tail);
+  }
+}
+
+// The same over strided operands (general layouts); `mask` may be null (all valid).
+template <class T, class Coefficients>
+void dx_strided(const T* dy, Index gs, const T* x, Index xs, T* dx, Index ds,
+                const std::uint8_t* mask, Index ms, Index n, Coefficients k) {
+  using A = detail::compute_t<T>;
+  for (Index i = 0; i < n; i += kLanes) {
+    const int lanes = static_cast<int>(min_index(kLanes, n - i));
+    const Vec<A> g = load_strided(dy + i * gs, gs, lanes);
+    const Vec<A> v = load_strided(x + i * xs, xs, lanes);
+    Vec<A> correction = fmadd(sub(v, k.get(0)), k.get(2), k.get(3));
+    if (mask) correction = select(mask_strided(mask + i * ms, ms, lanes), correction);
+    store_strided(dx + i * ds, ds, mul(k.get(1), sub(g, correction)), lanes);
+  }
+}
+
+// ---- plane mode ----------------------------------------------------------------------------
+
+// Shifted float64 sums of a chunk's valid elements of one statistic, lane by lane.
+struct ShiftedSums {
+  D shift = splat(0.0), sum = splat(0.0), squares = splat(0.0);
+  Index count = 0;
+};
+
+// Adds one run (n elements, stride xs; `valid` null or one byte per element at stride ms) to s.
+template <class T>
+void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* valid, Index ms,
+             Index n) {
+  // Locals, not the referenced state, so the accumulators stay in registers along the run.
+  const D shift = state.shift;
+  D sum = state.sum, squares = state.squares;
+  Index count = 0;
+  const auto add_block = [&](D v, Mask m) {
+    const D d = select(m, sub(v, shift));
+    sum = add(sum, d);
+    squares = add(squares, mul(d, d));
+    count += lanes_set(m);
+  };
+  Index i = 0;
+  if (xs == 1 && !valid) {
+    for (; i + kLanes <= n; i += kLanes) {
+      const D d = sub(widen(load(values + i)), shift);
+      sum = add(sum, d);
+      squares = add(squares, mul(d, d));
+    }
+    count += i;
+    if (i < n) {
+      const int tail = static_cast<int>(n - i);
+      add_block(widen(load_first(values + i, tail)), mask_first(tail));
+    }
+  } else if (xs == 1 && ms == 1) {
+    for (; i + kLanes <= n; i += kLanes) add_block(widen(load(values + i)), mask_bytes(valid + i));
+    if (i < n) {
+      const int tail = static_cast<int>(n - i);
+      add_block(widen(load_first(values + i, tail)), mask_bytes_first(valid + i, tail));
+    }
+  } else {
+    for (; i < n; i += kLanes) {
+      const int lanes = static_cast<int>(min_index(kLanes, n - i));
+      add_block(widen(load_strided(values + i * xs, xs, lanes)),
+                valid ? mask_strided(valid + i * ms, ms, lanes) : mask_first(lanes));
+    }
+  }
+  state.sum = sum;
+  state.squares = squares;
+  state.count += count;
+}
+
+// Index of the first valid element of a run, or -1.
+inline Index first_valid(const std::uint8_t* valid, Index ms, Index n) {
+  if (!valid) return n > 0 ? 0 : -1;
+  for (Index i = 0; i < n; ++i) {
+    if (valid[i * ms]) return i;
+  }
+  return -1;
+}
+
+// Runs shorter than this are fetched a unit ahead: a block's short runs of one unit make a
+// stretch of a few KB, too short for the hardware prefetchers (which stop at each page).
+inline constexpr Index kPrefetchRunBytes = 4096;
+
+// Prefetches the runs of a block in the unit after `walk`'s. Always inlined: GCC deems a function
+// that only prefetches free of side effects and drops the calls.
+template <class T>
+__attribute__((always_inline)) inline void prefetch_next_unit(const NestWalker& walk, const T* base,
+                                                              int op, const ItemBlock& items,
+                                                              Index run_bytes) {
+  NestWalker next = walk;
+  next.next();
+  const char* first = reinterpret_cast<const char*>(base + next.offset[op]);
+  for (Index j = 0; j < items.count; ++j) {
+    const char* run = first + j * items.step[op] * Index{sizeof(T)};
+    for (Index b = 0; b < run_bytes; b += 64) __builtin_prefetch(run + b, 0, 3);
+  }
+}
+
+// plane_moments without a mask on contiguous runs: every run counts whole, and each statistic's
+// shift is its first element in the chunk.
+template <class T>
+void plane_moments_dense(const Plan& plan, const T* x, ItemBlock items, Index u0, Index u1,
+                         Moments* out) {
+  const LoopNest& red = plan.reduced;
+  const Index n = red.dims[red.count - 1].size;
+  if (u0 >= u1 || n == 0) {
+    for (Index j = 0; j < items.count; ++j) out[j] = Moments{};
+    return;
+  }
+  const Index full = n - n % kLanes;
+  const int tail = static_cast<int>(n % kLanes);
+  const Mask tail_lanes = mask_first(tail);
+  const Index run_bytes = n * Index{sizeof(T)};
+  D shift[kMaxBlockItems], sum[kMaxBlockItems], squares[kMaxBlockItems];
+  double first[kMaxBlockItems];
+  NestWalker walk(red, red.count - 1, 1, u0);
+  for (Index j = 0; j < items.count; ++j) {
+    first[j] = as_double(x[walk.offset[0] + j * items.step[0]]);
+    shift[j] = splat(first[j]);
+    sum[j] = squares[j] = splat(0.0);
+  }
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (run_bytes < kPrefetchRunBytes && u + 1 < u1) {
+      prefetch_next_unit(walk, x, 0, items, run_bytes);
+    }
+    const T* base = x + walk.offset[0];
+    for (Index j = 0; j < items.count; ++j) {
+      const T* values = base + j * items.step[0];
+      const D m = shift[j];
+      D s = sum[j], q = squares[j];
+      for (Index i = 0; i < full; i += kLanes) {
+        const D d = sub(widen(load(values + i)), m);
+        s = add(s, d);
+        q = add(q, mul(d, d));
+      }
+      if (tail) {
+        const D d = select(tail_lanes, sub(widen(load_first(values + full, tail)), m));
+        s = add(s, d);
+        q = add(q, mul(d, d));
+      }
+      sum[j] = s;
+      squares[j] = q;
+    }
+  }
+  const auto count = static_cast<double>((u1 - u0) * n);
+  for (Index j = 0; j < items.count; ++j) {
+    out[j] =
+        detail::moments_from_shifted_sums(count, first[j], lane_sum(sum[j]), lane_sum(squares[j]));
+  }
+}
+
+// The block's statistics walk the units in order, each taking its own run of a unit in turn:
+// consecutive statistics' runs are usually adjacent in memory, so this reads long stretches.
+template <class T>
+void plane_moments(const Plan& plan, const T* x, const std::uint8_t* mask, ItemBlock items,
+                   Index u0, Index u1, Moments* out) {
+  const LoopNest& red = plan.reduced;
+  const LoopDim& run = red.dims[red.count - 1];
+  const Index n = run.size, xs = run.stride[0], ms = mask ? run.stride[1] : 0;
+  if (!mask && xs == 1) {
+    plane_moments_dense(plan, x, items, u0, u1, out);
+    return;
+  }
+  ShiftedSums state[kMaxBlockItems];
+  double first[kMaxBlockItems];
+  bool found[kMaxBlockItems] = {};
+  const Index run_bytes = xs == 1 ? n * Index{sizeof(T)} : 0;
+  NestWalker walk(red, red.count - 1, mask ? 2 : 1, u0);
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (run_bytes < kPrefetchRunBytes && u + 1 < u1) {
+      prefetch_next_unit(walk, x, 0, items, run_bytes);
+    }
+    for (Index j = 0; j < items.count; ++j) {
+      const T* values = x + walk.offset[0] + j * items.step[0];
+      const std::uint8_t* valid = mask ? mask + walk.offset[1] + j * items.step[1] : nullptr;
+      if (valid && ms == 0) {
+        if (!*valid) continue;
+        valid = nullptr;
+      }
+      if (!found[j]) {
+        // The shift is the chunk's first valid element: the sums then stay near the spread.
+        const Index at = first_valid(valid, ms, n);
+        if (at < 0) continue;
+        first[j] = as_double(values[at * xs]);
+        state[j].shift = splat(first[j]);
+        found[j] = true;
+      }
+      add_run(state[j], values, xs, valid, ms, n);
+    }
+  }
+  for (Index j = 0; j < items.count; ++j) {
+    out[j] = found[j] ? detail::moments_from_shifted_sums(static_cast<double>(state[j].count),
+                                                          first[j], lane_sum(state[j].sum),
+                                                          lane_sum(state[j].squares))
+                      : Moments{};
+  }
+}
+
+// Largest block span (statistics x run) whose coefficients are expanded per element.
+inline constexpr Index kMaxExpanded = kBlockSpan;
+
+// Coefficients of the block's statistics laid out per element of a unit's contiguous span (all
+// runs back to back), plus kLanes wrapped entries: the span then runs as one flat stretch.
+template <class A, int N>
+struct Expanded {
+  A values[N][kMaxExpanded + kLanes];
+  const A* rows[N];
+  Expanded(const A* const (&per_item)[N], Index items, Index run) {
+    const Index span = items * run;
+    for (int c = 0; c < N; ++c) {
+      for (Index j = 0; j < items; ++j) {
+        for (Index p = j * run; p < (j + 1) * run; ++p) values[c][p] = per_item[c][j];
+      }
+      for (Index p = span; p < span + kLanes; ++p) values[c][p] = values[c][p % span];
+      rows[c] = values[c];
+    }
+  }
+};
+
+// Whether a block's runs lie back to back in every data operand, short enough to expand.
+inline bool flat_block(const LoopDim& run, const ItemBlock& items, int data_operands) {
+  if (items.count < 2 || items.count * run.size > kMaxExpanded) return false;
+  for (int op = 0; op < data_operands; ++op) {
+    if (run.stride[op] != 1 || items.step[op] != run.size) return false;
+  }
+  return true;
+}
+
+template <class T>
+void plane_affine(const Plan& plan, const T* x, T* y, ItemBlock items,
+                  AffineCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1,
+                  bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const LoopNest& red = plan.reduced;
+  const LoopDim& run = red.dims[red.count - 1];
+  const Index n = run.size;
+  const Index run_bytes = run.stride[0] == 1 ? n * Index{sizeof(T)} : 0;
+  const bool prefetch = run_bytes < kPrefetchRunBytes;
+  NestWalker walk(red, red.count - 1, 2, u0);
+  if (flat_block(run, items, 2)) {
+    const Index span = items.count * n;
+    const Expanded<A, 3> e({k.shift, k.scale, k.offset}, items.count, n);
+    for (Index u = u0; u < u1; ++u, walk.next()) {
+      if (prefetch && u + 1 < u1) prefetch_next_unit(walk, x, 0, items, run_bytes);
+      affine_span(x + walk.offset[0], y + walk.offset[1], span,
+                  PeriodicCoefficients<A, 3>(e.rows, 0, span), nontemporal);
+    }
+  } else {
+    for (Index u = u0; u < u1; ++u, walk.next()) {
+      if (prefetch && u + 1 < u1) prefetch_next_unit(walk, x, 0, items, run_bytes);
+      for (Index j = 0; j < items.count; ++j) {
+        const T* in = x + walk.offset[0] + j * items.step[0];
+        T* out = y + walk.offset[1] + j * items.step[1];
+        const UniformCoefficients<A, 3> coefficients{
+            {splat(k.shift[j]), splat(k.scale[j]), splat(k.offset[j])}};
+        if (run.stride[0] == 1 && run.stride[1] == 1) {
+          affine_span(in, out, n, coefficients, nontemporal);
+        } else {
+          affine_strided(in, run.stride[0], out, run.stride[1], n, coefficients);
+        }
+      }
+    }
+  }
+  if (nontemporal) stream_fence();
+}
+
+template <class T>
+void plane_sums(const Plan& plan, const T* dy, const T* x, ItemBlock items, const double* shift,
+                Index u0, Index u1, double* sums) {
+  const LoopNest& red = plan.reduced;
+  const LoopDim& run = red.dims[red.count - 1];
+  const Index n = run.size, gs = run.stride[0], xs = run.stride[1];
+  D sum_dy[kMaxBlockItems], sum_dyx[kMaxBlockItems];
+  for (Index j = 0; j < items.count; ++j) sum_dy[j] = sum_dyx[j] = splat(0.0);
+  const Index run_bytes = gs == 1 && xs == 1 ? n * Index{sizeof(T)} : 0;
+  NestWalker walk(red, red.count - 1, 2, u0);
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (run_bytes < kPrefetchRunBytes && u + 1 < u1) {
+      prefetch_next_unit(walk, dy, 0, items, run_bytes);
+      prefetch_next_unit(walk, x, 1, items, run_bytes);
+    }
+    for (Index j = 0; j < items.count; ++j) {
+      const T* g = dy + walk.offset[0] + j * items.step[0];
+      const T* v = x + walk.offset[1] + j * items.step[1];
+      const D m = splat(shift[j]);
+      D total = sum_dy[j], total_x = sum_dyx[j];
+      // Lanes past the run's end are zeroed after centering: even an infinite shift adds nothing.
+      const auto add_block = [&](D dyv, D centered) {
+        total = add(total, dyv);
+        total_x = add(total_x, mul(dyv, centered));
+      };
+      if (gs == 1 && xs == 1) {
+        Index i = 0;
+        for (; i + kLanes <= n; i += kLanes) {
+          add_block(widen(load(g + i)), sub(widen(load(v + i)), m));
+        }
+        if (i < n) {
+          const int tail = static_cast<int>(n - i);
+          add_block(widen(load_first(g + i, tail)),
+                    select(mask_first(tail), sub(widen(load_first(v + i, tail)), m)));
+        }
+      } else {
+        for (Index i = 0; i < n; i += kLanes) {
+          const int lanes = static_cast<int>(min_index(kLanes, n - i));
+          add_block(widen(load_strided(g + i * gs, gs, lanes)),
+                    select(mask_first(lanes), sub(widen(load_strided(v + i * xs, xs, lanes)), m)));
+        }
+      }
+      sum_dy[j] = total;
+      sum_dyx[j] = total_x;
+    }
+  }
+  for (Index j = 0; j < items.count; ++j) {
+    sums[2 * j] = lane_sum(sum_dy[j]);
+    sums[2 * j + 1] = lane_sum(sum_dyx[j]);
+  }
+}
+
+template <class T>
+void plane_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
+              ItemBlock items, DxCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1,
+              bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const LoopNest& red = plan.reduced;
+  const LoopDim& run = red.dims[red.count - 1];
+  const Index n = run.size;
+  const Index gs = run.stride[0], xs = run.stride[1], ds = run.stride[2];
+  const Index ms = mask ? run.stride[3] : 0;
+  const Index run_bytes = gs == 1 && xs == 1 ? n * Index{sizeof(T)} : 0;
+  const bool prefetch = run_bytes < kPrefetchRunBytes;
+  const auto prefetch_next = [&](const NestWalker& walk) {
+    prefetch_next_unit(walk, dy, 0, items, run_bytes);
+    prefetch_next_unit(walk, x, 1, items, run_bytes);
+  };
+  NestWalker walk(red, red.count - 1, plan.operands, u0);
+  if (!mask && flat_block(run, items, 3)) {
+    const Index span = items.count * n;
+    const Expanded<A, 4> e({k.shift, k.scale, k.slope, k.offset}, items.count, n);
+    for (Index u = u0; u < u1; ++u, walk.next()) {
+      if (prefetch && u + 1 < u1) prefetch_next(walk);
+      dx_span<Valid::all>(dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, span,
+                          PeriodicCoefficients<A, 4>(e.rows, 0, span), nontemporal);
+    }
+    if (nontemporal) stream_fence();
+    return;
+  }
+  const bool contiguous = gs == 1 && xs == 1 && ds == 1;
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (prefetch && u + 1 < u1) prefetch_next(walk);
+    for (Index j = 0; j < items.count; ++j) {
+      const T* g = dy + walk.offset[0] + j * items.step[0];
+      const T* v = x + walk.offset[1] + j * items.step[1];
+      T* out = dx + walk.offset[2] + j * items.step[2];
+      const std::uint8_t* valid = mask ? mask + walk.offset[3] + j * items.step[3] : nullptr;
+      const UniformCoefficients<A, 4> coefficients{
+          {splat(k.shift[j]), splat(k.scale[j]), splat(k.slope[j]), splat(k.offset[j])}};
+      if (contiguous && (!valid || ms == 0)) {
+        if (valid && !*valid) {
+          dx_span<Valid::none>(g, v, out, valid, n, coefficients, nontemporal);
+        } else {
+          dx_span<Valid::all>(g, v, out, valid, n, coefficients, nontemporal);
+        }
+      } else if (contiguous && ms == 1) {
+        dx_span<Valid::masked>(g, v, out, valid, n, coefficients, nontemporal);
+      } else {
+        dx_strided(g, gs, v, xs, out, ds, valid, ms, n, coefficients);
+      }
+    }
+  }
+  if (nontemporal) stream_fence();
+}
+
+// ---- row mode ------------------------------------------------------------------------------
+
+// Adds up to four rows into per-feature float64 sums of (x - shift) and its square. The sums of
+// one feature take the rows in order either way; blocking rows only saves accumulator traffic.
+template <class T>
+void add_rows(const T* const* rows, int count, Index features, const double* shift, double* sum,
+              double* squares) {
+  Index c = 0;
+  for (; c + kLanes <= features; c += kLanes) {
+    const D s = load(shift + c);
+    D total = load(sum + c), total_squares = load(squares + c);
+    for (int r = 0; r < count; ++r) {
+      const D d = sub(widen(load(rows[r] + c)), s);
+      total = add(total, d);
+      total_squares = add(total_squares, mul(d, d));
+    }
+    store(sum + c, total);
+    store(squares + c, total_squares);
+  }
+  if (c < features) {
+    const int tail = static_cast<int>(features - c);
+    const D s = load_first(shift + c, tail);
+    D total = load_first(sum + c, tail), total_squares = load_first(squares + c, tail);
+    for (int r = 0; r < count; ++r) {
+      const D d = sub(widen(load_first(rows[r] + c, tail)), s);
+      total = add(total, d);
+      total_squares = add(total_squares, mul(d, d));
+    }
+    store_first(sum + c, total, tail);
+    store_first(squares + c, total_squares, tail);
+  }
+}
+
+inline constexpr int kRowBlock = 4;
+
+// The row reductions prefetch this far ahead of the row they read: rows are usually back to back,
+// and the hardware prefetchers alone left a core at about half the memory bandwidth here.
+// Always inlined: GCC deems a function that only prefetches free of side effects and drops it.
+inline constexpr Index kRowPrefetchBytes = 4096;
+
+template <class T>
+__attribute__((always_inline)) inline void prefetch_ahead(const T* row, Index features) {
+  const char* ahead = reinterpret_cast<const char*>(row) + kRowPrefetchBytes;
+  for (Index b = 0; b < features * Index{sizeof(T)}; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+}
+
+template <class T>
+Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index u0, Index u1,
+                  double* scratch, double* mean, double* m2) {
+  const LoopNest& red = plan.reduced;
+  const Index features = plan.stat.dims[plan.stat.count - 1].size;
+  double* shift = scratch;
+  double* sum = scratch + features;
+  double* squares = sum + features;
+  const T* rows[kRowBlock];
+  int pending = 0;
+  Index count = 0;
+  NestWalker walk(red, red.count, mask ? 2 : 1, u0);
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (mask && !mask[walk.offset[1]]) continue;
+    const T* row = x + walk.offset[0];
+    if (count++ == 0) {
+      // Shift by the chunk's first valid row: sums stay near the data's spread.
+      for (Index c = 0; c < features; ++c) {
+        shift[c] = as_double(row[c]);
+        sum[c] = 0.0;
+        squares[c] = 0.0;
+      }
+    }
+    prefetch_ahead(row, features);
+    rows[pending++] = row;
+    if (pending == kRowBlock) {
+      add_rows(rows, pending, features, shift, sum, squares);
+      pending = 0;
+    }
+  }
+  if (pending > 0) add_rows(rows, pending, features, shift, sum, squares);
+  for (Index c = 0; c < features; ++c) {
+    const Moments m = count > 0 ? detail::moments_from_shifted_sums(static_cast<double>(count),
+                                                                    shift[c], sum[c], squares[c])
+                                : Moments{};
+    mean[c] = m.mean;
+    m2[c] = m.m2;
+  }
+  return count;
+}
+
+template <class T>
+void add_backward_rows(const T* const* dy_rows, const T* const* x_rows, int count, Index features,
+                       const double* shift, double* sum_dy, double* sum_dyx) {
+  Index c = 0;
+  for (; c + kLanes <= features; c += kLanes) {
+    const D m = load(shift + c);
+    D total = load(sum_dy + c), total_x = load(sum_dyx + c);
+    for (int r = 0; r < count; ++r) {
+      const D g = widen(load(dy_rows[r] + c));
+      total = add(total, g);
+      total_x = add(total_x, mul(g, sub(widen(load(x_rows[r] + c)), m)));
+    }
+    store(sum_dy + c, total);
+    store(sum_dyx + c, total_x);
+  }
+  if (c < features) {
+    const int tail = static_cast<int>(features - c);
+    const D m = load_first(shift + c, tail);
+    D total = load_first(sum_dy + c, tail), total_x = load_first(sum_dyx + c, tail);
+    for (int r = 0; r < count; ++r) {
+      const D g = widen(load_first(dy_rows[r] + c, tail));
+      total = add(total, g);
+      total_x = add(total_x, mul(g, sub(widen(load_first(x_rows[r] + c, tail)), m)));
+    }
+    store_first(sum_dy + c, total, tail);
+    store_first(sum_dyx + c, total_x, tail);
+  }
+}
+
+template <class T>
+void row_sums(const Plan& plan, const T* dy, const T* x, const double* shift, Index u0, Index u1,
+              double* sum_dy, double* sum_dyx) {
+  const LoopNest& red = plan.reduced;
+  const Index features = plan.stat.dims[plan.stat.count - 1].size;
+  for (Index c = 0; c < features; ++c) sum_dy[c] = sum_dyx[c] = 0.0;
+  const T* dy_rows[kRowBlock];
+  const T* x_rows[kRowBlock];
+  int pending = 0;
+  NestWalker walk(red, red.count, 2, u0);
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    dy_rows[pending] = dy + walk.offset[0];
+    x_rows[pending] = x + walk.offset[1];
+    prefetch_ahead(dy_rows[pending], features);
+    prefetch_ahead(x_rows[pending++], features);
+    if (pending == kRowBlock) {
+      add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx);
+      pending = 0;
+    }
+  }
+  if (pending > 0) add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx);
+}
+
+// Calls f(offsets, rows) for the rows [u0, u1) in runs: maximal stretches of consecutive rows
+// along the innermost reduced dim when `coalesce` (rows contiguous in every data operand), else
+// single rows.
+template <class F>
+void for_each_row_run(const LoopNest& red, int operands, Index u0, Index u1, bool coalesce, F&& f) {
+  if (!coalesce) {
+    NestWalker walk(red, red.count, operands, u0);
+    for (Index u = u0; u < u1; ++u, walk.next()) f(walk.offset, Index{1});
+    return;
+  }
+  const LoopDim& inner = red.dims[red.count - 1];
+  Index j = u0 % inner.size;
+  NestWalker walk(red, red.count - 1, operands, u0 / inner.size);
+  for (Index u = u0; u < u1; walk.next(), j = 0) {
+    const Index rows = min_index(inner.size - j, u1 - u);
+    std::int64_t offsets[detail::kMaxOperands];
+    for (int op = 0; op < operands; ++op) offsets[op] = walk.offset[op] + j * inner.stride[op];
+    f(static_cast<const std::int64_t*>(offsets), rows);
+    u += rows;
+  }
+}
+
+template <class T>
+void row_affine(const Plan& plan, const T* x, T* y,
+                AffineCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1,
+                bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const LoopNest& red = plan.reduced;
+  const Index features = plan.stat.dims[plan.stat.count - 1].size;
+  const LoopDim& inner = red.dims[red.count - 1];
+  const bool contiguous = inner.stride[0] == features && inner.stride[1] == features;
+  const A* const arrays[3] = {k.shift, k.scale, k.offset};
+  for_each_row_run(red, 2, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
+    affine_span(x + offsets[0], y + offsets[1], rows * features,
+                PeriodicCoefficients<A, 3>(arrays, 0, features), nontemporal);
+  });
+  if (nontemporal) stream_fence();
+}
+
+template <class T>
+void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
+            DxCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1, bool nontemporal) {
+  using A = detail::compute_t<T>;
+  const LoopNest& red = plan.reduced;
+  const Index features = plan.stat.dims[plan.stat.count - 1].size;
+  const LoopDim& inner = red.dims[red.count - 1];
+  const bool contiguous = !mask && inner.stride[0] == features && inner.stride[1] == features &&
+                          inner.stride[2] == features;
+  const A* const arrays[4] = {k.shift, k.scale, k.slope, k.offset};
+  for_each_row_run(
+      red, plan.operands, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
+        const PeriodicCoefficients<A, 4> coefficients(arrays, 0, features);
+        const T* g = dy + offsets[0];
+        const T* v = x + offsets[1];
+        T* out = dx + offsets[2];
+        if (mask && !mask[offsets[3]]) {
+          dx_span<Valid::none>(g, v, out, mask, features, coefficients, nontemporal);
+        } else {
+          dx_span<Valid::all>(g, v, out, mask, rows * features, coefficients, nontemporal);
+        }
+      });
+  if (nontemporal) stream_fence();
+}
+
+template <class T>
+ChunkKernels<T> make_kernels() {
+  return {&plane_moments<T>, &plane_affine<T>, &plane_sums<T>, &plane_dx<T>,
+          &row_moments<T>,   &row_affine<T>,   &row_sums<T>,   &row_dx<T>};
+}
+
+}  // namespace batchnorm::cpu::BATCHNORM_CPU_NS

@@ -1,0 +1,132 @@
+// Run-time choice of the CPU instruction set and the table of chunk kernels compiled for it. The
+// kernels are built once per instruction set (cpp/src/cpu/isa_*.cpp), so the library never needs
+// the build machine's CPU; the widest set this CPU and OS support is picked on first use.
+#pragma once
+
+#include <cstdint>
+
+#include "batchnorm/detail/half.hpp"
+#include "batchnorm/detail/layout.hpp"
+#include "batchnorm/detail/math.hpp"
+
+// x86-64 with GCC: AVX2 and AVX-512 kernels are compiled next to the baseline (target pragmas).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BATCHNORM_CPU_X86 1
+#else
+#define BATCHNORM_CPU_X86 0
+#endif
+
+namespace batchnorm::cpu {
+
+enum class Isa : std::uint8_t { baseline, avx2, avx512 };
+
+const char* isa_name(Isa isa);
+
+// The widest instruction set this CPU supports, lowered (never raised) by the environment
+// variable BATCHNORM_CPU_ISA = baseline | avx2 | avx512. Decided once per process.
+Isa active_isa();
+
+// Folded coefficients: forward out = (in - shift) * scale + offset; backward
+// dx = scale * (dy - valid * (offset + (x - shift) * slope)). P is a value (plane mode: one
+// statistic) or an array (row mode: entry i belongs to feature i mod C, for i < C + 16, so a
+// block of 16 lanes starting at any feature reads its coefficients contiguously).
+template <class P>
+struct AffineCoefficients {
+  P shift, scale, offset;
+};
+template <class P>
+struct DxCoefficients {
+  P shift, scale, slope, offset;
+};
+
+// A block of consecutive statistics of a plane layout: `count` (at most kMaxBlockItems) of them,
+// `step[op]` elements apart in operand op (the innermost stat dim's strides).
+inline constexpr std::int64_t kMaxBlockItems = 32;
+// Blocks of short runs cover about this many elements per unit (a few KB read in one stretch).
+inline constexpr std::int64_t kBlockSpan = 1024;
+struct ItemBlock {
+  std::int64_t count = 1;
+  std::int64_t step[detail::kMaxOperands] = {};
+};
+
+// Serial kernels over one chunk of a Plan (detail/layout.hpp). Pointers are at the base of the
+// first statistic of the block (plane mode) or of the outer statistic item (row mode) in every
+// operand; units are the outer reduced indices [u0, u1) (plane mode: runs of the innermost
+// reduced dim; row mode: rows of C contiguous features). Per-statistic arrays (coefficients,
+// shifts, results) start at the block's first statistic. Sums use 16 float64 lanes per statistic,
+// summed by a fixed tree, so a chunk's result depends on its data only; `stream` asks for
+// non-temporal output stores.
+template <class T>
+struct ChunkKernels {
+  using A = detail::compute_t<T>;
+  using Plan = detail::Plan;
+  using Index = std::int64_t;
+
+  // Moments of the valid elements, shifted by the chunk's first valid element (operands: x, mask).
+  void (*plane_moments)(const Plan& plan, const T* x, const std::uint8_t* mask, ItemBlock items,
+                        Index u0, Index u1, detail::Moments* out);
+  // y = (x - shift) * scale + offset (operands: x, y).
+  void (*plane_affine)(const Plan& plan, const T* x, T* y, ItemBlock items,
+                       AffineCoefficients<const A*> k, Index u0, Index u1, bool stream);
+  // sums[2j] = sum(dy), sums[2j + 1] = sum(dy * (x - shift[j])) over every position (operands:
+  // dy, x).
+  void (*plane_sums)(const Plan& plan, const T* dy, const T* x, ItemBlock items,
+                     const double* shift, Index u0, Index u1, double* sums);
+  // dx with a per-element mask or none (operands: dy, x, dx, mask).
+  void (*plane_dx)(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
+                   ItemBlock items, DxCoefficients<const A*> k, Index u0, Index u1, bool stream);
+
+  // Per-feature moments of the valid rows into mean[C] and m2[C] (sums of squared deviations);
+  // returns the number of valid rows. `scratch` holds 3 * C doubles (operands: x, mask).
+  Index (*row_moments)(const Plan& plan, const T* x, const std::uint8_t* mask, Index u0, Index u1,
+                       double* scratch, double* mean, double* m2);
+  void (*row_affine)(const Plan& plan, const T* x, T* y, AffineCoefficients<const A*> k, Index u0,
+                     Index u1, bool stream);
+  // Per-feature sum(dy) and sum(dy * (x - shift)) into sum_dy[C], sum_dy_centered[C].
+  void (*row_sums)(const Plan& plan, const T* dy, const T* x, const double* shift, Index u0,
+                   Index u1, double* sum_dy, double* sum_dy_centered);
+  // dx with a per-row mask or none (operands: dy, x, dx, mask).
+  void (*row_dx)(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
+                 DxCoefficients<const A*> k, Index u0, Index u1, bool stream);
+};
+
+struct KernelSet {
+  ChunkKernels<float> f32;
+  ChunkKernels<double> f64;
+  ChunkKernels<detail::float16> f16;
+  ChunkKernels<detail::bfloat16> bf16;
+};
+
+const KernelSet& baseline_kernels();
+#if BATCHNORM_CPU_X86
+const KernelSet& avx2_kernels();
+const KernelSet& avx512_kernels();
+#endif
+
+const KernelSet& active_kernels();
+
+template <class T>
+const ChunkKernels<T>& kernels_of(const KernelSet& set);
+template <>
+inline const ChunkKernels<float>& kernels_of<float>(const KernelSet& set) {
+  return set.f32;
+}
+template <>
+inline const ChunkKernels<double>& kernels_of<double>(const KernelSet& set) {
+  return set.f64;
+}
+template <>
+inline const ChunkKernels<detail::float16>& kernels_of<detail::float16>(const KernelSet& set) {
+  return set.f16;
+}
+template <>
+inline const ChunkKernels<detail::bfloat16>& kernels_of<detail::bfloat16>(const KernelSet& set) {
+  return set.bf16;
+}
+
+template <class T>
+const ChunkKernels<T>& kernels() {
+  return kernels_of<T>(active_kernels());
+}
+
+}  // namespace batchnorm::cpu

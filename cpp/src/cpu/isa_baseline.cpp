@@ -1,0 +1,20 @@
+// The chunk kernels for the compiler's base instruction set: the fallback on every CPU.
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "batchnorm/cpu/dispatch.hpp"
+
+#define BATCHNORM_CPU_NS baseline
+#include "batchnorm/cpu/chunk_kernels.hpp"
+
+namespace batchnorm::cpu {
+
+const KernelSet& baseline_kernels() {
+  static const KernelSet set{baseline::make_kernels<float>(), baseline::make_kernels<double>(),
+                             baseline::make_kernels<detail::float16>(),
+                             baseline::make_kernels<detail::bfloat16>()};
+  return set;
+}
+
+}  // namespace batchnorm::cpu
