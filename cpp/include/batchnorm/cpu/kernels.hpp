@@ -90,8 +90,9 @@ std::vector<A> periodic(const A* values, Index outer, Index features) {
   const Index width = features + 16;
   std::vector<A> result(size(outer * width));
   for (Index o = 0; o < outer; ++o) {
-    for (Index i = 0; i < width; ++i)
-      result[size(o * width + i)] = values[o * features + i % features];
+    A* row = result.data() + o * width;
+    std::copy(values + o * features, values + (o + 1) * features, row);
+    for (Index i = features; i < width; ++i) row[i] = row[i - features];
   }
   return result;
 }
