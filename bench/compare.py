@@ -9,9 +9,10 @@ Each library gets its best layout: PyTorch sees channels-last data as an NCHW te
 channels_last memory format and (B, T, C) sequences as (B*T, C); batchnorm writes into
 preallocated outputs (`out=`), the others allocate theirs, as their APIs do. The backward column
 times PyTorch's native_batch_norm_backward (what autograd calls) given the saved statistics.
-Peak memory is the growth of the resident set during one call, measured with the resident
-high-water mark of /proc/self/status (reset through /proc/self/clear_refs) under a fixed malloc
-mmap threshold, so freed buffers leave the resident set at once.
+Peak memory is the growth of the resident set during one call, measured in a separate process per
+case (the resident high-water mark of /proc/self/status, reset through /proc/self/clear_refs)
+under a fixed malloc mmap threshold, so that freed buffers leave the resident set at once; the
+timings run under the default allocator.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
 
-# OpenMP and malloc read their settings at start-up: fix them, then start over.
-if __name__ == "__main__" and os.environ.get("_BATCHNORM_COMPARE") != "1":
+
+def _threads_argument() -> str:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--threads", type=int, default=2)
-    known, _ = parser.parse_known_args()
-    os.environ.update(
-        _BATCHNORM_COMPARE="1",
-        OMP_NUM_THREADS=str(known.threads),
-        MALLOC_MMAP_THRESHOLD_="65536",
-    )
+    return str(parser.parse_known_args()[0].threads)
+
+
+# OpenMP reads its settings at start-up: fix them, then start over.
+if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != _threads_argument():
+    os.environ["OMP_NUM_THREADS"] = _threads_argument()
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import numpy as np  # noqa: E402
@@ -219,6 +222,40 @@ def peak_growth_mib(call: Callable[[], Any]) -> float | None:
     return (peak - before) / 1024
 
 
+def memory_child(args: argparse.Namespace, libraries: dict[str, Any], modes: list[str]) -> None:
+    """Prints {library: {mode: peak MiB}} for the one case --memory-of names, as JSON."""
+    label, shape, layout = CASES[args.memory_of]
+    x, dy = case_data(shape, layout)
+    result: dict[str, dict[str, float | None]] = {}
+    for name, make in libraries.items():
+        calls = make(x, dy, layout)
+        for call in calls.values():  # outputs, thread pools and caches exist before measuring
+            call()
+        result[name] = {mode: peak_growth_mib(calls[mode]) for mode in modes}
+        del calls
+    print(json.dumps(result))
+
+
+def peaks_of(case: int, argv: list[str]) -> dict[str, dict[str, float | None]]:
+    """Runs the memory measurement of one case in a child process with a fixed mmap threshold
+    (glibc then returns every large freed block at once, instead of keeping it resident)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(
+        [sys.executable, __file__, *argv, "--memory-of", str(case)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def case_data(shape: tuple[int, ...], layout: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(stored_shape(shape, layout), dtype=np.float32) * 2.0 + 0.5
+    return x, rng.standard_normal(x.shape, dtype=np.float32)
+
+
 def interleaved(calls: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
     """Times every library's call once per round, rotating the order from round to round."""
     names = list(calls)
@@ -242,23 +279,31 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="substring filter on the case labels")
     parser.add_argument("--png", default="compare.png", help="bar chart ('' for none)")
     parser.add_argument("--csv", default="", help="also write the table as CSV")
-    parser.add_argument("--no-numpy", action="store_true", help="leave NumPy out (slow)")
+    parser.add_argument("--memory-of", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--libraries",
+        default="torch,tensorflow,numpy",
+        help="the libraries to compare with, among those installed (batchnorm always runs)",
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
 
+    wanted = set(args.libraries.split(","))
     libraries: dict[str, Callable[..., dict[str, Callable[[], Any]]]] = {"batchnorm": ours}
-    torch_make = torch_library(args.threads)
-    if torch_make:
+    if "torch" in wanted and (torch_make := torch_library(args.threads)):
         libraries["torch"] = torch_make
-    tf_make = tensorflow_library()
-    if tf_make:
+    if "tensorflow" in wanted and (tf_make := tensorflow_library()):
         libraries["tensorflow"] = tf_make
-    if not args.no_numpy:
+    if "numpy" in wanted:
         libraries["numpy"] = numpy_library
     others = [name for name in libraries if name != "batchnorm"]
+    if args.memory_of is not None:
+        memory_child(args, libraries, modes)
+        return
 
     print(
         f"{len(libraries)} libraries ({', '.join(libraries)}), {args.threads} threads,"
@@ -271,18 +316,19 @@ def main() -> None:
     print(header)
 
     rows = []
-    rng = np.random.default_rng(0)
-    for label, shape, layout in CASES:
+    child_argv = ["--threads", str(args.threads), "--modes", args.modes]
+    child_argv += ["--libraries", args.libraries]
+    for index, (label, shape, layout) in enumerate(CASES):
         if args.cases and args.cases not in label:
             continue
-        x = rng.standard_normal(stored_shape(shape, layout), dtype=np.float32) * 2.0 + 0.5
-        dy = rng.standard_normal(x.shape, dtype=np.float32)
+        x, dy = case_data(shape, layout)
         per_library = {name: make(x, dy, layout) for name, make in libraries.items()}
+        memory = {} if args.no_memory else peaks_of(index, child_argv)
         for mode in modes:
             calls = {name: per_library[name][mode] for name in libraries}
             times = interleaved(calls, args.reps)
             medians = {name: statistics.median(t) for name, t in times.items()}
-            peaks = {name: peak_growth_mib(call) for name, call in calls.items()}
+            peaks = {name: memory.get(name, {}).get(mode) for name in libraries}
             row = {
                 "case": label,
                 "mode": mode,
