@@ -107,13 +107,6 @@ void infer_backward_binding(const InputArray& dy_array, const InputArray& x_arra
   infer_backward(dy, x, dx, options, weights, dgamma_ptr, dbeta_ptr);
 }
 
-// Copies a context vector out as a float64 NumPy array (small: groups x features).
-nb::ndarray<nb::numpy, double> vector_to_numpy(const std::vector<double>& values) {
-  auto* copy = new std::vector<double>(values);
-  nb::capsule owner(copy, [](void* p) noexcept { delete static_cast<std::vector<double>*>(p); });
-  return nb::ndarray<nb::numpy, double>(copy->data(), {copy->size()}, owner);
-}
-
 }  // namespace
 
 void bind_operations(nb::module_& m) {
@@ -133,10 +126,7 @@ void bind_operations(nb::module_& m) {
                               "Statistics a training forward keeps for its backward pass.")
       .def(nb::init<>())
       .def_ro("groups", &TrainingContext::groups)
-      .def_ro("features", &TrainingContext::features)
-      .def_prop_ro("count", [](const TrainingContext& c) { return vector_to_numpy(c.count); })
-      .def_prop_ro("mean", [](const TrainingContext& c) { return vector_to_numpy(c.mean); })
-      .def_prop_ro("inv_std", [](const TrainingContext& c) { return vector_to_numpy(c.inv_std); });
+      .def_ro("features", &TrainingContext::features);
 
   m.def("train_forward", &train_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
         nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
