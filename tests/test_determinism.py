@@ -35,7 +35,7 @@ CASES = {
     "nchw_mask_ghost": ((16, 64, 24, 24), 1, "float32", 4, True),
     "nchw_short_runs": ((64, 96, 7, 7), 1, "float32", None, False),
     "nchw_short_runs_mask": ((64, 96, 7, 7), 1, "float32", 16, True),
-    "nchw_three_features": ((32, 3, 40, 40), 1, "float32", None, True),
+    "nchw_three_features": ((32, 3, 40, 40), 1, "float32", 8, True),
     "nchw_float64": ((8, 32, 30, 30), 1, "float64", 2, False),
     "nhwc": ((16, 24, 24, 64), -1, "float32", None, False),
     "nhwc_mask_ghost": ((16, 24, 24, 64), -1, "float32", 4, True),

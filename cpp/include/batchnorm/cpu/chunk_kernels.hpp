@@ -555,7 +555,7 @@ void add_rows(const T* const* rows, int count, Index features, const double* shi
   }
 }
 
-inline constexpr int kRowBlock = 4;
+inline constexpr int kRowBlock = 8;
 
 // The row reductions prefetch this far ahead of the row they read: rows are usually back to back,
 // and the hardware prefetchers alone left a core at about half the memory bandwidth here.
@@ -564,8 +564,12 @@ inline constexpr Index kRowPrefetchBytes = 4096;
 
 template <class T>
 __attribute__((always_inline)) inline void prefetch_ahead(const T* row, Index features) {
-  const char* ahead = reinterpret_cast<const char*>(row) + kRowPrefetchBytes;
-  for (Index b = 0; b < features * Index{sizeof(T)}; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+  const Index bytes = features * Index{sizeof(T)};
+  // At least a row block ahead: wide rows would otherwise prefetch what is being read.
+  const Index distance =
+      bytes * kRowBlock > kRowPrefetchBytes ? bytes * kRowBlock : kRowPrefetchBytes;
+  const char* ahead = reinterpret_cast<const char*>(row) + distance;
+  for (Index b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
 }
 
 template <class T>
