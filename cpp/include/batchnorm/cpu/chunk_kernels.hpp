@@ -69,6 +69,37 @@ struct PeriodicCoefficients {
   }
 };
 
+// Coefficients of a span made of back-to-back runs of `run` (>= kLanes) elements, run j taking
+// the j-th entry of each array: a block of lanes straddles at most two runs.
+template <class A, int N>
+struct SegmentedCoefficients {
+  const A* array[N];
+  Index item = 0, at = 0, run, last;  // current run, position within it, last run
+  SegmentedCoefficients(const A* const (&arrays)[N], Index items, Index run_length)
+      : run(run_length), last(items - 1) {
+    for (int i = 0; i < N; ++i) array[i] = arrays[i];
+  }
+  Vec<A> get(int i) const {
+    const Index left = run - at;
+    if (left >= kLanes) return splat(array[i][item]);
+    // Past the last run lie only tail lanes that are never stored.
+    const Index next = item < last ? item + 1 : item;
+    return blend(mask_first(static_cast<int>(left)), splat(array[i][item]), splat(array[i][next]));
+  }
+  void advance(Index n) {
+    at += n;
+    item += at / run;
+    at %= run;
+  }
+  void next_block() {
+    at += kLanes;
+    if (at >= run) {
+      at -= run;
+      ++item;
+    }
+  }
+};
+
 // ---- elementwise spans -------------------------------------------------------------------------
 
 // y = (x - shift) * scale + offset over n contiguous elements.
@@ -369,13 +400,18 @@ struct Expanded {
   }
 };
 
-// Whether a block's runs lie back to back in every data operand, short enough to expand.
-inline bool flat_block(const LoopDim& run, const ItemBlock& items, int data_operands) {
-  if (items.count < 2 || items.count * run.size > kMaxExpanded) return false;
+// How a block's units are walked by the elementwise kernels: run by run, or (runs back to back
+// in every data operand) as one stretch per unit with expanded coefficients (short spans) or
+// segmented ones (runs of at least a block of lanes).
+enum class Span { runs, expanded, segmented };
+
+inline Span span_kind(const LoopDim& run, const ItemBlock& items, int data_operands) {
+  if (items.count < 2) return Span::runs;
   for (int op = 0; op < data_operands; ++op) {
-    if (run.stride[op] != 1 || items.step[op] != run.size) return false;
+    if (run.stride[op] != 1 || items.step[op] != run.size) return Span::runs;
   }
-  return true;
+  if (items.count * run.size <= kMaxExpanded) return Span::expanded;
+  return run.size >= kLanes ? Span::segmented : Span::runs;
 }
 
 template <class T>
@@ -389,13 +425,20 @@ void plane_affine(const Plan& plan, const T* x, T* y, ItemBlock items,
   const Index run_bytes = run.stride[0] == 1 ? n * Index{sizeof(T)} : 0;
   const bool prefetch = run_bytes < kPrefetchRunBytes;
   NestWalker walk(red, red.count - 1, 2, u0);
-  if (flat_block(run, items, 2)) {
+  const Span kind = span_kind(run, items, 2);
+  if (kind == Span::expanded) {
     const Index span = items.count * n;
     const Expanded<A, 3> e({k.shift, k.scale, k.offset}, items.count, n);
     for (Index u = u0; u < u1; ++u, walk.next()) {
       if (prefetch && u + 1 < u1) prefetch_next_unit(walk, x, 0, items, run_bytes);
       affine_span(x + walk.offset[0], y + walk.offset[1], span,
                   PeriodicCoefficients<A, 3>(e.rows, 0, span), nontemporal);
+    }
+  } else if (kind == Span::segmented) {
+    for (Index u = u0; u < u1; ++u, walk.next()) {
+      affine_span(x + walk.offset[0], y + walk.offset[1], items.count * n,
+                  SegmentedCoefficients<A, 3>({k.shift, k.scale, k.offset}, items.count, n),
+                  nontemporal);
     }
   } else {
     for (Index u = u0; u < u1; ++u, walk.next()) {
@@ -485,13 +528,24 @@ void plane_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8
     prefetch_next_unit(walk, x, 1, items, run_bytes);
   };
   NestWalker walk(red, red.count - 1, plan.operands, u0);
-  if (!mask && flat_block(run, items, 3)) {
+  const Span kind = mask ? Span::runs : span_kind(run, items, 3);
+  if (kind == Span::expanded) {
     const Index span = items.count * n;
     const Expanded<A, 4> e({k.shift, k.scale, k.slope, k.offset}, items.count, n);
     for (Index u = u0; u < u1; ++u, walk.next()) {
       if (prefetch && u + 1 < u1) prefetch_next(walk);
       dx_span<Valid::all>(dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, span,
                           PeriodicCoefficients<A, 4>(e.rows, 0, span), nontemporal);
+    }
+    if (nontemporal) stream_fence();
+    return;
+  }
+  if (kind == Span::segmented) {
+    for (Index u = u0; u < u1; ++u, walk.next()) {
+      dx_span<Valid::all>(
+          dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, items.count * n,
+          SegmentedCoefficients<A, 4>({k.shift, k.scale, k.slope, k.offset}, items.count, n),
+          nontemporal);
     }
     if (nontemporal) stream_fence();
     return;

@@ -39,8 +39,8 @@ struct DxCoefficients {
   P shift, scale, slope, offset;
 };
 
-// A block of consecutive statistics of a plane layout: `count` (at most kMaxBlockItems) of them,
-// `step[op]` elements apart in operand op (the innermost stat dim's strides).
+// A block of consecutive statistics of a plane layout: `count` of them (at most kMaxBlockItems
+// for the reductions), `step[op]` elements apart in operand op (the innermost stat dim's strides).
 inline constexpr std::int64_t kMaxBlockItems = 32;
 // Blocks of short runs cover about this many elements per unit (a few KB read in one stretch).
 inline constexpr std::int64_t kBlockSpan = 1024;

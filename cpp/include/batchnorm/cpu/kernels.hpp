@@ -27,6 +27,8 @@ using detail::Moments;
 using detail::Plan;
 using Index = std::int64_t;
 
+// Row-mode merges take this many features per job.
+inline constexpr Index kMergeColumns = 256;
 // Calls smaller than this run on the calling thread: waking the team costs more than they do.
 inline constexpr Index kParallelElements = Index{1} << 15;
 // Outputs at least this large are written with non-temporal stores: they would not stay in cache
@@ -123,6 +125,37 @@ struct Block {
   ItemBlock items;
 };
 
+// Elementwise plane passes: where the runs of a stat row lie back to back in every data operand
+// (contiguous NCHW), each unit of a row is one long stretch, so work splits by units (about 64K
+// elements per piece) instead of by statistics, and every thread streams sequentially.
+struct RowPieces {
+  Index rows = 0, width = 0, units_per_piece = 1, pieces = 0;
+};
+
+inline RowPieces row_pieces(const Plan& plan, const Geometry& geo, int data_operands) {
+  const detail::LoopDim& inner = plan.stat.dims[plan.stat.count - 1];
+  const detail::LoopDim& run = plan.reduced.dims[plan.reduced.count - 1];
+  RowPieces p;
+  if (inner.size < 2 || geo.run < 16) return p;
+  for (int op = 0; op < data_operands; ++op) {
+    if (run.stride[op] != 1 || inner.stride[op] != geo.run) return p;
+  }
+  p.width = inner.size;
+  p.rows = geo.outer / inner.size;
+  p.units_per_piece = std::max<Index>(1, (Index{1} << 16) / (p.width * geo.run));
+  p.pieces = (geo.units + p.units_per_piece - 1) / p.units_per_piece;
+  return p;
+}
+
+inline ItemBlock whole_row(const Plan& plan, Index width) {
+  ItemBlock block;
+  block.count = width;
+  for (int op = 0; op < plan.operands; ++op) {
+    block.step[op] = plan.stat.dims[plan.stat.count - 1].stride[op];
+  }
+  return block;
+}
+
 inline std::vector<Block> blocks_of(const Plan& plan, Index stats, Index per_block) {
   std::vector<Block> blocks;
   for_each_block(plan, 0, stats, per_block,
@@ -154,19 +187,42 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
             geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
             part_mean.data() + item * features, part_m2.data() + item * features));
       }
+      // Chan's merge in chunk order, as detail::merge_into does it per statistic; a chunk has
+      // one count for all its features, so the weights are computed once per chunk.
+      const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
 #pragma omp for schedule(static)
-      for (Index k = 0; k < stats; ++k) {
-        const Index o = k / features, c = k % features;
-        Moments total;
+      for (Index job = 0; job < geo.outer * column_blocks; ++job) {
+        const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
+        const Index c1 = std::min(features, c0 + kMergeColumns);
+        double* mean_o = mean + o * features;
+        double* m2_o = var + o * features;  // sums of squared deviations until the end
+        double total = 0.0;
         for (Index chunk = 0; chunk < chunks; ++chunk) {
           const Index item = o * chunks + chunk;
-          detail::merge_into(total,
-                             Moments{part_count[size(item)], part_mean[size(item * features + c)],
-                                     part_m2[size(item * features + c)]});
+          const double n = part_count[size(item)];
+          const double* chunk_mean = part_mean.data() + item * features;
+          const double* chunk_m2 = part_m2.data() + item * features;
+          if (n == 0.0) continue;
+          if (total == 0.0) {
+            std::copy(chunk_mean + c0, chunk_mean + c1, mean_o + c0);
+            std::copy(chunk_m2 + c0, chunk_m2 + c1, m2_o + c0);
+            total = n;
+            continue;
+          }
+          const double merged = total + n;
+          const double mean_weight = n / merged, m2_weight = total * n / merged;
+          for (Index c = c0; c < c1; ++c) {
+            const double delta = chunk_mean[c] - mean_o[c];
+            mean_o[c] += delta * mean_weight;
+            m2_o[c] += chunk_m2[c] + delta * delta * m2_weight;
+          }
+          total = merged;
         }
-        count[k] = total.count;
-        mean[k] = total.mean;
-        var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
+        for (Index c = c0; c < c1; ++c) {
+          count[o * features + c] = total;
+          if (total == 0.0) mean_o[c] = 0.0;
+          m2_o[c] = total > 0.0 ? m2_o[c] / total : 0.0;
+        }
       }
     }
     return;
@@ -218,6 +274,19 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
                          {m.data() + o * width, a.data() + o * width, b.data() + o * width},
                          geo.first_unit(chunk), geo.last_unit(chunk), stream);
+    }
+    return;
+  }
+  const RowPieces rp = row_pieces(plan, geo, 2);
+  if (rp.pieces > 0) {
+    const ItemBlock row = whole_row(plan, rp.width);
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
+      const Index first = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
+      kernels.plane_affine(plan, in + stat_offset(plan, first, 0),
+                           out + stat_offset(plan, first, 1), row,
+                           {shift + first, scale + first, offset + first}, u0,
+                           std::min(geo.units, u0 + rp.units_per_piece), stream);
     }
     return;
   }
@@ -321,6 +390,19 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
                      at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
                      {m.data() + at, a.data() + at, s.data() + at, b.data() + at},
                      geo.first_unit(chunk), geo.last_unit(chunk), stream);
+    }
+    return;
+  }
+  const RowPieces rp = mask ? RowPieces{} : row_pieces(plan, geo, 3);
+  if (rp.pieces > 0) {
+    const ItemBlock row = whole_row(plan, rp.width);
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
+      const Index i = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
+      kernels.plane_dx(plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
+                       dx + stat_offset(plan, i, 2), nullptr, row,
+                       {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, u0,
+                       std::min(geo.units, u0 + rp.units_per_piece), stream);
     }
     return;
   }

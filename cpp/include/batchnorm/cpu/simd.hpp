@@ -66,6 +66,12 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
 }
 inline int lanes_set(Mask m) { return __builtin_popcount(m); }
 inline F select(Mask m, F a) { return {_mm512_maskz_mov_ps(m, a.v)}; }
+// Lanes of a where m is set, of b elsewhere.
+inline F blend(Mask m, F a, F b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+inline D blend(Mask m, D a, D b) {
+  return {_mm512_mask_blend_pd(static_cast<__mmask8>(m), b.lo, a.lo),
+          _mm512_mask_blend_pd(static_cast<__mmask8>(m >> 8), b.hi, a.hi)};
+}
 inline D select(Mask m, D a) {
   return {_mm512_maskz_mov_pd(static_cast<__mmask8>(m), a.lo),
           _mm512_maskz_mov_pd(static_cast<__mmask8>(m >> 8), a.hi)};
@@ -227,6 +233,18 @@ inline D select(Mask m, D a) {
           _mm256_and_pd(lane_mask_pd(_mm_srli_si128(m.bytes, 8)), a.v2),
           _mm256_and_pd(lane_mask_pd(_mm_srli_si128(m.bytes, 12)), a.v3)};
 }
+// Lanes of a where m is set, of b elsewhere.
+inline F blend(Mask m, F a, F b) {
+  const __m256 lo = _mm256_castsi256_ps(_mm256_cvtepi8_epi32(m.bytes));
+  const __m256 hi = _mm256_castsi256_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(m.bytes, 8)));
+  return {_mm256_blendv_ps(b.lo, a.lo, lo), _mm256_blendv_ps(b.hi, a.hi, hi)};
+}
+inline D blend(Mask m, D a, D b) {
+  return {_mm256_blendv_pd(b.v0, a.v0, lane_mask_pd(m.bytes)),
+          _mm256_blendv_pd(b.v1, a.v1, lane_mask_pd(_mm_srli_si128(m.bytes, 4))),
+          _mm256_blendv_pd(b.v2, a.v2, lane_mask_pd(_mm_srli_si128(m.bytes, 8))),
+          _mm256_blendv_pd(b.v3, a.v3, lane_mask_pd(_mm_srli_si128(m.bytes, 12)))};
+}
 
 inline F load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline D load(const double* p) {
@@ -375,6 +393,12 @@ inline F select(Mask m, F a) {
 }
 inline D select(Mask m, D a) {
   for (int i = 0; i < kLanes; ++i) a.v[i] = m.v[i] ? a.v[i] : 0.0;
+  return a;
+}
+// Lanes of a where m is set, of b elsewhere.
+template <class V>
+inline V blend(Mask m, V a, const V& b) {
+  for (int i = 0; i < kLanes; ++i) a.v[i] = m.v[i] ? a.v[i] : b.v[i];
   return a;
 }
 
