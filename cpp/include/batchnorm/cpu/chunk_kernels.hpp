@@ -379,8 +379,9 @@ void plane_moments(const Plan& plan, const T* x, const std::uint8_t* mask, ItemB
   }
 }
 
-// Largest block span (statistics x run) whose coefficients are expanded per element.
-inline constexpr Index kMaxExpanded = kBlockSpan;
+// Largest block span (statistics x run) whose coefficients are expanded per element (on the
+// stack); longer spans of runs of at least kLanes use segmented coefficients.
+inline constexpr Index kMaxExpanded = 1024;
 
 // Coefficients of the block's statistics laid out per element of a unit's contiguous span (all
 // runs back to back), plus kLanes wrapped entries: the span then runs as one flat stretch.

@@ -41,9 +41,10 @@ struct DxCoefficients {
 
 // A block of consecutive statistics of a plane layout: `count` of them (at most kMaxBlockItems
 // for the reductions), `step[op]` elements apart in operand op (the innermost stat dim's strides).
-inline constexpr std::int64_t kMaxBlockItems = 32;
-// Blocks of short runs cover about this many elements per unit (a few KB read in one stretch).
-inline constexpr std::int64_t kBlockSpan = 1024;
+inline constexpr std::int64_t kMaxBlockItems = 64;
+// Blocks of short runs cover about this many elements per unit: a stretch of ~12 KB of float32
+// per sample, long enough to stream, small enough that a block stays in L2 between passes.
+inline constexpr std::int64_t kBlockSpan = 3200;
 struct ItemBlock {
   std::int64_t count = 1;
   std::int64_t step[detail::kMaxOperands] = {};
