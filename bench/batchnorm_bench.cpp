@@ -661,6 +661,7 @@ void copy_probe(const unsigned char* from, unsigned char* to, std::size_t bytes)
 struct Result {
   std::string label, mode, variant;
   double min_ms = 0, median_ms = 0, gbps = 0, probe_gbps = 0, percent = 0;
+  double versus_plain = 0;  // training options: time over a plain training forward's
   double error = 0;
   std::int64_t heap_bytes = 0;
 };
@@ -782,6 +783,10 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
   options.epsilon = kEpsilon;
   options.renorm = c.variant == Variant::renorm;
   if (c.variant == Variant::ghost) options.virtual_batch_size = g.batch / kGhostGroups;
+  batchnorm::Options plain_options;
+  plain_options.axes = options.axes;
+  plain_options.momentum = kMomentum;
+  plain_options.epsilon = kEpsilon;
 
   const TensorRef xt = batchnorm::contiguous_view(xd.get(), dtype, c.shape, device);
   const TensorRef yt = batchnorm::contiguous_view(yd.get(), dtype, c.shape, device);
@@ -805,7 +810,7 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
   }
   const batchnorm::Adjustment* adjust = c.variant == Variant::adjust ? &adjustment : nullptr;
 
-  batchnorm::TrainingContext context;
+  batchnorm::TrainingContext context, plain_context;
   std::vector<Result> results;
   for (Mode mode : c.modes) {
     std::function<void()> call;
@@ -879,10 +884,21 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
     call();
     const std::int64_t heap = heap_peak.load() - before;
 
+    // A training option's cost: a plain training forward on the same data, timed in the same
+    // rounds, so that the ratio holds however the machine's speed drifts.
+    std::function<void()> plain;
+    if (c.variant != Variant::plain) {
+      plain = [&] {
+        batchnorm::train_forward(xt, yt, nullptr, plain_options, weights, nullptr, true,
+                                 plain_context);
+      };
+      plain();
+    }
+
     // One untimed probe first: it starts (or wakes) the OpenMP team the kernels reuse.
     copy_probe(static_cast<const unsigned char*>(probe_from.get()),
                static_cast<unsigned char*>(probe_to.get()), bytes);
-    std::vector<double> times, probes;
+    std::vector<double> times, probes, plain_times;
     for (int r = 0; r < s.reps; ++r) {
       Clock::time_point start = Clock::now();
       if (s.cuda) {
@@ -897,6 +913,18 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
       call();
       if (s.cuda) batchnorm::cuda::synchronize(0);
       times.push_back(seconds_since(start));
+      if (plain) {
+        start = Clock::now();
+        plain();
+        if (s.cuda) batchnorm::cuda::synchronize(0);
+        plain_times.push_back(seconds_since(start));
+      }
+    }
+    // Per-round ratios, then their median: robust to the bandwidth drifting between rounds.
+    std::vector<double> percents, versus;
+    for (int r = 0; r < s.reps; ++r) {
+      percents.push_back(100.0 * passes * probes[size_t(r)] / (2.0 * times[size_t(r)]));
+      if (plain) versus.push_back(times[size_t(r)] / plain_times[size_t(r)]);
     }
     Result res;
     res.label = c.label;
@@ -906,7 +934,8 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
     res.median_ms = median(times) * 1e3;
     res.gbps = passes * static_cast<double>(bytes) / median(times) / 1e9;
     res.probe_gbps = 2.0 * static_cast<double>(bytes) / median(probes) / 1e9;
-    res.percent = 100.0 * res.gbps / res.probe_gbps;
+    res.percent = median(percents);
+    if (plain) res.versus_plain = median(versus);
     res.error = error;
     res.heap_bytes = heap;
     results.push_back(res);
@@ -940,19 +969,22 @@ int main(int argc, char** argv) {
               s.reps);
   std::printf(
       "probe: %s of the same size in the same run; GB/s use the byte model (train 3, infer 2,"
-      " backward 5 passes)\n\n",
+      " backward 5 passes); %% probe and x plain are medians of per-round ratios\n\n",
       s.cuda ? "CUDA device-to-device copy on device 0 (the data is there too)"
              : "parallel non-temporal copy");
-  std::printf("%-30s %-8s %-7s %9s %9s %8s %8s %7s %10s\n", "case", "mode", "variant", "min ms",
-              "median ms", "GB/s", "probe", "% probe", "heap KiB");
+  std::printf("%-30s %-8s %-7s %9s %9s %8s %8s %7s %10s %7s\n", "case", "mode", "variant", "min ms",
+              "median ms", "GB/s", "probe", "% probe", "heap KiB", "x plain");
   std::vector<Result> all;
   try {
     for (const Case& c : s.cases) {
       for (const Result& r : run_case(c, s)) {
-        std::printf("%-30s %-8s %-7s %9.3f %9.3f %8.1f %8.1f %6.0f%% %10s\n", r.label.c_str(),
+        const std::string heap =
+            kHeapTracked ? std::to_string((r.heap_bytes + 1023) / 1024) : std::string("n/a");
+        char versus[16] = "";
+        if (r.versus_plain > 0) std::snprintf(versus, sizeof versus, "%.2f", r.versus_plain);
+        std::printf("%-30s %-8s %-7s %9.3f %9.3f %8.1f %8.1f %6.0f%% %10s %7s\n", r.label.c_str(),
                     r.mode.c_str(), r.variant.c_str(), r.min_ms, r.median_ms, r.gbps, r.probe_gbps,
-                    r.percent,
-                    kHeapTracked ? std::to_string((r.heap_bytes + 1023) / 1024).c_str() : "n/a");
+                    r.percent, heap.c_str(), versus);
         std::fflush(stdout);
         all.push_back(r);
       }
@@ -966,13 +998,13 @@ int main(int argc, char** argv) {
     if (s.csv != "-") file.open(s.csv);
     std::ostream& out = s.csv == "-" ? std::cout : file;
     out << "case,mode,variant,dtype,threads,isa,min_ms,median_ms,gbps,probe_gbps,percent_of_probe,"
-           "heap_bytes,max_rel_error\n";
+           "heap_bytes,max_rel_error,versus_plain\n";
     for (const Result& r : all) {
       out << '"' << r.label << "\"," << r.mode << ',' << r.variant << ',' << dtype_text(s.dtype)
           << ',' << threads << ',' << batchnorm::cpu::isa_name(batchnorm::cpu::active_isa()) << ','
           << r.min_ms << ',' << r.median_ms << ',' << r.gbps << ',' << r.probe_gbps << ','
           << r.percent << ',' << (kHeapTracked ? std::to_string(r.heap_bytes) : "") << ','
-          << r.error << '\n';
+          << r.error << ',' << (r.versus_plain > 0 ? std::to_string(r.versus_plain) : "") << '\n';
     }
   }
   return 0;
