@@ -219,7 +219,7 @@ def peak_growth_mib(call: Callable[[], Any]) -> float | None:
     result = call()
     peak = resident_kib("VmHWM:")
     del result
-    return (peak - before) / 1024
+    return max(peak - before, 0) / 1024  # a call that frees more than it keeps grows nothing
 
 
 def memory_child(args: argparse.Namespace, libraries: dict[str, Any], modes: list[str]) -> None:
