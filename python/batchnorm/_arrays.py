@@ -21,6 +21,7 @@ from ._dtypes import is_bfloat16, numpy_dtype
 _REAL_PREFIXES = ("float", "int", "uint", "bool", "bfloat16")
 _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
+_NUMPY_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,13 @@ class Framework:
         return array.dtype
 
     def dtype_name(self, array: Any) -> str:
-        return array.dtype.name
+        # NumPy builds dtype.name anew on every access (several microseconds): memoize it,
+        # since small tensors are dominated by such per-call costs.
+        dtype = array.dtype
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
+        if name is None:
+            name = _NUMPY_DTYPE_NAMES.setdefault(dtype, dtype.name)
+        return name
 
     def device(self, array: Any) -> Device:
         return CPU

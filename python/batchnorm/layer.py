@@ -234,6 +234,13 @@ class BatchNormalization:
         self._variables: dict[str, Variable] = {}
         self._last: dict[str, Any] | None = None
         self._options_cache: tuple[Any, Any] | None = None
+        self._kernel_variables: list[Variable | None] = []
+        # float32/float64 NumPy inputs of this dtype need no conversion (the fast path).
+        self._numpy_compute_dtype = (
+            np.dtype(self._policy.compute)
+            if self._policy.compute in ("float32", "float64")
+            else None
+        )
         self._device = CPU
         self.gradients: dict[str, Any] = {}
 
@@ -372,6 +379,7 @@ class BatchNormalization:
         self._feature_shape = tuple(feature_shape)
         self._param_shape = param_shape
         self._variables = variables
+        self._kernel_variables = [variables.get(n) for n in self._KERNEL_WEIGHT_ORDER]
         self.built = True
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
@@ -444,24 +452,34 @@ class BatchNormalization:
             variable.assign(array)
 
     # ---- calls -------------------------------------------------------------------------------
+    _KERNEL_WEIGHT_ORDER = (
+        "gamma",
+        "beta",
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+    )
+
     def _weight_vectors(self) -> list[np.ndarray | None]:
-        names = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev")
-        names += ("renorm_mean", "renorm_stddev")
-        return [self._variables[n]._storage if n in self._variables else None for n in names]
+        # Read each call: layer.to() replaces the storage of every variable.
+        return [v._storage if v is not None else None for v in self._kernel_variables]
 
     def _options(self) -> Any:
         # Rebuilt only when a hyper-parameter changed: small tensors are dominated by overhead.
+        # The axes are fixed once built; the clipping dict is compared by value, against a copy.
         key = (
-            tuple(self._axes),
             self.momentum,
             self.epsilon,
             self.renorm,
             self.renorm_momentum,
-            tuple(sorted((self.renorm_clipping or {}).items())),
+            self.renorm_clipping,
             self.virtual_batch_size,
         )
         if self._options_cache is not None and self._options_cache[0] == key:
             return self._options_cache[1]
+        key = key[:4] + (dict(self.renorm_clipping or {}),) + key[5:]
         options = _core.Options()
         options.axes = list(self._axes)
         options.momentum = self.momentum
@@ -477,6 +495,14 @@ class BatchNormalization:
         return options
 
     def _prepare_input(self, inputs: Any) -> Any:
+        if (
+            type(inputs) is np.ndarray
+            and inputs.dtype == self._numpy_compute_dtype
+            and self._device.type == "cpu"
+            and inputs.ndim == self._input_rank
+            and tuple([inputs.shape[a] for a in self._axes]) == self._feature_shape
+        ):
+            return inputs  # the common case, checked without the generic machinery
         array = read(inputs, "inputs")
         check_numeric(array, "inputs")
         shape = tuple(array.shape)
