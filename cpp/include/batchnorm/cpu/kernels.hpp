@@ -163,6 +163,32 @@ inline std::vector<Block> blocks_of(const Plan& plan, Index stats, Index per_blo
   return blocks;
 }
 
+// Work split of an elementwise plane pass: whole stat rows in pieces of units where `pieces`
+// applies (back-to-back runs), else blocks of statistics by chunks of units. Calls
+// run(first statistic, items, first unit, end unit) for each piece of work, in parallel.
+template <class Run>
+void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces& rp, bool parallel,
+                          Run&& run) {
+  if (rp.pieces > 0) {
+    const ItemBlock row = whole_row(plan, rp.width);
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
+      const Index first = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
+      run(first, row, u0, std::min(geo.units, u0 + rp.units_per_piece));
+    }
+    return;
+  }
+  const Index chunks = geo.chunks();
+  const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
+  const auto work = static_cast<Index>(blocks.size()) * chunks;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (Index item = 0; item < work; ++item) {
+    const Block& b = blocks[size(item / chunks)];
+    const Index chunk = item % chunks;
+    run(b.first, b.items, geo.first_unit(chunk), geo.last_unit(chunk));
+  }
+}
+
 // Batch moments per statistic: count, mean and biased variance (operands: x, mask).
 template <class T>
 void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* count, double* mean,
@@ -277,30 +303,13 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
     }
     return;
   }
-  const RowPieces rp = row_pieces(plan, geo, 2);
-  if (rp.pieces > 0) {
-    const ItemBlock row = whole_row(plan, rp.width);
-#pragma omp parallel for schedule(dynamic) if (parallel)
-    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
-      const Index first = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
-      kernels.plane_affine(plan, in + stat_offset(plan, first, 0),
-                           out + stat_offset(plan, first, 1), row,
-                           {shift + first, scale + first, offset + first}, u0,
-                           std::min(geo.units, u0 + rp.units_per_piece), stream);
-    }
-    return;
-  }
-  const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
-  const auto work = static_cast<Index>(blocks.size()) * chunks;
-#pragma omp parallel for schedule(dynamic) if (parallel)
-  for (Index item = 0; item < work; ++item) {
-    const Block& b = blocks[size(item / chunks)];
-    const Index chunk = item % chunks;
-    kernels.plane_affine(plan, in + stat_offset(plan, b.first, 0),
-                         out + stat_offset(plan, b.first, 1), b.items,
-                         {shift + b.first, scale + b.first, offset + b.first},
-                         geo.first_unit(chunk), geo.last_unit(chunk), stream);
-  }
+  for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), parallel,
+                       [&](Index first, const ItemBlock& items, Index u0, Index u1) {
+                         kernels.plane_affine(plan, in + stat_offset(plan, first, 0),
+                                              out + stat_offset(plan, first, 1), items,
+                                              {shift + first, scale + first, offset + first}, u0,
+                                              u1, stream);
+                       });
 }
 
 // Per statistic, over every position: sum(dy) and sum(dy * (x - shift)) (operands: dy, x).
@@ -393,31 +402,15 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
     }
     return;
   }
-  const RowPieces rp = mask ? RowPieces{} : row_pieces(plan, geo, 3);
-  if (rp.pieces > 0) {
-    const ItemBlock row = whole_row(plan, rp.width);
-#pragma omp parallel for schedule(dynamic) if (parallel)
-    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
-      const Index i = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
-      kernels.plane_dx(plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
-                       dx + stat_offset(plan, i, 2), nullptr, row,
-                       {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, u0,
-                       std::min(geo.units, u0 + rp.units_per_piece), stream);
-    }
-    return;
-  }
-  const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
-  const auto work = static_cast<Index>(blocks.size()) * chunks;
-#pragma omp parallel for schedule(dynamic) if (parallel)
-  for (Index item = 0; item < work; ++item) {
-    const Block& b = blocks[size(item / chunks)];
-    const Index chunk = item % chunks, i = b.first;
-    kernels.plane_dx(plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
-                     dx + stat_offset(plan, i, 2),
-                     at_offset(mask, mask ? stat_offset(plan, i, 3) : 0), b.items,
-                     {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, geo.first_unit(chunk),
-                     geo.last_unit(chunk), stream);
-  }
+  // Masked passes keep the blocks: the mask's runs are not back to back with the data's.
+  for_each_plane_piece(plan, geo, mask ? RowPieces{} : row_pieces(plan, geo, 3), parallel,
+                       [&](Index i, const ItemBlock& items, Index u0, Index u1) {
+                         kernels.plane_dx(
+                             plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
+                             dx + stat_offset(plan, i, 2),
+                             at_offset(mask, mask ? stat_offset(plan, i, 3) : 0), items,
+                             {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, u0, u1, stream);
+                       });
 }
 
 // ---- fused plane passes --------------------------------------------------------------------
