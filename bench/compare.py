@@ -1,18 +1,30 @@
-"""Side-by-side timing of batchnorm against PyTorch's CPU batch norm, NumPy (and TensorFlow when
+"""Side-by-side timing of batchnorm against PyTorch's batch norm, NumPy (and TensorFlow when
 installed) on the cases of README "Performance", in one process with interleaved repetitions (the
 machines are shared and noisy: ratios measured together hold, absolute times drift).
 
     pip install . torch==2.13.0 matplotlib   # torch and matplotlib only for this script
     python bench/compare.py --threads 2 --png compare.png
+    python bench/compare.py --device cuda --png compare-cuda.png   # CUDA builds of both
 
 Each library gets its best layout: PyTorch sees channels-last data as an NCHW tensor in
 channels_last memory format and (B, T, C) sequences as (B*T, C); batchnorm writes into
 preallocated outputs (`out=`), the others allocate theirs, as their APIs do. The backward column
-times PyTorch's native_batch_norm_backward (what autograd calls) given the saved statistics.
+times what autograd runs after functional.batch_norm, given the saved statistics
+(_batch_norm_impl_index_backward: native_batch_norm_backward on the CPU, cuDNN's backward on CUDA
+wherever cuDNN ran the forward).
 Peak memory is the growth of the resident set during one call, measured in a separate process per
 case (the resident high-water mark of /proc/self/status, reset through /proc/self/clear_refs)
 under a fixed malloc mmap threshold, so that freed buffers leave the resident set at once; the
 timings run under the default allocator.
+
+--device cuda runs batchnorm and PyTorch (cuDNN) on the same torch tensors on CUDA device 0, with
+the batch of every case ×4 (--batch-scale): a GPU needs more data than a CPU to reach its
+bandwidth. Each call is timed with CUDA events on an idle device. A device-to-device copy of the
+input (dst.copy_(src)) runs in the same rounds as the bandwidth probe: batchnorm's GB/s under the
+byte model of DESIGN.md (training forward 3 passes over the data, inference 2, backward 5; the
+copy 2) are given as % of it. Peak memory is the growth of torch.cuda.max_memory_allocated during
+a call; batchnorm's per-call scratch (a few values per channel) comes from its own CUDA memory
+pool and is not counted there. NumPy and TensorFlow are not run on CUDA.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 
@@ -47,20 +60,31 @@ import batchnorm  # noqa: E402
 EPSILON = 1e-3
 MOMENTUM = 0.99  # Keras convention; PyTorch's momentum is 1 - this
 
-# (label, shape as given, layout): "nchw" features on axis 1, "nhwc" the same shape stored
+# (shape as given, layout, label suffix): "nchw" features on axis 1, "nhwc" the same shape stored
 # channels-last, "last" features on the last axis.
 CASES = [
-    ("(32,64,112,112) NCHW", (32, 64, 112, 112), "nchw"),
-    ("(32,64,112,112) NHWC", (32, 64, 112, 112), "nhwc"),
-    ("(64,256,28,28) NCHW", (64, 256, 28, 28), "nchw"),
-    ("(64,256,28,28) NHWC", (64, 256, 28, 28), "nhwc"),
-    ("(256,2048,7,7) NCHW", (256, 2048, 7, 7), "nchw"),
-    ("(256,2048,7,7) NHWC", (256, 2048, 7, 7), "nhwc"),
-    ("(65536,512)", (65536, 512), "last"),
-    ("(64,128,1024)", (64, 128, 1024), "last"),
-    ("(64,256) small", (64, 256), "last"),
+    ((32, 64, 112, 112), "nchw", "NCHW"),
+    ((32, 64, 112, 112), "nhwc", "NHWC"),
+    ((64, 256, 28, 28), "nchw", "NCHW"),
+    ((64, 256, 28, 28), "nhwc", "NHWC"),
+    ((256, 2048, 7, 7), "nchw", "NCHW"),
+    ((256, 2048, 7, 7), "nhwc", "NHWC"),
+    ((65536, 512), "last", ""),
+    ((64, 128, 1024), "last", ""),
+    ((64, 256), "last", "small"),
 ]
 MODES = ("train", "infer", "backward")
+# The byte model of DESIGN.md: passes over the data a call needs at least (a copy needs 2).
+PASSES = {"train": 3, "infer": 2, "backward": 5}
+
+
+def cases(batch_scale: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """(label, shape, layout) of every case, its batch (first dimension) times `batch_scale`."""
+    scaled = []
+    for shape, layout, suffix in CASES:
+        shape = (shape[0] * batch_scale, *shape[1:])
+        scaled.append((f"({','.join(map(str, shape))}) {suffix}".rstrip(), shape, layout))
+    return scaled
 
 
 def stored_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -76,9 +100,13 @@ def feature_axis(layout: str) -> int:
 # ---- the libraries: each returns {mode: zero-argument callable} for one case ---------------
 
 
-def ours(x: np.ndarray, dy: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
+def ours(x: Any, dy: Any, layout: str) -> dict[str, Callable[[], Any]]:
     layer = batchnorm.BatchNormalization(axis=feature_axis(layout), momentum=MOMENTUM)
-    y, dx = np.empty_like(x), np.empty_like(x)
+    if isinstance(x, np.ndarray):
+        y, dx = np.empty_like(x), np.empty_like(x)
+    else:  # a torch CUDA tensor: weights and outputs live on its device, as the data does
+        layer.to(str(x.device))
+        y, dx = x.new_empty(x.shape), x.new_empty(x.shape)
     layer(x, training=True, out=y)  # builds the weights; backward needs a training call
 
     def backward() -> None:
@@ -100,22 +128,26 @@ def torch_library(threads: int) -> Callable[..., dict[str, Callable[[], Any]]] |
     torch.set_num_threads(threads)
     functional = torch.nn.functional
 
-    def as_torch(a: np.ndarray, layout: str) -> Any:
-        t = torch.from_numpy(a)
+    def as_torch(a: Any, layout: str) -> Any:
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)  # CUDA data: tensors
         if layout == "nhwc":  # NCHW view in channels_last memory format: PyTorch's own layout
             return t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
         if layout == "last" and a.ndim > 2:  # (B, T, C) normalized over C is (B*T, C)
             return t.reshape(-1, a.shape[-1])
         return t
 
-    def make(x: np.ndarray, dy: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
+    def make(x: Any, dy: Any, layout: str) -> dict[str, Callable[[], Any]]:
         tx, tdy = as_torch(x, layout), as_torch(dy, layout)
         c = tx.shape[1]
-        weight, bias = torch.ones(c), torch.zeros(c)
-        mean, var = torch.zeros(c), torch.ones(c)
-        _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            tx, weight, bias, mean, var, True, 1 - MOMENTUM, EPSILON
+        weight, bias = torch.ones(c, device=tx.device), torch.zeros(c, device=tx.device)
+        mean, var = torch.zeros(c, device=tx.device), torch.ones(c, device=tx.device)
+        # The training forward functional.batch_norm runs, keeping what its backward needs: the
+        # saved statistics, cuDNN's reserve space and which implementation ran (1 is cuDNN).
+        _, save_mean, save_invstd, reserve, implementation = torch.ops.aten._batch_norm_impl_index(
+            tx, weight, bias, mean, var, True, 1 - MOMENTUM, EPSILON, torch.backends.cudnn.enabled
         )
+        if tx.is_cuda and implementation != 1:  # the CUDA columns claim cuDNN: say where not
+            print(f"note: PyTorch runs {tuple(tx.shape)} without cuDNN (impl. {implementation})")
         return {
             "train": lambda: functional.batch_norm(
                 tx, mean, var, weight, bias, True, 1 - MOMENTUM, EPSILON
@@ -123,8 +155,19 @@ def torch_library(threads: int) -> Callable[..., dict[str, Callable[[], Any]]] |
             "infer": lambda: functional.batch_norm(
                 tx, mean, var, weight, bias, False, 1 - MOMENTUM, EPSILON
             ),
-            "backward": lambda: torch.ops.aten.native_batch_norm_backward(
-                tdy, tx, weight, mean, var, save_mean, save_invstd, True, EPSILON, [True] * 3
+            "backward": lambda: torch.ops.aten._batch_norm_impl_index_backward(
+                implementation,
+                tx,
+                tdy,
+                weight,
+                mean,
+                var,
+                save_mean,
+                save_invstd,
+                True,
+                EPSILON,
+                [True] * 3,
+                reserve,
             ),
         }
 
@@ -222,10 +265,20 @@ def peak_growth_mib(call: Callable[[], Any]) -> float | None:
     return max(peak - before, 0) / 1024  # a call that frees more than it keeps grows nothing
 
 
+def cuda_peak_growth_mib(torch: Any, call: Callable[[], Any]) -> float:
+    """Growth of torch's CUDA allocations during one call (its temporaries and new outputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def memory_child(args: argparse.Namespace, libraries: dict[str, Any], modes: list[str]) -> None:
     """Prints {library: {mode: peak MiB}} for the one case --memory-of names, as JSON."""
-    label, shape, layout = CASES[args.memory_of]
-    x, dy = case_data(shape, layout)
+    label, shape, layout = cases(args.batch_scale)[args.memory_of]
+    x, dy = case_data(shape, layout, "cpu")
     result: dict[str, dict[str, float | None]] = {}
     for name, make in libraries.items():
         calls = make(x, dy, layout)
@@ -250,25 +303,87 @@ def peaks_of(case: int, argv: list[str]) -> dict[str, dict[str, float | None]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def case_data(shape: tuple[int, ...], layout: str) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(stored_shape(shape, layout), dtype=np.float32) * 2.0 + 0.5
-    return x, rng.standard_normal(x.shape, dtype=np.float32)
+def case_data(shape: tuple[int, ...], layout: str, device: str) -> tuple[Any, Any]:
+    """x and dy: NumPy arrays on the CPU, torch tensors made on the GPU for CUDA (generating
+    hundreds of MiB there is faster than on the host and copying them over)."""
+    if device == "cpu":
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(stored_shape(shape, layout), dtype=np.float32) * 2.0 + 0.5
+        return x, rng.standard_normal(x.shape, dtype=np.float32)
+    import torch
+
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(stored_shape(shape, layout), generator=generator, device=device) * 2.0 + 0.5
+    return x, torch.randn(x.shape, generator=generator, device=device)
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+def wall_seconds(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def cuda_seconds(torch: Any) -> Callable[[Callable[[], Any]], float]:
+    """Times a call with CUDA events on the current stream (where both libraries queue their
+    kernels), starting on an idle device so that the events bracket this call's work alone."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+
+    def seconds(call: Callable[[], Any]) -> float:
+        torch.cuda.synchronize()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return seconds
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]], reps: int, seconds: Callable[[Callable[[], Any]], float]
+) -> dict[str, list[float]]:
     """Times every library's call once per round, rotating the order from round to round."""
     names = list(calls)
-    for name in names:  # warm-up: first-touch of outputs, thread pools, tracing
+    for name in names:  # warm-up: first-touch of outputs, thread pools, tracing, cuDNN plans
         calls[name]()
         calls[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(calls[name]))
     return times
+
+
+def cuda_torch() -> Any:
+    """torch, when both it and batchnorm reach a CUDA device; otherwise exits saying why."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("compare.py: --device cuda needs PyTorch built with CUDA (pip install torch)")
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append(f"PyTorch {torch.__version__} sees no CUDA device")
+    if not batchnorm.cuda_available():
+        problems.append(
+            "batchnorm.cuda_available() is False (a build without the CUDA backend, or no GPU)"
+        )
+    if problems:
+        sys.exit(f"compare.py: --device cuda: {'; '.join(problems)}")
+    return torch
+
+
+def bandwidth(mode: str, nbytes: int, times: dict[str, list[float]]) -> dict[str, float]:
+    """batchnorm's and the copy probe's GB/s under the byte model, and batchnorm's % of the probe
+    as the median of per-round ratios (robust to the bandwidth drifting between rounds)."""
+    passes, ours_s, copy_s = PASSES[mode], times["batchnorm"], times["copy"]
+    percents = [100 * passes * c / (2 * t) for t, c in zip(ours_s, copy_s)]
+    return {
+        "copy_ms": statistics.median(copy_s) * 1e3,
+        "copy_gbps": 2 * nbytes / statistics.median(copy_s) / 1e9,
+        "batchnorm_gbps": passes * nbytes / statistics.median(ours_s) / 1e9,
+        "batchnorm_percent_of_copy": statistics.median(percents),
+    }
 
 
 def main() -> None:
@@ -286,49 +401,92 @@ def main() -> None:
         default="torch,tensorflow,numpy",
         help="the libraries to compare with, among those installed (batchnorm always runs)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the data lives and both batchnorm and PyTorch run (cuda: CUDA device 0)",
+    )
+    parser.add_argument(
+        "--batch-scale",
+        type=int,
+        default=None,
+        help="multiplies every case's batch (first dimension); default 4 on cuda, 1 on cpu",
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
+    cuda = args.device == "cuda"
+    if args.batch_scale is None:
+        args.batch_scale = 4 if cuda else 1
+    if args.batch_scale < 1:
+        parser.error("--batch-scale must be at least 1")
+    torch = cuda_torch() if cuda else None
 
     wanted = set(args.libraries.split(","))
     libraries: dict[str, Callable[..., dict[str, Callable[[], Any]]]] = {"batchnorm": ours}
     if "torch" in wanted and (torch_make := torch_library(args.threads)):
         libraries["torch"] = torch_make
-    if "tensorflow" in wanted and (tf_make := tensorflow_library()):
-        libraries["tensorflow"] = tf_make
-    if "numpy" in wanted:
-        libraries["numpy"] = numpy_library
+    if not cuda:  # NumPy and TensorFlow (CPU builds) compute on the host
+        if "tensorflow" in wanted and (tf_make := tensorflow_library()):
+            libraries["tensorflow"] = tf_make
+        if "numpy" in wanted:
+            libraries["numpy"] = numpy_library
     others = [name for name in libraries if name != "batchnorm"]
     if args.memory_of is not None:
         memory_child(args, libraries, modes)
         return
+    selected = [
+        (i, case) for i, case in enumerate(cases(args.batch_scale)) if args.cases in case[0]
+    ]
+    if not selected:
+        parser.error(f"no case label contains {args.cases!r}")
 
-    print(
-        f"{len(libraries)} libraries ({', '.join(libraries)}), {args.threads} threads,"
-        f" {args.reps} interleaved rounds; median ms, ratio = other / batchnorm,"
-        " peak = resident growth during a call (MiB)"
-    )
-    header = f"{'case':24} {'mode':8} {'batchnorm':>10} {'peak':>6}"
+    scaled = f", batch x{args.batch_scale}" if args.batch_scale != 1 else ""
+    header = f"{'case':24} {'mode':8} {'batchnorm':>10}"
+    if cuda:
+        where = torch.cuda.get_device_name(0)
+        print(
+            f"{len(libraries)} libraries ({', '.join(libraries)}) on {where}{scaled},"
+            f" {args.reps} interleaved rounds; median ms (CUDA events), ratio = other / batchnorm,"
+            " GB/s under the byte model (train 3 passes, infer 2, backward 5, copy 2),"
+            " copy = device-to-device copy of the input in the same rounds, % copy = median of"
+            " per-round ratios, peak = growth of torch.cuda.max_memory_allocated during a call"
+            " (MiB)"
+        )
+        header += f" {'GB/s':>7} {'copy':>7} {'% copy':>6}"
+    else:
+        where = f"{args.threads} threads"
+        print(
+            f"{len(libraries)} libraries ({', '.join(libraries)}), {where}{scaled},"
+            f" {args.reps} interleaved rounds; median ms, ratio = other / batchnorm,"
+            " peak = resident growth during a call (MiB)"
+        )
+    header += f" {'peak':>6}"
     for name in others:
         header += f" {name:>10} {'ratio':>6} {'peak':>6}"
     print(header)
 
     rows = []
+    seconds = cuda_seconds(torch) if cuda else wall_seconds
     child_argv = ["--threads", str(args.threads), "--modes", args.modes]
-    child_argv += ["--libraries", args.libraries]
-    for index, (label, shape, layout) in enumerate(CASES):
-        if args.cases and args.cases not in label:
-            continue
-        x, dy = case_data(shape, layout)
+    child_argv += ["--libraries", args.libraries, "--batch-scale", str(args.batch_scale)]
+    for index, (label, shape, layout) in selected:
+        x, dy = case_data(shape, layout, "cuda:0" if cuda else "cpu")
         per_library = {name: make(x, dy, layout) for name, make in libraries.items()}
-        memory = {} if args.no_memory else peaks_of(index, child_argv)
+        if cuda:  # the bandwidth probe: a copy of the input, on the same device
+            per_library["copy"] = dict.fromkeys(modes, partial(torch.empty_like(x).copy_, x))
+        memory = {} if args.no_memory or cuda else peaks_of(index, child_argv)
         for mode in modes:
-            calls = {name: per_library[name][mode] for name in libraries}
-            times = interleaved(calls, args.reps)
+            calls = {name: per_library[name][mode] for name in per_library}
+            times = interleaved(calls, args.reps, seconds)
             medians = {name: statistics.median(t) for name, t in times.items()}
-            peaks = {name: memory.get(name, {}).get(mode) for name in libraries}
+            if cuda and not args.no_memory:
+                peaks = {name: cuda_peak_growth_mib(torch, calls[name]) for name in libraries}
+            else:
+                peaks = {name: memory.get(name, {}).get(mode) for name in libraries}
             row = {
                 "case": label,
                 "mode": mode,
@@ -337,8 +495,13 @@ def main() -> None:
                 **{f"{name}_peak_mib": peaks[name] for name in libraries},
                 **{f"{name}_ratio": medians[name] / medians["batchnorm"] for name in others},
             }
+            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.3f}"
+            if cuda:
+                row.update(bandwidth(mode, x.nbytes, times))
+                line += f" {row['batchnorm_gbps']:7.0f} {row['copy_gbps']:7.0f}"
+                line += f" {row['batchnorm_percent_of_copy']:5.0f}%"
             rows.append(row)
-            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.3f} {_mib(peaks['batchnorm'])}"
+            line += f" {_mib(peaks['batchnorm'])}"
             for name in others:
                 line += (
                     f" {row[f'{name}_ms']:10.3f} {row[f'{name}_ratio']:5.1f}x {_mib(peaks[name])}"
@@ -352,14 +515,14 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     if args.png:
-        chart(rows, others, args.png, args.threads)
+        chart(rows, others, args.png, f"float32, {where}{scaled}")
 
 
 def _mib(value: float | None) -> str:
     return f"{'n/a':>6}" if value is None else f"{value:6.1f}"
 
 
-def chart(rows: list[dict[str, Any]], others: list[str], path: str, threads: int) -> None:
+def chart(rows: list[dict[str, Any]], others: list[str], path: str, setting: str) -> None:
     try:
         import matplotlib
 
@@ -378,7 +541,7 @@ def chart(rows: list[dict[str, Any]], others: list[str], path: str, threads: int
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_yscale("log")
     axes.set_ylabel("time relative to batchnorm (higher: batchnorm faster)")
-    axes.set_title(f"float32, {threads} threads, median of interleaved rounds")
+    axes.set_title(f"{setting}, median of interleaved rounds")
     axes.set_xticks(positions, labels, rotation=90, fontsize=7)
     axes.legend()
     fig.tight_layout()
