@@ -479,7 +479,8 @@ class BatchNormalization:
         )
         if self._options_cache is not None and self._options_cache[0] == key:
             return self._options_cache[1]
-        key = key[:4] + (dict(self.renorm_clipping or {}),) + key[5:]
+        clipping = self.renorm_clipping
+        key = key[:4] + (None if clipping is None else dict(clipping),) + key[5:]
         options = _core.Options()
         options.axes = list(self._axes)
         options.momentum = self.momentum
