@@ -15,6 +15,20 @@
 #include "batchnorm/cuda/runtime.hpp"
 #include "batchnorm/detail/backend.hpp"
 
+namespace batchnorm {
+
+namespace {
+// Per thread, like a framework's "current stream": threads driving different streams do not
+// interfere.
+thread_local void* current_cuda_stream = nullptr;
+}  // namespace
+
+void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
+
+void* cuda_stream() { return current_cuda_stream; }
+
+}  // namespace batchnorm
+
 namespace batchnorm::cuda {
 
 void check(cudaError_t status, const char* what) {
