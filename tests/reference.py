@@ -6,7 +6,9 @@ masks are explicit 0/1 weights, every formula appears once in its textbook form.
 Where SPEC leaves room, this reference decides:
 - adjustment terms are broadcast to the Keras weight shape ((C,) for one feature axis), so a
   (C,) pair works for any axis;
-- mask values must be booleans or 0/1 (anything else is an error);
+- mask values must be booleans or 0/1 (anything else is an error); a mask of rank ndim - 1 is
+  Keras' form (the input's leading axes, broadcast along the last axis), one of rank ndim has
+  each dimension equal to the input's or 1;
 - with masks and ghost batches, the moving update and renorm's r, d use the mean over the
   ghost batches that have valid positions; if no position is valid at all, r, d come from
   μ = σ² = 0 (what Keras' masked moments give) and every moving/renorm statistic is kept.
@@ -193,18 +195,16 @@ class ReferenceBN:
             if not np.all((m == 0) | (m == 1)):
                 raise ValueError("mask values must be booleans or 0/1")
         m = m.astype(np.float64)
-        reduced_shape = tuple(shape[a] for a in self.reduced_axes)
+        if m.ndim == len(shape) - 1:
+            m = m[..., None]  # Keras: the leading axes, broadcast along the last axis
+        elif m.ndim != len(shape):
+            raise ValueError(f"mask of rank {m.ndim} for an input of rank {len(shape)}")
         try:
-            if m.ndim > len(reduced_shape):
-                raise ValueError("mask has too many dimensions")
-            m = np.broadcast_to(m, reduced_shape)
+            return np.broadcast_to(m, shape).copy()  # equal ranks: each dim equal or 1
         except ValueError as exc:
             raise ValueError(
-                f"mask of shape {np.shape(mask)} does not broadcast to the input "
-                f"shape without feature axes {reduced_shape}"
+                f"mask of shape {np.shape(mask)} does not fit the input shape {shape}"
             ) from exc
-        m = np.expand_dims(m, self.axes)  # size-1 feature axes, then spread over features
-        return np.broadcast_to(m, shape).copy()
 
     def _ghost_groups(self, n: int) -> list[np.ndarray]:
         """Sample indices of each ghost batch (one group = the whole batch without ghosts)."""
@@ -250,7 +250,7 @@ class ReferenceBN:
         groups = []
         for idx in self._ghost_groups(x.shape[0]):
             xg, wg = x[idx], valid[idx]
-            count = wg.sum(axis=R, keepdims=True)  # per feature (same for all features)
+            count = wg.sum(axis=R, keepdims=True)  # per feature
             has = count > 0
             safe = np.where(has, count, 1.0)
             # Masked positions are excluded with where(), so NaN there cannot leak in.

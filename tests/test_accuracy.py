@@ -28,7 +28,10 @@ def _reference(x: np.ndarray, axis: int, mask: np.ndarray | None, groups: int):
     x64 = np.moveaxis(x.astype(np.float64), axis, -1)
     features = x64.shape[-1]
     rows = x64.reshape(x64.shape[0], -1, features)
-    valid = np.ones(rows.shape[:2], bool) if mask is None else mask.reshape(rows.shape[:2])
+    if mask is None:
+        valid = np.ones(rows.shape[:2], bool)
+    else:  # a full-rank mask with size 1 on the feature axis
+        valid = np.moveaxis(mask, axis, -1).reshape(rows.shape[:2])
     means, variances = [], []
     for g in range(groups):  # Keras' ghost batch g holds samples g, g + G, ...
         values = rows[g::groups][valid[g::groups]]
@@ -53,8 +56,8 @@ def test_variance_of_large_mean_float32_data(case):
     x = _large_mean_data(shape, axis, seed=len(case))
     mask = None
     if masked:
-        reduced = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
-        mask = np.random.default_rng(1).random(reduced) < 0.75
+        positions = tuple(1 if i == axis % len(shape) else s for i, s in enumerate(shape))
+        mask = np.random.default_rng(1).random(positions) < 0.75
     groups = shape[0] // virtual_batch_size if virtual_batch_size else 1
     layer = batchnorm.BatchNormalization(
         axis=axis, momentum=0.0, virtual_batch_size=virtual_batch_size

@@ -56,8 +56,8 @@ for seed, (name, (shape, axis, dtype, vbs, masked)) in enumerate(CASES.items()):
         x, dy = x.astype(dtype), dy.astype(dtype)
     mask = None
     if masked:
-        reduced = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
-        mask = rng.random(reduced) < 0.7
+        positions = tuple(1 if i == axis % len(shape) else s for i, s in enumerate(shape))
+        mask = rng.random(positions) < 0.7
     layer = batchnorm.BatchNormalization(
         axis=axis, momentum=0.9, virtual_batch_size=vbs,
         dtype="mixed_bfloat16" if dtype == "bfloat16" else dtype)

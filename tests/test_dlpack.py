@@ -98,7 +98,7 @@ def test_torch_mask_errors() -> None:
     x = torch.from_numpy(data((4, 3, 2)))
     with pytest.raises(ValueError, match="0/1"):
         lay(x, training=True, mask=torch.full((4, 3), 2))
-    with pytest.raises(ValueError, match="not broadcastable"):
+    with pytest.raises(ValueError, match="does not fit"):
         lay(x, training=True, mask=torch.ones((4, 2), dtype=torch.bool))
 
 

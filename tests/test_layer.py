@@ -5,6 +5,7 @@ views; plus finite-difference gradients of the layer itself in float64."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -133,9 +134,42 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
 
 @pytest.mark.parametrize("shape,axis", [((6, 5, 4), -1), ((6, 4, 5), 1)], ids=["btc", "bct"])
 def test_masks(shape: tuple[int, ...], axis: int) -> None:
-    reduced = (shape[0], shape[2] if axis == 1 else shape[1])
+    # Keras' form: the leading axes, broadcast along the last. With axis=1 on (B, C, T) that
+    # is a (B, C) mask: each feature counts its own (sample, channel) rows.
     run_case(
-        shape, np.float64, [True, True, False], mask_fn=lambda r: r.random(reduced) > 0.3, axis=axis
+        shape,
+        np.float64,
+        [True, True, False],
+        mask_fn=lambda r: r.random(shape[:-1]) > 0.3,
+        axis=axis,
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,axis,mask_shape,vbs",
+    [
+        ((6, 3, 4, 5), 1, (6, 1, 4, 5), None),  # per-pixel NCHW mask
+        ((6, 3, 4, 5), 1, (6, 3, 4, 5), 2),  # every position on its own, ghost batches
+        ((6, 4, 5, 3), -1, (6, 4, 5, 3), None),  # channels-last, varying along the features
+        ((6, 4, 5, 3), [1, 3], (6, 4, 5, 1), None),  # axis list, mask along a feature axis
+        ((6, 4, 3), 1, (6, 4), 3),  # Keras' form on (B, C, T) with ghost batches
+        # float32 sizes large enough for the vector, fused-plane and blocked kernels:
+        ((16, 64, 14, 14), 1, (16, 64, 14), None),  # Keras' form on NCHW: (B, C, H)
+        ((8, 40, 33, 33), 1, (8, 40, 33), 4),  # long planes, ghost batches
+        ((16, 7, 7, 64), -1, (16, 7, 7, 64), None),  # channels-last, per position
+        ((512, 96), -1, (512, 96), None),  # dense rows, per position
+    ],
+)
+def test_masks_varying_along_features(
+    shape: tuple[int, ...], axis: Any, mask_shape: tuple[int, ...], vbs: int | None
+) -> None:
+    run_case(
+        shape,
+        np.float64 if math.prod(shape) < 10_000 else np.float32,
+        [True, True, False],
+        mask_fn=lambda r: r.random(mask_shape) > 0.4,
+        axis=axis,
+        virtual_batch_size=vbs,
     )
 
 
@@ -212,7 +246,7 @@ def test_zero_size_batch_keeps_moving_statistics() -> None:
 def test_all_masked_feature_keeps_moving_statistics() -> None:
     layer = batchnorm.BatchNormalization(axis=1, dtype="float64")
     x = np.random.default_rng(3).normal(size=(4, 2, 5))
-    mask = np.zeros((4, 5), bool)
+    mask = np.zeros((4, 2), bool)  # Keras' form for axis=1 on (B, C, T): (B, C)
     layer.build(x.shape)
     before = layer.get_weights()
     y = layer(x, training=True, mask=mask)
@@ -254,8 +288,7 @@ def test_finite_difference_gradients(
     state = layer.get_weights()
     x = rng.normal(size=shape) * 2 + 1
     dy = rng.normal(size=shape)
-    reduced = tuple(s for i, s in enumerate(shape) if i not in layer._axes)
-    mask = rng.random(reduced) > 0.3 if use_mask else None
+    mask = rng.random(shape[:-1]) > 0.3 if use_mask else None  # (B, C) for axis=1: per feature
 
     def loss(
         x_: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None

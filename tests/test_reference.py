@@ -298,17 +298,26 @@ def test_mask_shapes() -> None:
     x = rng_x((3, 4, 2))
     full = np.array([[1, 0, 1, 1]] * 3)
     y_full = make_layer(x.shape).forward(x, training=True, mask=full)
-    y_bcast = make_layer(x.shape).forward(x, training=True, mask=np.array([1, 0, 1, 1]))
+    y_bcast = make_layer(x.shape).forward(x, training=True, mask=np.array([[1, 0, 1, 1]]))
     np.testing.assert_allclose(y_full, y_bcast, rtol=1e-14)
-    # NCHW, axis 1: the mask is (B, H, W).
+    # NCHW, axis 1: a per-pixel mask is full rank, (B, 1, H, W).
     xc = rng_x((2, 3, 4, 5))
     m = np.random.default_rng(0).random((2, 4, 5)) > 0.3
-    yc = make_layer(xc.shape, axis=1, momentum=0.0).forward(xc, training=True, mask=m)
+    yc = make_layer(xc.shape, axis=1, momentum=0.0).forward(xc, training=True, mask=m[:, None])
     sel = np.transpose(xc, (0, 2, 3, 1))[m]  # (n_valid, C)
     mean = sel.mean(axis=0)[None, :, None, None]
     var = sel.var(axis=0)[None, :, None, None]
     np.testing.assert_allclose(yc, (xc - mean) / np.sqrt(var + EPS), rtol=1e-12)
-    for bad in (np.ones((3, 5)), np.ones((3, 4, 2)), np.full((3, 4), 2.0)):
+    # Keras' rank - 1 form on (B, C, T) with axis 1 is (B, C): each channel its own rows.
+    xt = rng_x((5, 3, 4))
+    mt = np.random.default_rng(1).random((5, 3)) > 0.4
+    yt = make_layer(xt.shape, axis=1, momentum=0.0).forward(xt, training=True, mask=mt)
+    for c in range(3):
+        rows = xt[mt[:, c], c, :]
+        expected = (xt[:, c, :] - rows.mean()) / np.sqrt(rows.var() + EPS)
+        np.testing.assert_allclose(yt[:, c, :], expected, rtol=1e-12, atol=1e-14)
+    bad_masks = (np.ones((3, 5)), np.ones((3, 4, 3)), np.full((3, 4), 2.0), np.ones(4))
+    for bad in bad_masks:
         with pytest.raises(ValueError):
             make_layer(x.shape).forward(x, training=True, mask=bad)
 
@@ -504,9 +513,14 @@ GRAD_CASES: dict[str, tuple[tuple[int, ...], dict[str, Any], Any]] = {
     "dense_no_affine": ((5, 3), {"center": False, "scale": False}, None),
     "center_only": ((5, 3), {"scale": False}, None),
     "mask_btc": ((3, 4, 2), {}, _mask_btc()),
-    "mask_nchw": ((2, 2, 3, 2), {"axis": 1}, np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)),
-    "mask_one_valid": ((3, 4, 2), {}, np.array([0, 0, 1, 0])),
-    "mask_none_valid": ((3, 4, 2), {}, np.zeros(4)),
+    "mask_nchw": (
+        (2, 2, 3, 2),
+        {"axis": 1},
+        np.array([[[[1, 0], [1, 1], [0, 1]]]], dtype=bool),  # (1, 1, H, W): per pixel
+    ),
+    "mask_bct_keras": ((3, 2, 4), {"axis": 1}, np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)),
+    "mask_one_valid": ((3, 4, 2), {}, np.array([[0, 0, 1, 0]])),
+    "mask_none_valid": ((3, 4, 2), {}, np.zeros((1, 4))),
     "ghost": ((6, 2, 2), {"virtual_batch_size": 3}, None),
     "ghost_mask": (
         (6, 2, 2),

@@ -33,6 +33,16 @@ void merge_contiguous(LoopNest& nest, int operands) {
   if (nest.count == 0) nest.dims[nest.count++] = LoopDim{};  // a single element, stride 0
 }
 
+// A nest with an empty dim has no elements at all. It becomes one empty dim: the kernels turn
+// linear indices into multi-indices with a modulo by each dim's size, which an empty dim among
+// others would turn into a division by zero.
+void collapse_empty(LoopNest& nest) {
+  if (nest.total() != 0) return;
+  nest.count = 1;
+  nest.dims[0] = LoopDim{};
+  nest.dims[0].size = 0;
+}
+
 }  // namespace
 
 Plan make_plan(const TensorRef& shape_source, std::uint32_t feature_axes, std::int64_t groups,
@@ -71,6 +81,8 @@ Plan make_plan(const TensorRef& shape_source, std::uint32_t feature_axes, std::i
                    });
   merge_contiguous(plan.stat, operand_count);
   merge_contiguous(plan.reduced, operand_count);
+  collapse_empty(plan.stat);
+  collapse_empty(plan.reduced);
 
   const LoopDim& inner = plan.stat.dims[plan.stat.count - 1];
   plan.row = inner.size > 1;

@@ -73,8 +73,12 @@ class Framework:
         return CPU
 
     def cast(self, array: Any, dtype: np.dtype) -> Any:
-        """`array` itself when it already has `dtype` (zero-copy), else a converted copy."""
-        return array if array.dtype == dtype else array.astype(dtype)
+        """`array` itself when it already has `dtype` and is aligned (zero-copy), else a
+        converted or aligned copy: the kernels read elements through typed pointers, which must
+        be aligned to the item size (NumPy views of raw bytes at an odd offset are not)."""
+        if array.dtype != dtype:
+            return array.astype(dtype)
+        return array if array.flags.aligned else array.copy()
 
     def empty_like(self, array: Any) -> Any:
         return np.empty_like(array)
@@ -90,11 +94,16 @@ class Framework:
             return array.view(np.uint16), True
         return array, False
 
-    def check_out(self, out: Any, x: Any) -> None:
+    def check_out(self, out: Any) -> None:
+        """Rejects an `out=` array the kernels cannot write."""
         if not out.flags.writeable:
             raise ValueError("out: the array is read-only")
-        if np.shares_memory(out, x):
-            raise ValueError("out: must not overlap the input")
+
+    def span(self, array: Any) -> tuple[int, int]:
+        """The byte range [low, high) the array's elements occupy."""
+        interface = array.__array_interface__
+        strides = array.strides
+        return _bounds(interface["data"][0], tuple(array.shape), tuple(strides), array.itemsize)
 
     def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
         return np.broadcast_to(array, shape)
@@ -132,6 +141,26 @@ def _bounds(pointer: int, shape: tuple[int, ...], strides: tuple[int, ...], item
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1] and a[0] != a[1] and b[0] != b[1]
+
+
+def check_no_overlap(out: Any, others: dict[str, Any]) -> None:
+    """Raises if `out` shares memory with any of `others` (name -> array or None): the kernels
+    read their inputs while they write, so a result that overlaps an input (x, dy or the mask)
+    would be computed from partly overwritten data. Two NumPy arrays are compared exactly
+    (interleaved views that never touch pass); others by the byte ranges they span."""
+    out_framework = framework_of(out)
+    for name, other in others.items():
+        if other is None:
+            continue
+        other_framework = framework_of(other)
+        if out_framework is _NUMPY and other_framework is _NUMPY:
+            overlapping = np.shares_memory(out, other)
+        elif out_framework.device(out) != other_framework.device(other):
+            continue
+        else:
+            overlapping = _overlap(out_framework.span(out), other_framework.span(other))
+        if overlapping:
+            raise ValueError(f"out: must not overlap {name}")
 
 
 class TorchFramework(Framework):
@@ -175,14 +204,13 @@ class TorchFramework(Framework):
         view = array.detach() if array.requires_grad else array
         return view, array.dtype == self.torch.bfloat16
 
-    def _range(self, array: Any) -> tuple[int, int]:
+    def span(self, array: Any) -> tuple[int, int]:
         size = array.element_size()
         strides = tuple(s * size for s in array.stride())
         return _bounds(array.data_ptr(), tuple(array.shape), strides, size)
 
-    def check_out(self, out: Any, x: Any) -> None:
-        if _overlap(self._range(out), self._range(x)):
-            raise ValueError("out: must not overlap the input")
+    def check_out(self, out: Any) -> None:
+        pass  # torch tensors are always writable
 
     def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
         return self.torch.broadcast_to(array, shape)
@@ -216,12 +244,11 @@ class CupyFramework(Framework):
     def kernel(self, array: Any) -> tuple[Any, bool]:
         return array, False
 
-    def check_out(self, out: Any, x: Any) -> None:
-        def span(a: Any) -> tuple[int, int]:
-            return _bounds(a.data.ptr, tuple(a.shape), tuple(a.strides), a.itemsize)
+    def span(self, array: Any) -> tuple[int, int]:
+        return _bounds(array.data.ptr, tuple(array.shape), tuple(array.strides), array.itemsize)
 
-        if _overlap(span(out), span(x)):
-            raise ValueError("out: must not overlap the input")
+    def check_out(self, out: Any) -> None:
+        pass  # CuPy arrays are always writable
 
     def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
         return self.cupy.broadcast_to(array, shape)
@@ -260,8 +287,14 @@ class JaxFramework(Framework):
             return Framework.kernel(self, array)
         return array, self.dtype_name(array) == "bfloat16"
 
-    def check_out(self, out: Any, x: Any) -> None:
+    def check_out(self, out: Any) -> None:
         raise TypeError("out: JAX arrays are immutable; call without out= to get a new array")
+
+    def span(self, array: Any) -> tuple[int, int]:
+        if isinstance(array, np.ndarray):  # a result buffer before it is handed to JAX
+            return Framework.span(self, array)
+        pointer = array.unsafe_buffer_pointer()  # JAX buffers are dense, row-major
+        return pointer, pointer + array.size * array.dtype.itemsize
 
     def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
         # JAX materializes broadcasts, while the kernels need the mask as a view with stride 0

@@ -18,6 +18,7 @@ from ._arrays import (
     CPU,
     Device,
     assign_vector,
+    check_no_overlap,
     check_numeric,
     device_vector,
     framework_of,
@@ -498,7 +499,10 @@ class BatchNormalization:
     def _prepare_input(self, inputs: Any) -> Any:
         if (
             type(inputs) is np.ndarray
+            and self._numpy_compute_dtype is not None
+            # (`dtype == None` is True in NumPy: the None test above must come first)
             and inputs.dtype == self._numpy_compute_dtype
+            and inputs.flags.aligned
             and self._device.type == "cpu"
             and inputs.ndim == self._input_rank
             and tuple([inputs.shape[a] for a in self._axes]) == self._feature_shape
@@ -525,12 +529,28 @@ class BatchNormalization:
         self._check_device(framework.device(array), "the input")
         return framework.cast(array, data_dtype(self._policy, framework.dtype(array)))
 
-    def _prepare_mask(self, mask: Any, x: Any) -> Any:
-        """The mask as a view of x's shape (stride 0 along the feature axes), in the mask's own
-        framework and on its device."""
+    def _prepare_mask(self, mask: Any, x: Any, training: bool) -> Any:
+        """The mask as a view of x's shape (stride 0 where it broadcasts), in the mask's own
+        framework and on its device; None at inference, where the mask is not used.
+
+        Two forms are accepted. Keras' own: rank `x.ndim - 1`, aligned with x's leading axes
+        and broadcast along the last axis, whatever the feature axes are (on `(B, C, T)` with
+        axis=1 a `(B, C)` mask selects whole (sample, channel) rows). And this package's
+        general form: x's full rank, each dimension x's size or 1 (e.g. `(B, 1, H, W)` for
+        per-pixel masks on NCHW). Like Keras, inference only checks the rank."""
         if mask is None:
             return None
         array = read(mask, "mask")
+        shape = tuple(array.shape)
+        rank = len(x.shape)
+        if len(shape) not in (rank - 1, rank):
+            raise ValueError(
+                f"mask: shape {shape} has rank {len(shape)}, but an input of rank {rank} takes "
+                f"a mask of rank {rank - 1} (Keras' form: the input's leading axes, broadcast "
+                f"along the last axis) or of rank {rank} (each dimension the input's or 1)"
+            )
+        if not training:
+            return None
         framework = framework_of(array)
         self._check_device(framework.device(array), "the mask")
         if framework.dtype_name(array) != "bool":
@@ -538,22 +558,16 @@ class BatchNormalization:
             if not framework.all_binary(array):
                 raise ValueError("mask: values must be booleans or 0/1")
             array = framework.cast(array, np.dtype(bool))
-        rank = len(x.shape)
-        reduced_axes = [i for i in range(rank) if i not in self._axes]
-        reduced_shape = tuple(x.shape[i] for i in reduced_axes)
-        shape = tuple(array.shape)
-        if len(shape) == rank and all(shape[a] == 1 for a in self._axes):
-            shape = tuple(shape[i] for i in reduced_axes)
-        # NumPy broadcasting rules, checked here so every framework reports the same error.
-        if len(shape) > len(reduced_shape) or any(
-            m not in (1, r) for m, r in zip(shape[::-1], reduced_shape[::-1])
-        ):
-            raise ValueError(
-                f"mask: shape {tuple(np.shape(mask))} is not broadcastable to {reduced_shape}, "
-                f"the input shape {tuple(x.shape)} without the feature axes {self._axes}"
+        full = shape + (1,) if len(shape) == rank - 1 else shape
+        if any(m not in (1, n) for m, n in zip(full, x.shape)):
+            form = (
+                "Keras aligns a mask of rank input rank - 1 with the input's leading axes"
+                if len(shape) == rank - 1
+                else "each dimension must be the input's or 1"
             )
-        padded = iter((1,) * (len(reduced_shape) - len(shape)) + shape)
-        full = tuple(1 if i in self._axes else next(padded) for i in range(rank))
+            raise ValueError(
+                f"mask: shape {shape} does not fit the input shape {tuple(x.shape)} ({form})"
+            )
         return framework.broadcast_to(array.reshape(full), tuple(x.shape))
 
     def _adjustment_vectors(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -577,8 +591,11 @@ class BatchNormalization:
             vectors.append(device_vector(np.array(full, dtype=dtype), self._device))
         return vectors[0], vectors[1]
 
-    def _output_array(self, x: Any, out: Any) -> Any:
-        """`out` checked against x, or a new array like x from x's own framework."""
+    def _output_array(self, x: Any, out: Any, inputs: dict[str, Any]) -> Any:
+        """The array the kernels write: a new one like x from x's own framework, or `out`
+        checked against x and the call's `inputs` (name -> array or None), which it must not
+        overlap. A NumPy `out` that is not aligned to its item size gets an aligned stand-in,
+        copied into it by `_deliver`."""
         framework = framework_of(x)
         if out is None:
             return framework.empty_like(x)
@@ -598,7 +615,18 @@ class BatchNormalization:
             raise ValueError(
                 f"out: is on {framework.device(out)} but the input is on {framework.device(x)}"
             )
-        framework.check_out(out, x)
+        framework.check_out(out)
+        check_no_overlap(out, inputs)
+        if isinstance(out, np.ndarray) and not out.flags.aligned:
+            return np.empty_like(x)
+        return out
+
+    def _deliver(self, result: Any, out: Any) -> Any:
+        """What a call returns: `out` when given (filled), else the new result array."""
+        if out is None:
+            return framework_of(result).finish(result, self._device)
+        if result is not out:  # the aligned stand-in for a misaligned NumPy `out`
+            out[...] = result
         return out
 
     def _communicator_hook(self) -> Any:
@@ -620,12 +648,13 @@ class BatchNormalization:
         selects the positions the statistics use; `out` receives the result in place."""
         x = self._prepare_input(inputs)
         framework = framework_of(x)
-        y = self._output_array(x, out)
+        train = bool(training) and self._trainable
+        mask_view = self._prepare_mask(mask, x, train)
+        y = self._output_array(x, out, {"the input": x, "the mask": mask_view})
         x_view, bfloat16 = framework.kernel(x)
         y_view, _ = framework.kernel(y)
         options = self._options()
-        if training and self._trainable:
-            mask_view = self._prepare_mask(mask, x)
+        if train:
             adjust = (None, None)
             if self.adjustment is not None:
                 adjust = self._adjustment_vectors(tuple(x.shape))
@@ -653,12 +682,10 @@ class BatchNormalization:
                 "communicator": hook,
             }
         else:
-            if mask is not None:
-                self._prepare_mask(mask, x)  # validated, but unused at inference (as Keras)
             self._on_stream(framework, [x])
             _core.infer_forward(x_view, y_view, options, self._weight_vectors(), bfloat16)
             self._last = {"training": False, "x": x}
-        return framework.finish(y, self._device)
+        return self._deliver(y, out)
 
     def backward(self, dy: Any, out: Any = None) -> Any:
         """Gradient of the last call: returns dx in the input's framework and fills `gradients`
@@ -677,7 +704,9 @@ class BatchNormalization:
         dy_framework = framework_of(dy_array)
         self._check_device(dy_framework.device(dy_array), "dy")
         dy_array = dy_framework.cast(dy_array, framework.dtype(x))
-        dx = self._output_array(x, out)
+        dx = self._output_array(
+            x, out, {"the input": x, "dy": dy_array, "the mask": self._last.get("mask")}
+        )
         features = math.prod(self._feature_shape)
         variable = self._policy.variable
         dgamma = framework.empty((features,), variable, self._device) if self.scale else None
@@ -711,7 +740,7 @@ class BatchNormalization:
         if dbeta is not None:
             gradients["beta"] = framework.finish(dbeta, self._device).reshape(self._param_shape)
         self.gradients = gradients
-        return framework.finish(dx, self._device)
+        return self._deliver(dx, out)
 
     def apply_gradients(self, learning_rate: float) -> None:
         """One plain SGD step on gamma/beta with the stored gradients plus the regularizers'

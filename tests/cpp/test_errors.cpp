@@ -195,6 +195,48 @@ BNTEST_CASE(free_functions_check_their_arguments) {
   batchnorm::train_backward(xv, xv, dxv, &per_row, options, w, context, nullptr, nullptr);
 }
 
+// A T* that is not aligned for T is undefined behaviour to read: such views are refused with a
+// message, before any kernel runs.
+BNTEST_CASE(misaligned_data_is_refused) {
+  alignas(8) unsigned char bytes[4 * 12 + 1] = {};
+  std::vector<float> y(12), mean(3, 0.0f), variance(3, 1.0f);
+  batchnorm::Weights w;
+  w.moving_mean = mean.data();
+  w.moving_variance = variance.data();
+  batchnorm::Options options;
+  batchnorm::TrainingContext context;
+  const auto shifted = batchnorm::contiguous_view(bytes + 1, DType::float32, {4, 3});
+  const auto yv = batchnorm::contiguous_view(y.data(), DType::float32, {4, 3});
+  BNTEST_THROWS(Invalid, "input is not aligned to its 4-byte elements",
+                batchnorm::train_forward(shifted, yv, nullptr, options, w, nullptr, true, context));
+  BNTEST_THROWS(Invalid, "output is not aligned to its 4-byte elements",
+                batchnorm::infer_forward(yv, shifted, options, w));
+  batchnorm::Weights shifted_weights = w;
+  shifted_weights.moving_mean = bytes + 1;
+  BNTEST_THROWS(Invalid, "a weight vector is not aligned",
+                batchnorm::infer_forward(yv, yv, options, shifted_weights));
+  BNTEST_CHECK(mean == std::vector<float>(3, 0.0f));
+}
+
+// An empty mask may carry a null data pointer (an empty framework tensor); the forward call still
+// had a mask, and its backward takes the same one.
+BNTEST_CASE(empty_mask_without_data_pairs_forward_and_backward) {
+  std::vector<float> mean(3, 0.0f), variance(3, 1.0f);
+  batchnorm::Weights w;
+  w.moving_mean = mean.data();
+  w.moving_variance = variance.data();
+  batchnorm::Options options;
+  batchnorm::TrainingContext context;
+  const auto empty = batchnorm::contiguous_view(nullptr, DType::float32, {0, 3});
+  const auto mask = batchnorm::contiguous_view(nullptr, DType::boolean, {0, 3});
+  batchnorm::train_forward(empty, empty, &mask, options, w, nullptr, true, context);
+  BNTEST_CHECK(context.has_mask);
+  batchnorm::train_backward(empty, empty, empty, &mask, options, w, context, nullptr, nullptr);
+  BNTEST_THROWS(Invalid, "the forward call had a mask",
+                batchnorm::train_backward(empty, empty, empty, nullptr, options, w, context,
+                                          nullptr, nullptr));
+}
+
 }  // namespace
 
 int main() { return bntest::run_all(); }

@@ -1,6 +1,7 @@
 // Tests of the free functions over raw pointers (train_forward, infer_forward, train_backward,
 // infer_backward) for float and double: row (N, C) and plane (N, C, S) layouts, a transposed
 // and a reversed view, a broadcast per-sample mask, the training context and update_moving.
+#include <algorithm>
 #include <batchnorm/batchnorm.hpp>
 #include <cstdint>
 #include <string>
@@ -215,6 +216,54 @@ BNTEST_CASE(update_moving_false_keeps_weights) {
   BNTEST_CHECK(b.moving_mean == mean);
   BNTEST_CHECK(b.moving_variance == variance);
   BNTEST_CHECK(context.count == std::vector<double>(4, 10.0));
+}
+
+// Views with an empty axis among others (slices such as x[:0, :, :0]): no element is read or
+// written, the statistics count nothing, the moving statistics stay, the gradients are zero.
+// The loop nests once reduced an empty axis by a modulo of its size (a division by zero).
+bool zero_first(const std::vector<double>& values, std::size_t n) {
+  return std::all_of(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(n),
+                     [](double v) { return v == 0.0; });
+}
+
+void run_empty_view(const Shape& base_shape, const std::vector<int>& axes, int empty_axis) {
+  const auto n = static_cast<std::size_t>(bntest::numel(base_shape));
+  std::vector<double> storage = bntest::normal<double>(n, 1.0, 2.0, 40), out(n, -7.0);
+  TensorRef x = batchnorm::contiguous_view(storage.data(), DType::float64, base_shape);
+  x.shape[empty_axis] = 0;  // a slice: the strides of the full array stay
+  TensorRef y = x;
+  y.data = out.data();
+  batchnorm::Options options;
+  options.axes = axes;
+  const auto c = static_cast<std::size_t>(batchnorm::feature_count(
+      std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank), options));
+  // One spare element keeps the pointers non-null when there are no features.
+  std::vector<double> mean(c + 1, 0.5), variance(c + 1, 2.0), gamma(c + 1, 1.5), dgamma(c + 1, 9.0),
+      dbeta(c + 1, 9.0);
+  batchnorm::Weights w;
+  w.gamma = gamma.data();
+  w.moving_mean = mean.data();
+  w.moving_variance = variance.data();
+  w.dtype = DType::float64;
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(x, y, nullptr, options, w, nullptr, true, context);
+  BNTEST_CHECK(context.count == std::vector<double>(c, 0.0));
+  BNTEST_CHECK(mean == std::vector<double>(c + 1, 0.5));
+  BNTEST_CHECK(variance == std::vector<double>(c + 1, 2.0));
+  batchnorm::train_backward(x, x, y, nullptr, options, w, context, dgamma.data(), dbeta.data());
+  BNTEST_CHECK(zero_first(dgamma, c) && zero_first(dbeta, c));
+  batchnorm::infer_forward(x, y, options, w);
+  batchnorm::infer_backward(x, x, y, options, w, dgamma.data(), nullptr);
+  BNTEST_CHECK(zero_first(dgamma, c));
+  BNTEST_CHECK(out == std::vector<double>(n, -7.0));  // nothing written
+}
+
+BNTEST_CASE(empty_views) {
+  run_empty_view({3, 2, 3}, {1}, 0);            // x[:0] of (3, 2, 3), axis 1
+  run_empty_view({3, 2, 3}, {1}, 2);            // x[:, :, :0]
+  run_empty_view({11, 3, 3, 7, 4}, {0, 3}, 2);  // axis list around an empty reduced axis
+  run_empty_view({5, 4, 6}, {1}, 1);            // no features at all
+  run_empty_view({4, 6, 3}, {-1}, 1);           // channels-last, empty middle axis
 }
 
 BNTEST_CASE(feature_count_and_contiguous_view) {
