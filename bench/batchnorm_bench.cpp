@@ -1,8 +1,9 @@
 // batchnorm-bench: times the C++ API (training forward, inference, backward) on given shapes,
 // after checking each result against a float64 reference, next to a copy-bandwidth probe run in
 // the same process (the machines are shared: compare ratios, not absolute times across runs).
-// Reports min/median time, effective GB/s under the byte model of DESIGN.md (training forward 3
-// passes over the data, inference 2, backward 5), % of the probe and the heap a call allocates.
+// Reports min/median time, effective GB/s under the byte model (the passes over the data a call
+// needs at least: training forward 3, inference 2, backward 5), % of the probe and the heap a
+// call allocates.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -477,7 +478,7 @@ struct Expected {
   std::vector<double> y, moving_mean, moving_variance, dx, dgamma, dbeta;
 };
 
-// Training forward as SPEC.md states it: per (ghost group, feature) statistics over the valid
+// Training forward in its textbook form: per (ghost group, feature) statistics over the valid
 // positions, renorm and adjustment on x-hat, then gamma/beta; the Keras moving update.
 void reference_train(const Case& c, const Geometry& g, const std::vector<double>& x,
                      const std::vector<std::uint8_t>& mask, const Parameters& p, Expected& e) {

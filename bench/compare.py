@@ -21,10 +21,11 @@ timings run under the default allocator.
 the batch of every case ×4 (--batch-scale): a GPU needs more data than a CPU to reach its
 bandwidth. Each call is timed with CUDA events on an idle device. A device-to-device copy of the
 input (dst.copy_(src)) runs in the same rounds as the bandwidth probe: batchnorm's GB/s under the
-byte model of DESIGN.md (training forward 3 passes over the data, inference 2, backward 5; the
-copy 2) are given as % of it. Peak memory is the growth of torch.cuda.max_memory_allocated during
-a call; batchnorm's per-call scratch (a few values per channel) comes from its own CUDA memory
-pool and is not counted there. NumPy and TensorFlow are not run on CUDA.
+byte model (the passes over the data a call needs at least: training forward 3, inference 2,
+backward 5; the copy 2) are given as % of it. Peak memory is the growth of
+torch.cuda.max_memory_allocated during a call; batchnorm's per-call scratch (a few values per
+channel) comes from its own CUDA memory pool and is not counted there. NumPy and TensorFlow
+are not run on CUDA.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ CASES = [
     ((64, 256), "last", "small"),
 ]
 MODES = ("train", "infer", "backward")
-# The byte model of DESIGN.md: passes over the data a call needs at least (a copy needs 2).
+# The byte model: passes over the data a call needs at least (a copy needs 2).
 PASSES = {"train": 3, "infer": 2, "backward": 5}
 
 

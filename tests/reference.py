@@ -1,9 +1,11 @@
-"""Float64 NumPy reference of the BatchNormalization math (SPEC §2–§7): the test oracle.
+"""Float64 NumPy reference of Keras' BatchNormalization math (training and inference forward,
+moving statistics, masks, ghost batches, batch renormalization, adjustment, backward): the
+test oracle.
 
-Written from SPEC.md only, for clarity rather than speed: ghost batches are an explicit loop,
-masks are explicit 0/1 weights, every formula appears once in its textbook form.
+Written for clarity rather than speed: ghost batches are an explicit loop, masks are explicit
+0/1 weights, every formula appears once in its textbook form.
 
-Where SPEC leaves room, this reference decides:
+Where Keras leaves room, this reference decides (as the README's "Numerics" section does):
 - adjustment terms are broadcast to the Keras weight shape ((C,) for one feature axis), so a
   (C,) pair works for any axis;
 - mask values must be booleans or 0/1 (anything else is an error); a mask of rank ndim - 1 is

@@ -215,7 +215,7 @@ def test_cuda_results_are_bitwise_reproducible() -> None:
 
 
 def test_cuda_large_mean_variance_is_exact() -> None:
-    """SPEC 9: |mean| / std = 1e6 keeps the variance to 1e-5 relative (float64 merges)."""
+    """|mean| / std = 1e6 keeps the variance to 1e-5 relative (float64 merges)."""
     base = np.random.default_rng(8).normal(0.0, 1.0, size=(4096, 3))
     x_host = (base + 1e6).astype(np.float32)
     _, gpu = layers(x_host.shape, "float32", {"momentum": 0.0})

@@ -25,7 +25,7 @@ small fraction of the reference array's largest magnitude):
   atol 2e-3 * max|ref|. Two implementations that round slightly different float32 values to
   16 bits can disagree by one unit in the last place: 2**-10 (~1e-3) relative for float16,
   up to 2**-7 (~8e-3) for bfloat16, so bfloat16 needs ~2.5 ulp of room. Keras 3 16-bit layers
-  also keep 16-bit weights (rounded moving statistics) while SPEC keeps float32.
+  also keep 16-bit weights (rounded moving statistics) while this package keeps float32.
 
 The gamma/beta gradients are sums over the ``n`` reduced positions of each feature. Their
 rounding error scales with the sum of the magnitudes of the terms, about ``sqrt(n)`` times the
@@ -91,8 +91,9 @@ def _close(what, got, ref, tol):
 
 
 def _output_dtype_is_specified(meta):
-    # A float32 layer fed 16-bit inputs returns float32 in both Keras versions, while SPEC.md
-    # speaks of "the input dtype for 16-bit inputs"; values are compared, the dtype is not.
+    # A float32 layer fed 16-bit inputs returns float32 in both Keras versions, while this
+    # package keeps the input's 16-bit dtype (README, "Numerics"); values are compared, the
+    # dtype is not.
     return not (meta.get("input_dtype") and meta["config"].get("dtype") in (None, "float32"))
 
 
@@ -115,8 +116,8 @@ def test_keras_reference_case(path):
     n = meta["n_weights"]
     w0 = [a[f"w0_{i}"] for i in range(n)]
     assert len(layer.get_weights()) == n
-    # Passed as recorded: SPEC section 2 has set_weights accept same-size arrays in another
-    # Keras layout (tf-keras gives (1,1,C) etc. with virtual_batch_size).
+    # Passed as recorded: set_weights accepts same-size arrays in another Keras layout
+    # (tf-keras gives (1,1,C) etc. with virtual_batch_size).
     layer.set_weights(w0)
     for i, (got, ref) in enumerate(zip(layer.get_weights(), w0)):
         _close(f"w0_{i}", got, ref, tol)

@@ -127,7 +127,8 @@ def check_gradients(
 
 
 class FrozenRD(ReferenceBN):
-    """Renorm with r and d fixed, so finite differences see them as constants (SPEC §4)."""
+    """Renorm with r and d fixed, so finite differences see them as constants (Keras stops
+    their gradients)."""
 
     def __init__(self, *, r: np.ndarray, d: np.ndarray, **kw: Any) -> None:
         super().__init__(**kw)

@@ -1,6 +1,7 @@
-// A straightforward float64 reference of Keras' batch normalization (SPEC.md §3-7) on
-// contiguous C-order data: per-element loops, two-pass statistics, no folding or shortcuts.
-// Also the shared helpers of the tests: seeded data, dtype conversions, masks.
+// A straightforward float64 reference of Keras' batch normalization (statistics, renorm,
+// adjustment, moving update, backward) on contiguous C-order data: per-element loops, two-pass
+// statistics, no folding or shortcuts. Also the shared helpers of the tests: seeded data, dtype
+// conversions, masks.
 #pragma once
 
 #include <algorithm>
@@ -184,7 +185,7 @@ class Reference {
     return y;
   }
 
-  // Backward of the last train(): the SPEC §7 formulas, sums over all positions of the group.
+  // Backward of the last train(): the textbook formulas, sums over all positions of the group.
   RefGradients train_backward(const std::vector<double>& dy) const {
     const std::size_t n = dy.size(), stats = count_.size();
     const auto features = static_cast<std::size_t>(features_);

@@ -420,8 +420,8 @@ BNTEST_CASE(zero_size_batch_leaves_moving_statistics) {
   BNTEST_CHECK(layer.backward(empty).empty());
 }
 
-// SPEC §9: float32 data whose mean is 1e6 times its spread keeps its variance to 1e-5 relative
-// (the one-pass E[x^2] - E[x]^2 loses every digit here).
+// Accuracy contract: float32 data whose mean is 1e6 times its spread keeps its variance to 1e-5
+// relative (the one-pass E[x^2] - E[x]^2 loses every digit here).
 BNTEST_CASE(large_mean_variance_is_exact) {
   LayerOptions o;
   o.momentum = 0.0;  // the moving variance becomes the batch variance
