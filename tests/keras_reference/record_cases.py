@@ -4,6 +4,11 @@ Run (needs TensorFlow, tf-keras and Keras 3 in a private environment; CI never r
 
     /tmp/kenv/bin/python tests/keras_reference/record_cases.py
 
+``--mask-axis1 DIR`` records only the ``k3_mask_axis1_*`` cases (``MASK_AXIS1_CASES`` below) into
+``DIR`` instead of ``cases/``:
+
+    /tmp/kenv/bin/python tests/keras_reference/record_cases.py --mask-axis1 /tmp/mask_cases
+
 It drives the Keras ``BatchNormalization`` of
 
 * tf-keras 2 (``import tf_keras``), always with ``fused=False``: tf-keras' fused kernel feeds a
@@ -53,6 +58,11 @@ Facts about the two libraries this script relies on / documents (tf-keras 2.21, 
   axes (per-sample masks ``(B,1)`` / ``(B,1,1)``). A ``(B,T)`` mask on ``(B,C,T)`` with ``axis=1``
   is silently mis-broadcast (or rejected), so those cases use per-sample masks. Keras 3 requires
   ``mask.ndim == x.ndim - 1`` and divides by ``count + 1e-7`` (relative effect < 1e-8 here).
+  Keras 3's own convention for ``axis=1`` is a mask of the input's shape without its LAST axis:
+  a ``(B,C)`` mask on ``(B,C,T)`` (or ``(B,C,H)`` on ``(B,C,H,W)``) is broadcast along that last
+  axis, so channel ``c`` uses the positions ``(b, t)`` with ``mask[b, c]`` set and its count is
+  the broadcast count ``T * sum_b mask[b, c]``. The ``k3_mask_axis1_*`` cases record it; they
+  are kept out of ``cases/`` (``--mask-axis1``) until the layer implements that convention.
   tf-keras cannot combine masks with ``virtual_batch_size`` (the mask is not regrouped).
 * ``virtual_batch_size`` (tf-keras) makes every weight full rank plus one: ``(1,1,C)`` for
   ``(N,C)``, ``(1,1,1,1,C)`` for NHWC, ``(1,1,C,1,1)`` for NCHW with axis=1, and shifts the stored
@@ -283,6 +293,18 @@ CASES = [
          steps=[T(True), T(True), I(True)]),
 ]
 
+# Keras 3's axis=1 mask convention (see the module docstring): recorded only with --mask-axis1.
+K3 = ("k3",)
+MASK_AXIS1_STEPS = [T(True), T(True), T(True), I(True)]
+MASK_AXIS1_CASES = [
+    case("mask_axis1_bct", (6, 5, 7), {"axis": 1}, mask_shape=(6, 5), steps=MASK_AXIS1_STEPS,
+         libs=K3),
+    case("mask_axis1_nchw", (4, 3, 5, 6), {"axis": 1}, mask_shape=(4, 3, 5),
+         steps=MASK_AXIS1_STEPS, libs=K3),
+    case("mask_axis1_bct_f64", (6, 5, 7), {"axis": 1, "dtype": "float64"}, mask_shape=(6, 5),
+         steps=MASK_AXIS1_STEPS, libs=K3),
+]
+
 
 # ----------------------------------------------------------------------------------------------
 # Data generation
@@ -382,7 +404,7 @@ def to_np32(t):
     return t.numpy()
 
 
-def record(c, lib_key):
+def record(c, lib_key, out_dir=CASES_DIR):
     lib_name, lib = LIBS[lib_key]
     name = f"{lib_key}_{c['name']}"
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -491,7 +513,7 @@ def record(c, lib_key):
     if c["input_dtype"]:
         meta["input_dtype"] = c["input_dtype"]
     arrays["meta"] = np.array(json.dumps(meta))
-    np.savez_compressed(os.path.join(CASES_DIR, name + ".npz"), **arrays)
+    np.savez_compressed(os.path.join(out_dir, name + ".npz"), **arrays)
     return name
 
 
@@ -552,6 +574,13 @@ def record_configs():
 
 
 def main(argv):
+    if argv[1:2] == ["--mask-axis1"]:
+        if len(argv) != 3:
+            sys.exit("usage: record_cases.py --mask-axis1 DIR")
+        os.makedirs(argv[2], exist_ok=True)
+        written = [record(c, lib_key, argv[2]) for c in MASK_AXIS1_CASES for lib_key in c["libs"]]
+        print(f"wrote {written} to {argv[2]} with Keras {keras.__version__}")
+        return
     os.makedirs(CASES_DIR, exist_ok=True)
     only = set(argv[1:])
     if not only:
