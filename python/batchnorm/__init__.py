@@ -4,6 +4,7 @@ kernels at memory-bandwidth speed, zero-copy on NumPy arrays."""
 from . import constraints, initializers, regularizers
 from ._core import cuda_available
 from .layer import BatchNormalization, Variable
+from .serialization import deserialize, serialize
 
 __version__ = "0.1.0"
 
@@ -12,7 +13,9 @@ __all__ = [
     "Variable",
     "constraints",
     "cuda_available",
+    "deserialize",
     "initializers",
     "regularizers",
+    "serialize",
     "__version__",
 ]
