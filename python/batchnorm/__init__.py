@@ -3,6 +3,7 @@ kernels at memory-bandwidth speed, zero-copy on NumPy arrays."""
 
 from . import constraints, initializers, regularizers
 from ._core import cuda_available
+from .keras_files import load_keras
 from .layer import BatchNormalization, Variable
 from .serialization import deserialize, serialize
 
@@ -15,6 +16,7 @@ __all__ = [
     "cuda_available",
     "deserialize",
     "initializers",
+    "load_keras",
     "regularizers",
     "serialize",
     "__version__",
