@@ -196,6 +196,15 @@ def test_bad_files_and_configs(tmp_path: pathlib.Path) -> None:
         z.writestr("config.json", "{}")
     with pytest.raises(ValueError, match="without model.weights.h5"):
         batchnorm.load_keras(archive)
+    no_config = tmp_path / "no_config.keras"
+    with zipfile.ZipFile(no_config, "w") as z:
+        z.writestr("model.weights.h5", b"")
+    for call in (
+        lambda: batchnorm.load_keras(no_config),
+        lambda: batchnorm.load_keras(MODELS / "k3_model.weights.h5", config=no_config),
+    ):
+        with pytest.raises(ValueError, match="has no config.json"):
+            call()
     empty = tmp_path / "empty.h5"
     h5py.File(empty, "w").close()
     with pytest.raises(ValueError, match="without Keras model weights"):

@@ -3,7 +3,7 @@ saved weights, without TensorFlow or Keras.
 
 Files read (h5py is needed: `pip install "batchnorm[keras]"`):
 
-* Keras 3 (and tf.keras 2.13+) `.keras` archives: a zip with `config.json` (the model config)
+* Keras 3 and tf.keras 2 `.keras` archives: a zip with `config.json` (the model config)
   and `model.weights.h5`, whose layers are groups `layers/<key>/vars/0..n` (nested models:
   `layers/<model key>/layers/<key>/...`). The key is the snake-cased class name made unique
   per container (`batch_normalization`, `batch_normalization_1`, ...); recent Keras 3 releases
@@ -265,6 +265,8 @@ def _model_config(source: Any) -> Mapping[str, Any]:
         path = os.fspath(source)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
+                if "config.json" not in archive.namelist():
+                    raise ValueError(f"{path}: the .keras archive has no config.json")
                 return _parse_json(archive.read("config.json"), f"{path}: config.json")
         with open(path, "rb") as file:
             return _parse_json(file.read(), path)
@@ -350,7 +352,8 @@ class _KerasV3Weights:
                 f"{name}: the weights file holds {len(keys)} weights for this layer, but its "
                 f"config gives {count}"
             )
-        # Saved in creation order (gamma, beta, moving statistics, renorm), ours as well.
+        # Keras saves the trainable-at-creation weights first (gamma, beta), then the others
+        # in creation order (moving statistics, renorm): our order, also for frozen layers.
         return [_dataset(vars_group[key]) for key in keys]
 
 
@@ -432,13 +435,10 @@ def _load(
     input_shapes: Mapping[str, Sequence[int | None]],
 ) -> list[BatchNormalization]:
     if _sublayers(model) is None:
-        if model.get("class_name") in _BN_CLASSES:
-            model = {"class_name": "Sequential", "config": {"name": "model", "layers": [model]}}
-        else:
-            raise ValueError(
-                f"the model config ({model.get('class_name')!r}) lists no layers: only "
-                "Sequential and functional models (and models nested in them) can be read"
-            )
+        raise ValueError(
+            f"the model config ({model.get('class_name')!r}) lists no layers: only Sequential "
+            "and functional models (and models nested in them) can be read"
+        )
     found: list[_Found] = []
     _walk(model, (), None, found)
     layers = []
