@@ -4,10 +4,12 @@ top of the compiled kernels in `batchnorm._core`."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +42,9 @@ class Variable:
     def __init__(self, name: str, layer: BatchNormalization, value: np.ndarray, trainable: bool):
         self.name = name
         self.path = f"{layer.name}/{name}"
+        # Weak: the layer owns its variables, and a cycle would keep device buffers alive until
+        # the garbage collector runs.
+        self._layer = weakref.ref(layer)
         self._shape = tuple(value.shape)
         self._dtype = np.dtype(value.dtype)
         self._size = int(value.size)
@@ -71,6 +76,25 @@ class Variable:
     def value(self) -> np.ndarray:
         return self.numpy()
 
+    @property
+    def constraint(self) -> Any:
+        """The constraint the layer applies to this weight after each update (Keras'
+        `variable.constraint`): the layer's `gamma_constraint` / `beta_constraint`, read live;
+        None for the moving statistics (and once the layer is gone)."""
+        return self._layer_attribute("constraint")
+
+    @property
+    def regularizer(self) -> Any:
+        """The layer's `gamma_regularizer` / `beta_regularizer` for this weight (Keras'
+        `variable.regularizer`); None for the moving statistics."""
+        return self._layer_attribute("regularizer")
+
+    def _layer_attribute(self, kind: str) -> Any:
+        layer = self._layer()
+        if layer is None or self.name not in ("gamma", "beta"):
+            return None
+        return getattr(layer, f"{self.name}_{kind}")
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         value = self.numpy()
         return value if dtype is None else value.astype(dtype)
@@ -92,6 +116,28 @@ class Variable:
 
     def __repr__(self) -> str:
         return f"<Variable path={self.path} shape={self._shape} dtype={self.dtype.name}>"
+
+
+def build_input_shape(build_config: Any) -> tuple[int | None, ...] | None:
+    """The input shape in a Keras `build_config` (`{"input_shape": [...]}`), or None when there
+    is none (absent, or Keras' `{"input_shape": None}` for a layer that was never built)."""
+    if build_config is None:
+        return None
+    if not isinstance(build_config, Mapping):
+        raise TypeError(f"build_config must be a dict, got {build_config!r}")
+    if "input_shape" not in build_config:
+        raise ValueError(f"build_config: expected {{'input_shape': [...]}}, got {build_config!r}")
+    shape = build_config["input_shape"]
+    if shape is None:
+        return None
+    if not isinstance(shape, (list, tuple)) or not all(
+        d is None or (isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0)
+        for d in shape
+    ):
+        raise ValueError(
+            f"build_config: input_shape must be a list of sizes (int or None), got {shape!r}"
+        )
+    return tuple(None if d is None else int(d) for d in shape)
 
 
 def _check_number(value: Any, name: str) -> float:
@@ -141,6 +187,9 @@ class BatchNormalization:
     Call it on an array (`layer(x, training=True)`), then `layer.backward(dy)` for dx and the
     parameter gradients in `layer.gradients`, and `layer.apply_gradients(lr)` for an SGD step.
     """
+
+    # Keras' flag for layers that accept a `mask` argument (and pass the mask on unchanged).
+    supports_masking = True
 
     def __init__(
         self,
@@ -228,6 +277,7 @@ class BatchNormalization:
         self._trainable = bool(trainable)
 
         self.built = False
+        self._build_input_shape: tuple[int | None, ...] | None = None
         self._input_rank: int | None = None
         self._axes: list[int] = []
         self._feature_shape: tuple[int, ...] = ()
@@ -293,11 +343,28 @@ class BatchNormalization:
     def variables(self) -> list[Variable]:
         return self.weights
 
-    def __getattr__(self, name: str) -> Variable:
+    @property
+    def trainable_variables(self) -> list[Variable]:
+        return self.trainable_weights
+
+    @property
+    def non_trainable_variables(self) -> list[Variable]:
+        return self.non_trainable_weights
+
+    def __getattr__(self, name: str) -> Variable | None:
         # gamma, beta, moving_mean, ... as attributes, like Keras' layer.moving_mean.
         variables = self.__dict__.get("_variables", {})
         if name in variables:
             return variables[name]
+        if name in self._KERNEL_WEIGHT_ORDER:
+            if not self.__dict__.get("built", False):
+                raise AttributeError(
+                    f"{self.__dict__.get('name', type(self).__name__)}: the layer is not built "
+                    f"yet, so it has no weight {name!r}; call layer.build(input_shape) or call "
+                    "the layer on an input first"
+                )
+            if name in ("gamma", "beta"):
+                return None  # scale=False / center=False: Keras keeps layer.gamma / beta None
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
@@ -381,6 +448,7 @@ class BatchNormalization:
         self._param_shape = param_shape
         self._variables = variables
         self._kernel_variables = [variables.get(n) for n in self._KERNEL_WEIGHT_ORDER]
+        self._build_input_shape = tuple(None if d is None else int(d) for d in shape)
         self.built = True
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
@@ -429,10 +497,12 @@ class BatchNormalization:
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
         Validates everything before changing anything; constraints are not applied (as Keras)."""
+        weights = list(weights)
         if not self.built:
+            if not weights:
+                return  # an unbuilt layer has no weights, so Keras accepts the empty list
             raise ValueError(f"{self.name}: build the layer (or call it) before set_weights")
         expected = list(self._variables.values())
-        weights = list(weights)
         if len(weights) != len(expected):
             names = [v.name for v in expected]
             raise ValueError(
@@ -646,6 +716,13 @@ class BatchNormalization:
         the layer's device); the result comes in the input's framework. `training` truthy uses
         (and updates) batch statistics unless the layer is frozen (`trainable=False`); `mask`
         selects the positions the statistics use; `out` receives the result in place."""
+        if training is not None and training is not True and training is not False:
+            # A truthy string such as "False" would otherwise silently train.
+            if not isinstance(training, np.bool_):
+                raise TypeError(
+                    f"training must be True, False or None, got {training!r} "
+                    f"({type(training).__name__})"
+                )
         x = self._prepare_input(inputs)
         framework = framework_of(x)
         train = bool(training) and self._trainable
@@ -747,6 +824,8 @@ class BatchNormalization:
         gradients, then the constraints, as a Keras optimizer applies them."""
         lr = _check_number(learning_rate, "learning_rate")
         if not self.gradients:
+            if not (self.scale or self.center):
+                return  # no gamma or beta: nothing to update, with or without a backward call
             raise ValueError(f"{self.name}: apply_gradients needs a backward call first")
         if not self._trainable:
             return
@@ -810,11 +889,29 @@ class BatchNormalization:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BatchNormalization:
-        """Rebuilds a layer from `get_config()` or from a tf.keras 2 / Keras 3 config."""
+        """Rebuilds a layer from `get_config()` or from a tf.keras 2 / Keras 3 config, built when
+        the config carries a `build_config` (`{"input_shape": [...]}`). A whole serialized entry
+        (`{"class_name": ..., "config": ...}`, as in a model's config) goes to `deserialize`."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"from_config expects a dict, got {type(config).__name__}")
+        if "class_name" in config and "config" in config:
+            from .serialization import deserialize  # serialization imports this module
+
+            return deserialize(config)
         kwargs = {k: v for k, v in config.items() if k not in cls._IGNORED_CONFIG_KEYS}
+        unknown = sorted(set(kwargs) - set(inspect.signature(cls).parameters))
+        if unknown:
+            raise TypeError(
+                f"from_config: unknown config keys {unknown} for BatchNormalization (a serialized "
+                "layer entry with 'class_name' and 'config' goes to batchnorm.deserialize)"
+            )
         if kwargs.get("renorm_clipping") == {}:
             kwargs["renorm_clipping"] = None
-        return cls(**kwargs)
+        input_shape = build_input_shape(config.get("build_config"))
+        layer = cls(**kwargs)
+        if input_shape is not None:
+            layer.build(input_shape)
+        return layer
 
     def __repr__(self) -> str:
         return (

@@ -4,6 +4,11 @@ Run (needs TensorFlow, tf-keras and Keras 3 in a private environment; CI never r
 
     /tmp/kenv/bin/python tests/keras_reference/record_cases.py
 
+``--mask-axis1 DIR`` records only the ``k3_mask_axis1_*`` cases (``MASK_AXIS1_CASES`` below) into
+``DIR`` instead of ``cases/``:
+
+    /tmp/kenv/bin/python tests/keras_reference/record_cases.py --mask-axis1 /tmp/mask_cases
+
 It drives the Keras ``BatchNormalization`` of
 
 * tf-keras 2 (``import tf_keras``), always with ``fused=False``: tf-keras' fused kernel feeds a
@@ -53,6 +58,11 @@ Facts about the two libraries this script relies on / documents (tf-keras 2.21, 
   axes (per-sample masks ``(B,1)`` / ``(B,1,1)``). A ``(B,T)`` mask on ``(B,C,T)`` with ``axis=1``
   is silently mis-broadcast (or rejected), so those cases use per-sample masks. Keras 3 requires
   ``mask.ndim == x.ndim - 1`` and divides by ``count + 1e-7`` (relative effect < 1e-8 here).
+  Keras 3's own convention for ``axis=1`` is a mask of the input's shape without its LAST axis:
+  a ``(B,C)`` mask on ``(B,C,T)`` (or ``(B,C,H)`` on ``(B,C,H,W)``) is broadcast along that last
+  axis, so channel ``c`` uses the positions ``(b, t)`` with ``mask[b, c]`` set and its count is
+  the broadcast count ``T * sum_b mask[b, c]``. The ``k3_mask_axis1_*`` cases record it; they
+  are kept out of ``cases/`` (``--mask-axis1``) until the layer implements that convention.
   tf-keras cannot combine masks with ``virtual_batch_size`` (the mask is not regrouped).
 * ``virtual_batch_size`` (tf-keras) makes every weight full rank plus one: ``(1,1,C)`` for
   ``(N,C)``, ``(1,1,1,1,C)`` for NHWC, ``(1,1,C,1,1)`` for NCHW with axis=1, and shifts the stored
@@ -105,6 +115,7 @@ SIXTEEN_BIT = {"float16": tf.float16, "bfloat16": tf.bfloat16}
 # Case definitions
 # ----------------------------------------------------------------------------------------------
 
+
 def T(mask=False, sgd=None):
     """A training step."""
     return {"training": True, "mask": mask, "sgd_lr": sgd}
@@ -115,8 +126,17 @@ def I(mask=False, sgd=None, training=False):  # noqa: E743 - short name reads we
     return {"training": training, "mask": mask, "sgd_lr": sgd}
 
 
-def case(name, input_shape, config=None, steps=None, libs=("k2", "k3"), mask_shape=None,
-         input_dtype=None, adjustment=False, scale_data="normal"):
+def case(
+    name,
+    input_shape,
+    config=None,
+    steps=None,
+    libs=("k2", "k3"),
+    mask_shape=None,
+    input_dtype=None,
+    adjustment=False,
+    scale_data="normal",
+):
     return {
         "name": name,
         "input_shape": tuple(input_shape),
@@ -159,8 +179,12 @@ CASES = [
     case("nhwc_no_scale", (4, 5, 5, 3), {"scale": False}),
     case("nhwc_no_center_no_scale", (4, 5, 5, 3), {"center": False, "scale": False}),
     case("nhwc_frozen", (4, 5, 5, 3), {"trainable": False}, steps=[T(), T(), I()]),
-    case("nchw_frozen_renorm", (4, 3, 5, 5), {"axis": 1, "trainable": False, "renorm": True},
-         steps=[T(), I()]),
+    case(
+        "nchw_frozen_renorm",
+        (4, 3, 5, 5),
+        {"axis": 1, "trainable": False, "renorm": True},
+        steps=[T(), I()],
+    ),
     # --- odd sizes ----------------------------------------------------------------------------
     case("batch1_nhwc", (1, 5, 5, 3)),
     case("batch1_2d", (1, 4)),
@@ -175,118 +199,299 @@ CASES = [
     # --- masks (training uses them, inference ignores them) ---------------------------------
     case("mask_btc", (6, 7, 4), mask_shape=(6, 7), steps=[T(True), T(True), T(), I(True)]),
     case("mask_nhwc", (4, 5, 5, 3), mask_shape=(4, 5, 5), steps=[T(True), T(True), I(True)]),
-    case("mask_bct_per_sample", (6, 4, 7), {"axis": 1}, mask_shape=(6, 1),
-         steps=[T(True), T(True), I(True)]),
-    case("mask_nchw_per_sample", (5, 3, 4, 4), {"axis": 1}, mask_shape=(5, 1, 1),
-         steps=[T(True), T(True), I(True)]),
-    case("mask_btc_renorm", (6, 7, 4), {"renorm": True, "renorm_clipping": CLIP},
-         mask_shape=(6, 7), steps=[T(True), T(True), I(True)]),
-    case("f64_mask_btc", (6, 7, 4), {"dtype": "float64"}, mask_shape=(6, 7),
-         steps=[T(True), T(True), I(True)]),
-    case("mask_btc_frozen", (6, 7, 4), {"trainable": False}, mask_shape=(6, 7),
-         steps=[T(True), I(True)]),
+    case(
+        "mask_bct_per_sample",
+        (6, 4, 7),
+        {"axis": 1},
+        mask_shape=(6, 1),
+        steps=[T(True), T(True), I(True)],
+    ),
+    case(
+        "mask_nchw_per_sample",
+        (5, 3, 4, 4),
+        {"axis": 1},
+        mask_shape=(5, 1, 1),
+        steps=[T(True), T(True), I(True)],
+    ),
+    case(
+        "mask_btc_renorm",
+        (6, 7, 4),
+        {"renorm": True, "renorm_clipping": CLIP},
+        mask_shape=(6, 7),
+        steps=[T(True), T(True), I(True)],
+    ),
+    case(
+        "f64_mask_btc",
+        (6, 7, 4),
+        {"dtype": "float64"},
+        mask_shape=(6, 7),
+        steps=[T(True), T(True), I(True)],
+    ),
+    case(
+        "mask_btc_frozen",
+        (6, 7, 4),
+        {"trainable": False},
+        mask_shape=(6, 7),
+        steps=[T(True), I(True)],
+    ),
     # --- batch renormalization ------------------------------------------------------------------
     case("renorm_nhwc", (4, 5, 5, 3), {"renorm": True}, steps=[T(), T(), T(), I()]),
-    case("renorm_clip_nhwc", (4, 5, 5, 3),
-         {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9},
-         steps=[T(), T(), T(), I()]),
-    case("renorm_clip_2d", (16, 6),
-         {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.5, "momentum": 0.8},
-         steps=[T(), T(), T(), I()]),
-    case("renorm_clip_nchw", (4, 3, 5, 5),
-         {"axis": 1, "renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9},
-         steps=[T(), T(), I()]),
-    case("renorm_rmax_only", (16, 6), {"renorm": True, "renorm_clipping": {"rmax": 1.2}},
-         steps=[T(), T(), I()]),
-    case("renorm_no_scale", (4, 5, 5, 3),
-         {"renorm": True, "renorm_clipping": CLIP, "scale": False}, steps=[T(), T(), I()]),
-    case("renorm_no_center", (4, 5, 5, 3),
-         {"renorm": True, "renorm_clipping": CLIP, "center": False}, steps=[T(), T(), I()]),
-    case("f64_renorm_clip_btc", (6, 7, 4),
-         {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9, "dtype": "float64"},
-         steps=[T(), T(), T(), I()], libs=("k3",)),  # tf-keras: float64 renorm crashes (*)
-    case("renorm_axis_1_3", (4, 3, 5, 6),
-         {"axis": [1, 3], "renorm": True, "renorm_clipping": CLIP}, libs=K2),
+    case(
+        "renorm_clip_nhwc",
+        (4, 5, 5, 3),
+        {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9},
+        steps=[T(), T(), T(), I()],
+    ),
+    case(
+        "renorm_clip_2d",
+        (16, 6),
+        {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.5, "momentum": 0.8},
+        steps=[T(), T(), T(), I()],
+    ),
+    case(
+        "renorm_clip_nchw",
+        (4, 3, 5, 5),
+        {"axis": 1, "renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9},
+        steps=[T(), T(), I()],
+    ),
+    case(
+        "renorm_rmax_only",
+        (16, 6),
+        {"renorm": True, "renorm_clipping": {"rmax": 1.2}},
+        steps=[T(), T(), I()],
+    ),
+    case(
+        "renorm_no_scale",
+        (4, 5, 5, 3),
+        {"renorm": True, "renorm_clipping": CLIP, "scale": False},
+        steps=[T(), T(), I()],
+    ),
+    case(
+        "renorm_no_center",
+        (4, 5, 5, 3),
+        {"renorm": True, "renorm_clipping": CLIP, "center": False},
+        steps=[T(), T(), I()],
+    ),
+    case(
+        "f64_renorm_clip_btc",
+        (6, 7, 4),
+        {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9, "dtype": "float64"},
+        steps=[T(), T(), T(), I()],
+        libs=("k3",),
+    ),  # tf-keras: float64 renorm crashes (*)
+    case(
+        "renorm_axis_1_3",
+        (4, 3, 5, 6),
+        {"axis": [1, 3], "renorm": True, "renorm_clipping": CLIP},
+        libs=K2,
+    ),
     # --- ghost batches (tf-keras only) -----------------------------------------------------------
     case("ghost_2d", (12, 5), {"virtual_batch_size": 3}, libs=K2),
     case("ghost_nhwc", (6, 4, 4, 3), {"virtual_batch_size": 2}, libs=K2),
     case("ghost_nchw", (6, 3, 4, 4), {"axis": 1, "virtual_batch_size": 3}, libs=K2),
     case("ghost_btc_one_group", (4, 5, 3), {"virtual_batch_size": 4}, libs=K2),
-    case("ghost_renorm_nhwc", (6, 4, 4, 3),
-         {"virtual_batch_size": 2, "renorm": True, "renorm_clipping": CLIP,
-          "renorm_momentum": 0.9}, steps=[T(), T(), T(), I()], libs=K2),
+    case(
+        "ghost_renorm_nhwc",
+        (6, 4, 4, 3),
+        {"virtual_batch_size": 2, "renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.9},
+        steps=[T(), T(), T(), I()],
+        libs=K2,
+    ),
     case("ghost_no_center", (12, 5), {"virtual_batch_size": 4, "center": False}, libs=K2),
-    case("f64_ghost_nchw", (6, 3, 4, 4), {"axis": 1, "virtual_batch_size": 2, "dtype": "float64"},
-         libs=K2),
+    case(
+        "f64_ghost_nchw",
+        (6, 3, 4, 4),
+        {"axis": 1, "virtual_batch_size": 2, "dtype": "float64"},
+        libs=K2,
+    ),
     # --- adjustment (tf-keras only) ------------------------------------------------------------
     case("adjust_2d", (16, 6), adjustment=True, libs=K2),
     case("adjust_nhwc", (4, 5, 5, 3), adjustment=True, libs=K2),
-    case("adjust_renorm_nhwc", (4, 5, 5, 3), {"renorm": True, "renorm_clipping": CLIP},
-         adjustment=True, steps=[T(), T(), I()], libs=K2),
+    case(
+        "adjust_renorm_nhwc",
+        (4, 5, 5, 3),
+        {"renorm": True, "renorm_clipping": CLIP},
+        adjustment=True,
+        steps=[T(), T(), I()],
+        libs=K2,
+    ),
     # --- regularizers, constraints, SGD ----------------------------------------------------------
-    case("reg_l2_l1_nonneg_maxnorm", (16, 6),
-         {"gamma_regularizer": "l2", "beta_regularizer": "l1", "gamma_constraint": "non_neg",
-          "beta_constraint": {"class_name": "MaxNorm", "config": {"max_value": 0.5, "axis": 0}}},
-         steps=[T(sgd=0.1), T(sgd=0.1), I(sgd=0.1), I()]),
-    case("reg_dicts_unitnorm_minmax", (4, 5, 5, 3),
-         {"gamma_regularizer": {"class_name": "L1L2", "config": {"l1": 0.02, "l2": 0.03}},
-          "beta_regularizer": {"class_name": "L2", "config": {"l2": 0.05}},
-          "gamma_constraint": "unit_norm",
-          "beta_constraint": {"class_name": "MinMaxNorm",
-                              "config": {"min_value": 0.5, "max_value": 1.0, "rate": 0.7,
-                                         "axis": 0}}},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("reg_string_constraints", (4, 3, 5, 5),
-         {"axis": 1, "gamma_regularizer": "l1", "beta_regularizer": "l2",
-          "gamma_constraint": "max_norm", "beta_constraint": "min_max_norm"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("reg_nonneg_class_dict", (16, 6),
-         {"gamma_constraint": {"class_name": "NonNeg", "config": {}},
-          "beta_constraint": "non_neg", "gamma_regularizer": "l2"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("reg_l1_l2_string", (16, 6),
-         {"gamma_regularizer": "l1_l2", "beta_regularizer": "l1_l2"},
-         steps=[T(sgd=0.1), I()], libs=K2),
-    case("reg_renorm_sgd", (4, 5, 5, 3),
-         {"renorm": True, "renorm_clipping": CLIP, "gamma_regularizer": "l2",
-          "beta_regularizer": "l2", "gamma_constraint": "non_neg"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("f64_reg_sgd", (16, 6),
-         {"dtype": "float64", "gamma_regularizer": "l2", "beta_regularizer": "l1",
-          # not "non_neg": tf-keras' NonNeg multiplies by a float32 mask and fails on float64
-          "gamma_constraint": {"class_name": "MaxNorm", "config": {"max_value": 1.0, "axis": 0}},
-          "beta_constraint": "unit_norm"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("reg_sgd_no_center", (16, 6),
-         {"center": False, "gamma_regularizer": "l2", "gamma_constraint": "non_neg"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()]),
-    case("ghost_reg_sgd", (12, 5),
-         {"virtual_batch_size": 3, "gamma_regularizer": "l2", "beta_regularizer": "l1",
-          "gamma_constraint": "non_neg"},
-         steps=[T(sgd=0.1), T(sgd=0.1), I()], libs=K2),
+    case(
+        "reg_l2_l1_nonneg_maxnorm",
+        (16, 6),
+        {
+            "gamma_regularizer": "l2",
+            "beta_regularizer": "l1",
+            "gamma_constraint": "non_neg",
+            "beta_constraint": {"class_name": "MaxNorm", "config": {"max_value": 0.5, "axis": 0}},
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I(sgd=0.1), I()],
+    ),
+    case(
+        "reg_dicts_unitnorm_minmax",
+        (4, 5, 5, 3),
+        {
+            "gamma_regularizer": {"class_name": "L1L2", "config": {"l1": 0.02, "l2": 0.03}},
+            "beta_regularizer": {"class_name": "L2", "config": {"l2": 0.05}},
+            "gamma_constraint": "unit_norm",
+            "beta_constraint": {
+                "class_name": "MinMaxNorm",
+                "config": {"min_value": 0.5, "max_value": 1.0, "rate": 0.7, "axis": 0},
+            },
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "reg_string_constraints",
+        (4, 3, 5, 5),
+        {
+            "axis": 1,
+            "gamma_regularizer": "l1",
+            "beta_regularizer": "l2",
+            "gamma_constraint": "max_norm",
+            "beta_constraint": "min_max_norm",
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "reg_nonneg_class_dict",
+        (16, 6),
+        {
+            "gamma_constraint": {"class_name": "NonNeg", "config": {}},
+            "beta_constraint": "non_neg",
+            "gamma_regularizer": "l2",
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "reg_l1_l2_string",
+        (16, 6),
+        {"gamma_regularizer": "l1_l2", "beta_regularizer": "l1_l2"},
+        steps=[T(sgd=0.1), I()],
+        libs=K2,
+    ),
+    case(
+        "reg_renorm_sgd",
+        (4, 5, 5, 3),
+        {
+            "renorm": True,
+            "renorm_clipping": CLIP,
+            "gamma_regularizer": "l2",
+            "beta_regularizer": "l2",
+            "gamma_constraint": "non_neg",
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "f64_reg_sgd",
+        (16, 6),
+        {
+            "dtype": "float64",
+            "gamma_regularizer": "l2",
+            "beta_regularizer": "l1",
+            # not "non_neg": tf-keras' NonNeg multiplies by a float32 mask and fails on float64
+            "gamma_constraint": {"class_name": "MaxNorm", "config": {"max_value": 1.0, "axis": 0}},
+            "beta_constraint": "unit_norm",
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "reg_sgd_no_center",
+        (16, 6),
+        {"center": False, "gamma_regularizer": "l2", "gamma_constraint": "non_neg"},
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+    ),
+    case(
+        "ghost_reg_sgd",
+        (12, 5),
+        {
+            "virtual_batch_size": 3,
+            "gamma_regularizer": "l2",
+            "beta_regularizer": "l1",
+            "gamma_constraint": "non_neg",
+        },
+        steps=[T(sgd=0.1), T(sgd=0.1), I()],
+        libs=K2,
+    ),
     # --- 16-bit ---------------------------------------------------------------------------------
     case("f16_in_f32_layer", (4, 5, 5, 3), input_dtype="float16", scale_data="large"),
     case("bf16_in_f32_layer", (4, 5, 5, 3), input_dtype="bfloat16", scale_data="large"),
-    case("mixed_float16", (4, 5, 5, 3), {"dtype": "mixed_float16"}, input_dtype="float16",
-         scale_data="large"),
-    case("mixed_bfloat16", (4, 5, 5, 3), {"dtype": "mixed_bfloat16"}, input_dtype="bfloat16",
-         scale_data="large"),
-    case("float16_layer", (4, 5, 5, 3), {"dtype": "float16", "momentum": 0.5},
-         input_dtype="float16", scale_data="large"),
-    case("bfloat16_layer", (4, 5, 5, 3), {"dtype": "bfloat16", "momentum": 0.5},
-         input_dtype="bfloat16", scale_data="large"),
+    case(
+        "mixed_float16",
+        (4, 5, 5, 3),
+        {"dtype": "mixed_float16"},
+        input_dtype="float16",
+        scale_data="large",
+    ),
+    case(
+        "mixed_bfloat16",
+        (4, 5, 5, 3),
+        {"dtype": "mixed_bfloat16"},
+        input_dtype="bfloat16",
+        scale_data="large",
+    ),
+    case(
+        "float16_layer",
+        (4, 5, 5, 3),
+        {"dtype": "float16", "momentum": 0.5},
+        input_dtype="float16",
+        scale_data="large",
+    ),
+    case(
+        "bfloat16_layer",
+        (4, 5, 5, 3),
+        {"dtype": "bfloat16", "momentum": 0.5},
+        input_dtype="bfloat16",
+        scale_data="large",
+    ),
     case("mixed_float16_f32_input", (16, 6), {"dtype": "mixed_float16"}),
-    case("mixed_float16_renorm_nchw", (4, 3, 5, 5),
-         {"axis": 1, "dtype": "mixed_float16", "renorm": True, "renorm_clipping": CLIP},
-         input_dtype="float16", scale_data="large"),
-    case("f16_mask_btc", (6, 7, 4), mask_shape=(6, 7), input_dtype="float16", scale_data="large",
-         steps=[T(True), T(True), I(True)]),
+    case(
+        "mixed_float16_renorm_nchw",
+        (4, 3, 5, 5),
+        {"axis": 1, "dtype": "mixed_float16", "renorm": True, "renorm_clipping": CLIP},
+        input_dtype="float16",
+        scale_data="large",
+    ),
+    case(
+        "f16_mask_btc",
+        (6, 7, 4),
+        mask_shape=(6, 7),
+        input_dtype="float16",
+        scale_data="large",
+        steps=[T(True), T(True), I(True)],
+    ),
+]
+
+# Keras 3's axis=1 mask convention (see the module docstring): recorded only with --mask-axis1.
+K3 = ("k3",)
+MASK_AXIS1_STEPS = [T(True), T(True), T(True), I(True)]
+MASK_AXIS1_CASES = [
+    case(
+        "mask_axis1_bct", (6, 5, 7), {"axis": 1}, mask_shape=(6, 5), steps=MASK_AXIS1_STEPS, libs=K3
+    ),
+    case(
+        "mask_axis1_nchw",
+        (4, 3, 5, 6),
+        {"axis": 1},
+        mask_shape=(4, 3, 5),
+        steps=MASK_AXIS1_STEPS,
+        libs=K3,
+    ),
+    case(
+        "mask_axis1_bct_f64",
+        (6, 5, 7),
+        {"axis": 1, "dtype": "float64"},
+        mask_shape=(6, 5),
+        steps=MASK_AXIS1_STEPS,
+        libs=K3,
+    ),
 ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Data generation
 # ----------------------------------------------------------------------------------------------
+
 
 def feature_axes(axis, rank):
     axes = axis if isinstance(axis, (list, tuple)) else [axis]
@@ -304,8 +509,9 @@ def round_to(arr, dtype_name):
     """Round float values to a 16-bit dtype and back to float32 (exact in both)."""
     if dtype_name is None:
         return arr
-    return tf.cast(tf.cast(tf.constant(arr, tf.float32), SIXTEEN_BIT[dtype_name]),
-                   tf.float32).numpy()
+    return tf.cast(
+        tf.cast(tf.constant(arr, tf.float32), SIXTEEN_BIT[dtype_name]), tf.float32
+    ).numpy()
 
 
 def make_input(rng, c, np_dtype):
@@ -370,6 +576,7 @@ def initial_weight_values(rng, names, shapes):
 # Recording
 # ----------------------------------------------------------------------------------------------
 
+
 def weight_role(w):
     return w.name.split("/")[-1].split(":")[0]
 
@@ -382,7 +589,7 @@ def to_np32(t):
     return t.numpy()
 
 
-def record(c, lib_key):
+def record(c, lib_key, out_dir=CASES_DIR):
     lib_name, lib = LIBS[lib_key]
     name = f"{lib_key}_{c['name']}"
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -471,8 +678,13 @@ def record(c, lib_key):
 
         for i, w in enumerate(layer.weights):
             arrays[f"w_{s}_{i}"] = to_np32(w)
-        steps_meta.append({"training": step["training"], "has_mask": mask_np is not None,
-                           "sgd_lr": step["sgd_lr"]})
+        steps_meta.append(
+            {
+                "training": step["training"],
+                "has_mask": mask_np is not None,
+                "sgd_lr": step["sgd_lr"],
+            }
+        )
 
     meta = {
         "name": name,
@@ -491,13 +703,14 @@ def record(c, lib_key):
     if c["input_dtype"]:
         meta["input_dtype"] = c["input_dtype"]
     arrays["meta"] = np.array(json.dumps(meta))
-    np.savez_compressed(os.path.join(CASES_DIR, name + ".npz"), **arrays)
+    np.savez_compressed(os.path.join(out_dir, name + ".npz"), **arrays)
     return name
 
 
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
+
 
 def jsonable(obj):
     """Make get_config() output JSON-able (ListWrapper, tuples, numpy scalars)."""
@@ -512,11 +725,16 @@ def jsonable(obj):
 
 def record_configs():
     rich = {
-        "momentum": 0.9, "epsilon": 1e-5,
-        "renorm": True, "renorm_clipping": dict(CLIP), "renorm_momentum": 0.95,
+        "momentum": 0.9,
+        "epsilon": 1e-5,
+        "renorm": True,
+        "renorm_clipping": dict(CLIP),
+        "renorm_momentum": 0.95,
         "gamma_initializer": {"class_name": "Constant", "config": {"value": 0.5}},
-        "beta_initializer": {"class_name": "RandomNormal",
-                             "config": {"mean": 0.0, "stddev": 0.1, "seed": 7}},
+        "beta_initializer": {
+            "class_name": "RandomNormal",
+            "config": {"mean": 0.0, "stddev": 0.1, "seed": 7},
+        },
         "moving_variance_initializer": "ones",
         "gamma_regularizer": "l2",
         "beta_regularizer": {"class_name": "L1L2", "config": {"l1": 0.01, "l2": 0.02}},
@@ -552,6 +770,13 @@ def record_configs():
 
 
 def main(argv):
+    if argv[1:2] == ["--mask-axis1"]:
+        if len(argv) != 3:
+            sys.exit("usage: record_cases.py --mask-axis1 DIR")
+        os.makedirs(argv[2], exist_ok=True)
+        written = [record(c, lib_key, argv[2]) for c in MASK_AXIS1_CASES for lib_key in c["libs"]]
+        print(f"wrote {written} to {argv[2]} with Keras {keras.__version__}")
+        return
     os.makedirs(CASES_DIR, exist_ok=True)
     only = set(argv[1:])
     if not only:
@@ -569,8 +794,10 @@ def main(argv):
     if not only:
         names = record_configs()
         print(f"configs.json: {len(names)} entries")
-    print(f"wrote {len(written)} cases with tf-keras {tf_keras.__version__}, "
-          f"Keras {keras.__version__}, TensorFlow {tf.__version__}")
+    print(
+        f"wrote {len(written)} cases with tf-keras {tf_keras.__version__}, "
+        f"Keras {keras.__version__}, TensorFlow {tf.__version__}"
+    )
 
 
 if __name__ == "__main__":
