@@ -1,6 +1,7 @@
 // Tests of the free functions over raw pointers (train_forward, infer_forward, train_backward,
 // infer_backward) for float and double: row (N, C) and plane (N, C, S) layouts, a transposed
-// and a reversed view, a broadcast per-sample mask, the training context and update_moving.
+// and a reversed view, a broadcast per-sample mask, the training context and update_moving,
+// empty views, and the outputs of float data with a large mean.
 #include <algorithm>
 #include <batchnorm/batchnorm.hpp>
 #include <cstdint>
@@ -203,6 +204,42 @@ void run_strided() {
 BNTEST_CASE(strided_views_float) { run_strided<float>(); }
 
 BNTEST_CASE(strided_views_double) { run_strided<double>(); }
+
+// Float data whose mean is 1e6 times its spread: y and dx stay within 1e-4 of the float64
+// reference on the same float values (subtracting the float mean alone would be off by up to
+// 0.03), on a row layout with ghost batches of 8 and on a plane layout.
+void run_large_mean(const char* name, const Shape& shape, int axis,
+                    std::int64_t virtual_batch_size) {
+  const auto n = static_cast<std::size_t>(bntest::numel(shape));
+  batchnorm::Options options;
+  options.axes = {axis};
+  options.virtual_batch_size = virtual_batch_size;
+  Buffers<float> b(static_cast<std::size_t>(batchnorm::feature_count(shape, options)));
+  std::vector<float> x = bntest::normal<float>(n, 1e6, 1.0, 40), y(n), dx(n);
+  std::vector<float> dy = bntest::normal<float>(n, 0.0, 1.0, 41), dgamma(b.gamma.size()),
+                     dbeta(b.gamma.size());
+  bntest::RefConfig config;
+  config.shape = shape;
+  config.axes = {axis};
+  config.momentum = options.momentum;
+  config.virtual_batch_size = virtual_batch_size;
+  bntest::Reference reference(config);
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, options, b.weights(), nullptr,
+                           true, context);
+  const std::string label = std::string("large mean ") + name;
+  BNTEST_CLOSE(y, reference.train(convert<double>(x), b.reference, nullptr), 1e-4, 0.0,
+               label + " train y");
+  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx, shape), nullptr, options,
+                            b.weights(), context, dgamma.data(), dbeta.data());
+  BNTEST_CLOSE(dx, reference.train_backward(convert<double>(dy)).dx, 1e-4, 0.0,
+               label + " train dx");
+}
+
+BNTEST_CASE(large_mean_outputs_float) {
+  run_large_mean("row (N, C), ghost batches of 8", {4096, 8}, -1, 8);
+  run_large_mean("plane (N, C, S)", {64, 8, 64}, 1, 0);
+}
 
 BNTEST_CASE(update_moving_false_keeps_weights) {
   const Shape shape{10, 4};

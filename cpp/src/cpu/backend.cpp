@@ -98,8 +98,8 @@ void CpuBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   const auto feature_step = [&](std::int64_t c, const BackwardSums& sums,
                                 const Coefficients<Acc>& out) {
     train_backward_feature<Acc, Acc>(
-        c, features, groups, context.count.data(), context.inv_std.data(), context.zscale.data(),
-        context.zshift.data(), weights.gamma, sums, dgamma, dbeta, out);
+        c, features, groups, context.count.data(), context.mean.data(), context.inv_std.data(),
+        context.zscale.data(), context.zshift.data(), weights.gamma, sums, dgamma, dbeta, out);
   };
   if (!synchronizing(communicator) &&
       cpu::backward_fused(sums_plan, dx_plan, dy, x, dx, mask, context.mean.data(), groups,
@@ -112,14 +112,13 @@ void CpuBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   // batches and only the dgamma/dbeta totals are synchronized.
   if (!context.ghost_batches) synchronize_sums(communicator, sum_dy, sum_dy_centered);
   CoefficientBuffers<Acc> k(groups * features);
-  for (std::size_t i = 0; i < stats; ++i) k.shift[i] = static_cast<Acc>(context.mean[i]);
   const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
   const auto n = static_cast<std::size_t>(features);
   std::vector<double> total_dy(n), total_dy_xhat(n);
   for (std::int64_t c = 0; c < features; ++c) {
     const ParameterSums totals = backward_coefficients<Acc, Acc>(
-        c, features, groups, context.count.data(), context.inv_std.data(), context.zscale.data(),
-        weights.gamma, sums, k.view());
+        c, features, groups, context.count.data(), context.mean.data(), context.inv_std.data(),
+        context.zscale.data(), weights.gamma, sums, k.view());
     total_dy[static_cast<std::size_t>(c)] = totals.dy;
     total_dy_xhat[static_cast<std::size_t>(c)] = totals.dy_xhat;
   }
@@ -151,7 +150,6 @@ void CpuBackend::infer_backward(const Plan& sums_plan, const Plan& dx_plan, cons
   }
   cpu::backward_sums(sums_plan, dy, x, moving_mean.data(), sum_dy.data(), sum_dy_centered.data());
   CoefficientBuffers<Acc> k(features);
-  for (std::size_t c = 0; c < n; ++c) k.shift[c] = static_cast<Acc>(moving_mean[c]);
   const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
   for (std::int64_t c = 0; c < features; ++c) {
     inference_backward_feature<Acc, Acc>(c, epsilon, weights, sums, dgamma, dbeta, k.view());

@@ -526,7 +526,6 @@ bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, con
                        double part[2 * kMaxBlockItems];
                        for (Index j = 0; j < items.count; ++j) {
                          sum_dy[size(first + j)] = sum_dyx[size(first + j)] = 0.0;
-                         k_shift[size(first + j)] = static_cast<Acc>(shift[first + j]);
                        }
                        for (Index chunk = 0; chunk < chunks; ++chunk) {
                          kernels.plane_sums(sums_plan, dy + stat_offset(sums_plan, first, 0),

@@ -652,11 +652,8 @@ __global__ void train_backward_coefficients_kernel(std::int64_t features, std::i
                                                    Coefficients<W> out) {
   const std::int64_t c = feature_index();
   if (c >= features) return;
-  for (std::int64_t g = 0; g < groups; ++g) {
-    out.shift[g * features + c] = static_cast<W>(mean[g * features + c]);
-  }
-  detail::train_backward_feature<W, W>(c, features, groups, count, inv_std, zscale, zshift, gamma,
-                                       sums, dgamma, dbeta, out);
+  detail::train_backward_feature<W, W>(c, features, groups, count, mean, inv_std, zscale, zshift,
+                                       gamma, sums, dgamma, dbeta, out);
 }
 
 // The two halves of train_backward_feature, for synchronized ghost batches: the per-feature
@@ -669,10 +666,7 @@ __global__ void backward_coefficients_kernel(std::int64_t features, std::int64_t
                                              detail::ParameterSums* totals, Coefficients<W> out) {
   const std::int64_t c = feature_index();
   if (c >= features) return;
-  for (std::int64_t g = 0; g < groups; ++g) {
-    out.shift[g * features + c] = static_cast<W>(mean[g * features + c]);
-  }
-  totals[c] = detail::backward_coefficients<W, W>(c, features, groups, count, inv_std, zscale,
+  totals[c] = detail::backward_coefficients<W, W>(c, features, groups, count, mean, inv_std, zscale,
                                                   gamma, sums, out);
 }
 
@@ -692,7 +686,6 @@ __global__ void inference_backward_coefficients_kernel(std::int64_t features, do
                                                        W* dbeta, Coefficients<W> out) {
   const std::int64_t c = feature_index();
   if (c >= features) return;
-  out.shift[c] = weights.moving_mean[c];
   detail::inference_backward_feature<W, W>(c, epsilon, weights, sums, dgamma, dbeta, out);
 }
 

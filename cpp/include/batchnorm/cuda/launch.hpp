@@ -138,7 +138,8 @@ void launch_inference_coefficients(std::int64_t features, double epsilon,
                                    const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
                                    cudaStream_t stream);
 
-// Backward coefficients of a training step; also sets shift[g * C + c] to the group mean.
+// Backward coefficients of a training step; shift[g * C + c] is the group mean rounded to W, the
+// remainder folded into the offset (detail::backward_coefficients).
 template <class W>
 void launch_train_backward_coefficients(std::int64_t features, std::int64_t groups,
                                         const double* count, const double* mean,

@@ -2,6 +2,14 @@
 // partial moments, the Keras training/inference coefficients and moving updates, and the
 // backward coefficients. Everything runs in float64; kernels receive the folded coefficients
 // so that each element costs one subtract and one multiply-add.
+//
+// The subtracted mean is the one coefficient that cannot simply be rounded to the compute type:
+// a float32 mean of data with |mean| >> std is off by up to half its ulp (0.03 at 1e6), an error
+// every normalized value of the feature would share, ~6e-8 |mean| / std. So the kernels subtract
+// the rounded mean, `shift`, and the remainder mean - shift is taken off with the offset that
+// they add anyway: x - shift is exact for x within a factor of two of the shift (Sterbenz), and
+// what is left are roundings relative to the normalized value itself. Data whose compute type is
+// float64 gets a zero remainder.
 #pragma once
 
 #include <cmath>
@@ -94,6 +102,17 @@ struct Coefficients {
   Acc* offset;
 };
 
+// Stores shift[i] = the mean rounded to Acc and returns the remainder mean - shift, which the
+// caller folds into offset[i]: x - mean = (x - shift) - remainder. A non-finite mean leaves no
+// remainder (its outputs are NaN or infinite either way).
+template <class Acc>
+BATCHNORM_HD inline double split_shift(Coefficients<Acc> out, std::int64_t i, double mean) {
+  const Acc shift = static_cast<Acc>(mean);
+  out.shift[i] = shift;
+  const double remainder = mean - static_cast<double>(shift);
+  return remainder == remainder ? remainder : 0.0;
+}
+
 template <class W>
 BATCHNORM_HD inline double value_or(const W* values, std::int64_t i, double fallback) {
   return values ? static_cast<double>(values[i]) : fallback;
@@ -157,9 +176,12 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
   const double beta = value_or(w.beta, c, 0.0);
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t k = g * features + c;
-    out.shift[k] = static_cast<Acc>(stats.mean[k]);
-    out.scale[k] = static_cast<Acc>(stats.inv_std[k] * zscale * gamma);
-    out.offset[k] = static_cast<Acc>(zshift * gamma + beta);
+    const double remainder = split_shift(out, k, stats.mean[k]);
+    const Acc scale = static_cast<Acc>(stats.inv_std[k] * zscale * gamma);
+    out.scale[k] = scale;
+    // Taken off with the rounded scale the kernels multiply by: the remainder cancels exactly.
+    out.offset[k] =
+        static_cast<Acc>(zshift * gamma + beta - remainder * static_cast<double>(scale));
   }
 
   if (!s.update_moving || ghost.groups == 0.0) return;
@@ -193,6 +215,8 @@ BATCHNORM_HD void train_feature(std::int64_t c, std::int64_t features, std::int6
 }
 
 // Inference coefficients for feature c: y = (x - moving_mean) * gamma / sqrt(mv + eps) + beta.
+// The moving mean is a weight of the compute type itself, so it is the shift exactly: there is
+// no remainder to fold.
 template <class W, class Acc>
 BATCHNORM_HD void inference_feature(std::int64_t c, double epsilon, const WeightPtrs<W>& w,
                                     Coefficients<Acc> out) {
@@ -215,16 +239,17 @@ struct ParameterSums {
   double dy_xhat = 0.0;
 };
 
-// Training backward coefficients for feature c's groups. With g = dy * gamma * zscale and s the
-// group's std: dx = g / s - valid * (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all
-// positions. Kernels evaluate it as scale * (dy - valid * (offset + (x - shift) * slope)): the
-// bracket cancels in the data type before scaling, so e.g. a batch of one gives exactly zero.
+// Training backward coefficients for feature c's groups, whose means (the shift of `sums`) are
+// mean[g * C + c]. With g = dy * gamma * zscale and s the group's std: dx = g / s - valid *
+// (sum(g) + xhat * sum(g * xhat)) / (count * s), sums over all positions. Kernels evaluate it as
+// scale * (dy - valid * (offset + (x - shift) * slope)): the bracket cancels in the data type
+// before scaling, so e.g. a batch of one gives exactly zero.
 template <class W, class Acc>
 BATCHNORM_HD ParameterSums backward_coefficients(std::int64_t c, std::int64_t features,
                                                  std::int64_t groups, const double* count,
-                                                 const double* inv_std, const double* zscale,
-                                                 const W* gamma_ptr, BackwardSums sums,
-                                                 Coefficients<Acc> out) {
+                                                 const double* mean, const double* inv_std,
+                                                 const double* zscale, const W* gamma_ptr,
+                                                 BackwardSums sums, Coefficients<Acc> out) {
   const double k = value_or(gamma_ptr, c, 1.0) * zscale[c];
   ParameterSums totals;
   for (std::int64_t g = 0; g < groups; ++g) {
@@ -235,9 +260,13 @@ BATCHNORM_HD ParameterSums backward_coefficients(std::int64_t c, std::int64_t fe
     totals.dy += group_dy;
     totals.dy_xhat += group_dy_xhat;
     out.scale[i] = static_cast<Acc>(k * inv);
+    const double remainder = split_shift(out, i, mean[i]);
     if (count[i] > 0.0) {
-      out.offset[i] = static_cast<Acc>(group_dy / count[i]);
-      out.slope[i] = static_cast<Acc>(inv * group_dy_xhat / count[i]);
+      const Acc slope = static_cast<Acc>(inv * group_dy_xhat / count[i]);
+      out.slope[i] = slope;
+      // (x - mean) * slope = (x - shift) * slope - remainder * slope, as in the forward.
+      out.offset[i] =
+          static_cast<Acc>(group_dy / count[i] - remainder * static_cast<double>(slope));
     } else {
       out.offset[i] = Acc(0);
       out.slope[i] = Acc(0);
@@ -257,22 +286,24 @@ BATCHNORM_HD void parameter_gradients(std::int64_t c, const double* zscale, cons
 // Training backward for feature c within one process: coefficients, then dgamma and dbeta.
 template <class W, class Acc>
 BATCHNORM_HD void train_backward_feature(std::int64_t c, std::int64_t features, std::int64_t groups,
-                                         const double* count, const double* inv_std,
-                                         const double* zscale, const double* zshift,
-                                         const W* gamma_ptr, BackwardSums sums, W* dgamma, W* dbeta,
+                                         const double* count, const double* mean,
+                                         const double* inv_std, const double* zscale,
+                                         const double* zshift, const W* gamma_ptr,
+                                         BackwardSums sums, W* dgamma, W* dbeta,
                                          Coefficients<Acc> out) {
-  const ParameterSums totals = backward_coefficients<W, Acc>(c, features, groups, count, inv_std,
-                                                             zscale, gamma_ptr, sums, out);
+  const ParameterSums totals = backward_coefficients<W, Acc>(c, features, groups, count, mean,
+                                                             inv_std, zscale, gamma_ptr, sums, out);
   parameter_gradients<W>(c, zscale, zshift, totals, dgamma, dbeta);
 }
 
 // Inference backward for feature c: dx = dy * gamma * inv_std, dgamma = inv_std * sum(dy * (x -
-// mm)), dbeta = sum(dy); the shift coefficient must already hold the moving mean.
+// mm)), dbeta = sum(dy), where `sums` are shifted by the moving mean mm.
 template <class W, class Acc>
 BATCHNORM_HD void inference_backward_feature(std::int64_t c, double epsilon, const WeightPtrs<W>& w,
                                              BackwardSums sums, W* dgamma, W* dbeta,
                                              Coefficients<Acc> out) {
   const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
+  out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
   out.scale[c] = static_cast<Acc>(value_or(w.gamma, c, 1.0) * inv_std);
   out.slope[c] = Acc(0);
   out.offset[c] = Acc(0);
