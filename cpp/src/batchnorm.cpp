@@ -2,7 +2,10 @@
 // dtype and device become a template argument and a backend.
 #include "batchnorm/batchnorm.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -76,12 +79,24 @@ bool same_device(const Device& a, const Device& b) {
   return a.type == b.type && (a.type == DeviceType::cpu || a.index == b.index);
 }
 
+// Numbers in messages as a person writes them: 0.5, 1e-05, inf.
+std::string number(double value) {
+  std::ostringstream s;
+  s << value;
+  return s.str();
+}
+
+void check_ghost_axes(const char* op, std::uint32_t feature_axes, std::int64_t virtual_batch_size) {
+  if (virtual_batch_size > 0 && (feature_axes & 1u)) {
+    fail(op, "axis 0 cannot be a feature axis when virtual_batch_size is set");
+  }
+}
+
 std::uint32_t resolve_axes(const char* op, int rank, const std::vector<int>& axes) {
   if (rank < 1 || rank > kMaxRank) {
-    fail(op, "input rank " + std::to_string(rank) + " is outside the supported range 1.." +
-                 std::to_string(kMaxRank));
+    fail(op, "inputs must have rank 1.." + std::to_string(kMaxRank) + ", got rank " +
+                 std::to_string(rank));
   }
-  if (axes.empty()) fail(op, "axis list is empty");
   std::uint32_t mask = 0;
   for (int axis : axes) {
     const int resolved = axis < 0 ? axis + rank : axis;
@@ -90,7 +105,7 @@ std::uint32_t resolve_axes(const char* op, int rank, const std::vector<int>& axe
                    std::to_string(rank));
     }
     if (mask & (1u << resolved)) {
-      fail(op, "axis " + std::to_string(axis) + " is repeated (axes resolve to the same axis)");
+      fail(op, "axes contain duplicates once resolved (axis " + std::to_string(resolved) + ")");
     }
     mask |= 1u << resolved;
   }
@@ -123,8 +138,28 @@ void check_aligned(const char* op, const char* name, const void* data, DType dty
   }
 }
 
-DType weight_dtype_for(DType data) {
-  return data == DType::float64 ? DType::float64 : DType::float32;
+void validate_options(const char* op, const Options& o) {
+  if (o.axes.empty()) fail(op, "axes must not be empty");
+  if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
+    fail(op, "momentum must be in [0, 1], got " + number(o.momentum));
+  }
+  if (!(o.epsilon > 0.0)) fail(op, "epsilon must be > 0, got " + number(o.epsilon));
+  if (!(o.renorm_momentum >= 0.0 && o.renorm_momentum <= 1.0)) {
+    fail(op, "renorm_momentum must be in [0, 1], got " + number(o.renorm_momentum));
+  }
+  if (std::isnan(o.rmin) || std::isnan(o.rmax) || std::isnan(o.dmax)) {
+    fail(op, "renorm_clipping: bounds must be numbers, got NaN");
+  }
+  if (o.rmax < o.rmin) {
+    fail(op,
+         "renorm_clipping: rmax (" + number(o.rmax) + ") must be >= rmin (" + number(o.rmin) + ")");
+  }
+  if (!(o.dmax >= 0.0)) fail(op, "renorm_clipping: dmax must be >= 0, got " + number(o.dmax));
+  if (o.virtual_batch_size < 0) {
+    fail(op, "virtual_batch_size must be > 0 (or 0 for no ghost batches), got " +
+                 std::to_string(o.virtual_batch_size));
+  }
+  for (int axis : o.axes) check_ghost_axes(op, axis == 0 ? 1u : 0u, o.virtual_batch_size);
 }
 
 // Everything a call needs, checked once.
@@ -156,6 +191,7 @@ void check_like(const char* op, const char* name, const TensorRef& t, const Tens
 
 Checked check_common(const char* op, const TensorRef& x, const Options& o, const Weights& w,
                      bool training) {
+  validate_options(op, o);
   Checked c;
   c.feature_axes = resolve_axes(op, x.rank, o.axes);
   if (x.dtype == DType::boolean) fail(op, "input dtype bool is not a floating-point type");
@@ -165,13 +201,9 @@ Checked check_common(const char* op, const TensorRef& x, const Options& o, const
     if (x.shape[i] < 0) fail(op, "input shape " + shape_string(x) + " has a negative size");
     if (c.feature_axes & (1u << i)) c.features *= x.shape[i];
   }
-  if (!(o.epsilon > 0.0)) fail(op, "epsilon must be > 0, got " + std::to_string(o.epsilon));
-  if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
-    fail(op, "momentum must be in [0, 1], got " + std::to_string(o.momentum));
-  }
-  if (w.dtype != weight_dtype_for(x.dtype)) {
+  if (w.dtype != weight_dtype(x.dtype)) {
     fail(op, std::string("weights have dtype ") + dtype_name(w.dtype) + " but " +
-                 dtype_name(x.dtype) + " data needs " + dtype_name(weight_dtype_for(x.dtype)));
+                 dtype_name(x.dtype) + " data needs " + dtype_name(weight_dtype(x.dtype)));
   }
   if (!same_device(w.device, x.device)) fail(op, "weights and input are on different devices");
   if (!w.moving_mean || !w.moving_variance)
@@ -180,19 +212,11 @@ Checked check_common(const char* op, const TensorRef& x, const Options& o, const
                                         w.moving_variance, w.moving_stddev, w.renorm_mean,
                                         w.renorm_stddev};
   for (const void* vector : weight_vectors) check_aligned(op, "a weight vector", vector, w.dtype);
-  if (training && o.renorm) {
-    if (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev) {
-      fail(op, "renorm needs moving_stddev, renorm_mean and renorm_stddev");
-    }
-    if (!(o.renorm_momentum >= 0.0 && o.renorm_momentum <= 1.0)) {
-      fail(op, "renorm_momentum must be in [0, 1]");
-    }
-    if (o.rmax < o.rmin) fail(op, "renorm clipping needs rmax >= rmin");
-    if (o.dmax < 0.0) fail(op, "renorm clipping needs dmax >= 0");
+  if (training && o.renorm && (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev)) {
+    fail(op, "renorm needs moving_stddev, renorm_mean and renorm_stddev");
   }
+  check_ghost_axes(op, c.feature_axes, o.virtual_batch_size);
   if (training && o.virtual_batch_size != 0) {
-    if (o.virtual_batch_size < 0) fail(op, "virtual_batch_size must be > 0");
-    if (c.feature_axes & 1u) fail(op, "axis 0 cannot be a feature axis with virtual_batch_size");
     if (x.shape[0] % o.virtual_batch_size != 0) {
       fail(op, "the batch size " + std::to_string(x.shape[0]) +
                    " is not a multiple of virtual_batch_size " +
@@ -263,6 +287,57 @@ const std::uint8_t* mask_data(const TensorRef* mask) {
 }
 
 }  // namespace
+
+DType weight_dtype(DType data) { return data == DType::float64 ? DType::float64 : DType::float32; }
+
+void validate(const Options& options) { validate_options("validate", options); }
+
+WeightSchema weight_schema(const Options& options, const std::vector<std::int64_t>& input_shape) {
+  const char* op = "weight_schema";
+  validate_options(op, options);
+  const int rank = static_cast<int>(input_shape.size());
+  const std::uint32_t axes = resolve_axes(op, rank, options.axes);
+  check_ghost_axes(op, axes, options.virtual_batch_size);
+  WeightSchema schema;
+  for (int axis = 0; axis < rank; ++axis) {
+    if (!(axes & (1u << axis))) continue;
+    const std::int64_t size = input_shape[static_cast<std::size_t>(axis)];
+    if (size < 1) {
+      TensorRef shape;
+      shape.rank = rank;
+      std::copy(input_shape.begin(), input_shape.end(), shape.shape.begin());
+      fail(op, "the feature axis " + std::to_string(axis) + " of the input shape " +
+                   shape_string(shape) + " must have a size >= 1");
+    }
+    schema.axes.push_back(axis);
+    schema.feature_shape.push_back(size);
+    schema.features *= size;
+  }
+  if (schema.axes.size() == 1) {
+    schema.weight_shape = schema.feature_shape;
+  } else {
+    schema.weight_shape.assign(input_shape.size(), 1);
+    for (std::size_t i = 0; i < schema.axes.size(); ++i) {
+      schema.weight_shape[static_cast<std::size_t>(schema.axes[i])] = schema.feature_shape[i];
+    }
+  }
+  schema.names = weight_names(options);
+  return schema;
+}
+
+std::vector<std::string> weight_names(const Options& options) {
+  std::vector<std::string> names;  // Keras' order
+  if (options.scale) names.emplace_back("gamma");
+  if (options.center) names.emplace_back("beta");
+  names.emplace_back("moving_mean");
+  names.emplace_back("moving_variance");
+  if (options.renorm) {
+    names.emplace_back("moving_stddev");
+    names.emplace_back("renorm_mean");
+    names.emplace_back("renorm_stddev");
+  }
+  return names;
+}
 
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options) {
   const std::uint32_t axes =

@@ -1,6 +1,7 @@
 // Bindings of the layer operations: Options, TrainingContext and the four entry points. The GIL
 // is released around every kernel; weights are updated in place.
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "bindings.hpp"
@@ -11,8 +12,6 @@ namespace batchnorm::python {
 namespace {
 
 using WeightList = std::vector<nb::object>;
-
-DType weight_dtype(DType data) { return data == DType::float64 ? DType::float64 : DType::float32; }
 
 // The seven per-feature vectors in Keras order, any of them None where absent.
 Weights to_weights(const WeightList& list, const TensorRef& x, std::int64_t features) {
@@ -115,12 +114,29 @@ void bind_operations(nb::module_& m) {
       .def_rw("axes", &Options::axes)
       .def_rw("momentum", &Options::momentum)
       .def_rw("epsilon", &Options::epsilon)
+      .def_rw("center", &Options::center)
+      .def_rw("scale", &Options::scale)
       .def_rw("renorm", &Options::renorm)
       .def_rw("renorm_momentum", &Options::renorm_momentum)
       .def_rw("rmin", &Options::rmin)
       .def_rw("rmax", &Options::rmax)
       .def_rw("dmax", &Options::dmax)
       .def_rw("virtual_batch_size", &Options::virtual_batch_size);
+
+  m.def("validate", &validate, nb::arg("options"),
+        "Raises ValueError naming the first option outside its range.");
+  nb::class_<WeightSchema>(m, "WeightSchema",
+                           "The weights of a layer with given options for inputs of a shape.")
+      .def_ro("axes", &WeightSchema::axes)
+      .def_ro("feature_shape", &WeightSchema::feature_shape)
+      .def_ro("features", &WeightSchema::features)
+      .def_ro("weight_shape", &WeightSchema::weight_shape)
+      .def_ro("names", &WeightSchema::names);
+  m.def("weight_schema", &weight_schema, nb::arg("options"), nb::arg("input_shape"),
+        "The resolved feature axes, feature shape and count, Keras' weight shape and the weight "
+        "names in Keras order (validates the options and the axes against the shape).");
+  m.def("weight_names", &weight_names, nb::arg("options"),
+        "The weight names in Keras order for these options.");
 
   nb::class_<TrainingContext>(m, "TrainingContext",
                               "Statistics a training forward keeps for its backward pass.")

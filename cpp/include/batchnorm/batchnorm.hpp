@@ -49,6 +49,8 @@ struct Options {
   std::vector<int> axes{-1};
   double momentum = 0.99;
   double epsilon = 1e-3;
+  bool center = true;  // the layer has beta
+  bool scale = true;   // the layer has gamma
   bool renorm = false;
   double renorm_momentum = 0.99;
   // Batch-renorm clipping: r is clipped to [rmin, rmax] and d to [-dmax, dmax]. The infinite
@@ -59,6 +61,34 @@ struct Options {
   // Ghost-batch size (0 = off). The batch axis 0 must be a multiple of it.
   std::int64_t virtual_batch_size = 0;
 };
+
+// Checks every option against its range and throws std::invalid_argument naming the first one
+// outside it. The one home of these rules: the entry points and both layer classes (C++ and
+// Python) call it, so each rule and message exists once.
+void validate(const Options& options);
+
+// What a layer with `options` holds for inputs of `input_shape` (the batch size and other
+// non-feature sizes are not used and may be -1): the resolved feature axes (ascending), their
+// sizes, the feature count C, Keras' shape of every weight ((C,) for one feature axis; for
+// several, the input's rank with the feature sizes on the feature axes and 1 elsewhere) and the
+// weights' names in Keras order (get_weights / set_weights order). Validates `options` and the
+// axes against the shape.
+struct WeightSchema {
+  std::vector<int> axes;
+  std::vector<std::int64_t> feature_shape;
+  std::int64_t features = 1;
+  std::vector<std::int64_t> weight_shape;
+  std::vector<std::string> names;
+};
+WeightSchema weight_schema(const Options& options, const std::vector<std::int64_t>& input_shape);
+
+// The names of the weights a layer with `options` has, in Keras order (center/scale/renorm
+// decide which exist).
+std::vector<std::string> weight_names(const Options& options);
+
+// The dtype of the weights for data of `data`: float64 for float64 data, float32 otherwise
+// (16-bit data computes in float32).
+DType weight_dtype(DType data);
 
 // Per-feature vectors of length C (the product of the feature-axis sizes, C order over the
 // feature axes), contiguous, all of `dtype` (float32 for 16/32-bit data, float64 for float64

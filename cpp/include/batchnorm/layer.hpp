@@ -24,8 +24,6 @@ using Shape = std::vector<std::int64_t>;
 // Constructor arguments of the layer: the kernel Options (axes, momentum, epsilon, renorm and
 // its clipping and momentum, virtual_batch_size) plus what only the layer knows.
 struct LayerOptions : Options {
-  bool center = true;     // learn beta
-  bool scale = true;      // learn gamma
   bool trainable = true;  // false: training calls run in inference mode and change nothing (Keras)
   // Constant initial values of the weights at build (Keras' default initializers).
   double gamma_initializer = 1.0;
@@ -124,34 +122,10 @@ class BatchNormalization {
     std::vector<T> beta;
   };
 
-  // Validates the options (ranges as the Python class) without building.
+  // Validates the options (batchnorm::validate) without building.
   explicit BatchNormalization(LayerOptions options = {}) : options_(std::move(options)) {
+    validate(options_);
     kernel_options_.axes.clear();  // resolved at build
-    const LayerOptions& o = options_;
-    if (o.axes.empty()) fail("axes must not be empty");
-    if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
-      fail("momentum must be in [0, 1], got " + detail::layer_number(o.momentum));
-    }
-    if (!(o.epsilon > 0.0)) fail("epsilon must be > 0, got " + detail::layer_number(o.epsilon));
-    if (!(o.renorm_momentum >= 0.0 && o.renorm_momentum <= 1.0)) {
-      fail("renorm_momentum must be in [0, 1], got " + detail::layer_number(o.renorm_momentum));
-    }
-    if (o.rmax < o.rmin) {
-      fail("renorm clipping: rmax (" + detail::layer_number(o.rmax) + ") must be >= rmin (" +
-           detail::layer_number(o.rmin) + ")");
-    }
-    if (!(o.dmax >= 0.0)) {
-      fail("renorm clipping: dmax must be >= 0, got " + detail::layer_number(o.dmax));
-    }
-    if (o.virtual_batch_size < 0) {
-      fail("virtual_batch_size must be > 0 (or 0 for no ghost batches), got " +
-           std::to_string(o.virtual_batch_size));
-    }
-    for (int axis : o.axes) {
-      if (o.virtual_batch_size > 0 && axis == 0) {
-        fail("axis 0 cannot be a feature axis when virtual_batch_size is set");
-      }
-    }
   }
 
   // The options as given (axes unresolved; see axes() after build).
@@ -166,74 +140,21 @@ class BatchNormalization {
   const Shape& feature_shape() const noexcept { return feature_shape_; }
   std::int64_t features() const noexcept { return features_; }
 
-  // Keras' shape of every weight: (C,) for one feature axis; for several, the input rank with the
-  // feature sizes at the feature axes and 1 elsewhere (axes {1, 3} on (B, H, W, C): (1, H, 1, C)).
+  // Keras' shape of every weight (see batchnorm::WeightSchema).
   Shape weight_shape() const {
     require_built("weight_shape");
-    if (feature_shape_.size() == 1) return feature_shape_;
-    Shape shape(static_cast<std::size_t>(rank_), 1);
-    for (std::size_t i = 0; i < feature_shape_.size(); ++i) {
-      shape[static_cast<std::size_t>(kernel_options_.axes[i])] = feature_shape_[i];
-    }
-    return shape;
+    return weight_shape_;
   }
 
   // Names of the weights in Keras order (get_weights / set_weights order).
-  std::vector<std::string> weight_names() const {
-    std::vector<std::string> names;
-    if (options_.scale) names.emplace_back("gamma");
-    if (options_.center) names.emplace_back("beta");
-    names.emplace_back("moving_mean");
-    names.emplace_back("moving_variance");
-    if (options_.renorm) {
-      names.emplace_back("moving_stddev");
-      names.emplace_back("renorm_mean");
-      names.emplace_back("renorm_stddev");
-    }
-    return names;
-  }
+  std::vector<std::string> weight_names() const { return batchnorm::weight_names(options_); }
 
   // Creates the weights for inputs of `input_shape` (sizes of the non-feature axes are not used;
   // the batch size may be unknown, e.g. -1). A built layer ignores further calls, as Keras.
   void build(const Shape& input_shape) {
     if (built_) return;
-    const int rank = static_cast<int>(input_shape.size());
-    if (rank < 1 || rank > kMaxRank) {
-      fail("inputs must have rank 1.." + std::to_string(kMaxRank) + ", got rank " +
-           std::to_string(rank));
-    }
-    std::vector<int> axes;
-    for (int axis : options_.axes) {
-      const int resolved = axis < 0 ? axis + rank : axis;
-      if (resolved < 0 || resolved >= rank) {
-        fail("axis " + std::to_string(axis) + " is out of range for an input of rank " +
-             std::to_string(rank));
-      }
-      for (int seen : axes) {
-        if (seen == resolved) {
-          fail("axes contain duplicates once resolved (axis " + std::to_string(resolved) + ")");
-        }
-      }
-      axes.push_back(resolved);
-    }
-    if (options_.virtual_batch_size > 0) {
-      for (int axis : axes) {
-        if (axis == 0) fail("axis 0 cannot be a feature axis when virtual_batch_size is set");
-      }
-    }
-    std::sort(axes.begin(), axes.end());
-    Shape feature_shape;
-    std::int64_t features = 1;
-    for (int axis : axes) {
-      const std::int64_t size = input_shape[static_cast<std::size_t>(axis)];
-      if (size < 1) {
-        fail("the feature axis " + std::to_string(axis) + " of the input shape " +
-             detail::layer_shape_string(input_shape.data(), rank) + " must have a size >= 1");
-      }
-      feature_shape.push_back(size);
-      features *= size;
-    }
-
+    const WeightSchema schema = weight_schema(options_, input_shape);
+    const std::int64_t features = schema.features;
     const auto n = static_cast<std::size_t>(features);
     const T gamma = static_cast<T>(options_.gamma_initializer);
     const T beta = static_cast<T>(options_.beta_initializer);
@@ -249,9 +170,10 @@ class BatchNormalization {
     renorm_stddev_.assign(options_.renorm ? n : 0, stddev);
 
     kernel_options_ = static_cast<const Options&>(options_);
-    kernel_options_.axes = axes;
-    rank_ = rank;
-    feature_shape_ = feature_shape;
+    kernel_options_.axes = schema.axes;
+    rank_ = static_cast<int>(input_shape.size());
+    feature_shape_ = Shape(schema.feature_shape.begin(), schema.feature_shape.end());
+    weight_shape_ = Shape(schema.weight_shape.begin(), schema.weight_shape.end());
     features_ = features;
     built_ = true;
   }
@@ -605,6 +527,7 @@ class BatchNormalization {
   bool built_ = false;
   int rank_ = 0;
   Shape feature_shape_;
+  Shape weight_shape_;
   std::int64_t features_ = 0;
   std::vector<T> gamma_, beta_, moving_mean_, moving_variance_;
   std::vector<T> moving_stddev_, renorm_mean_, renorm_stddev_;
