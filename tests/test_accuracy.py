@@ -107,10 +107,10 @@ def _large_mean_pair(shape, axis, ratio, dtype, seed):
 
 
 def _large_mean_mask(shape, axis, seed):
-    """A random 75% mask over the positions (the shape without the feature axes)."""
+    """A random 75% mask over the positions: full rank, size 1 on the feature axes."""
     features = _feature_axes(len(shape), axis)
-    reduced = tuple(s for i, s in enumerate(shape) if i not in features)
-    return np.random.default_rng(seed).random(reduced) < 0.75
+    positions = tuple(1 if i in features else s for i, s in enumerate(shape))
+    return np.random.default_rng(seed).random(positions) < 0.75
 
 
 def _nhwc_memory(a):  # the values of an NCHW array, stored channels-last

@@ -8,6 +8,7 @@ checked with CUDA absent as well."""
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 from typing import Any
 
 import numpy as np
@@ -134,7 +135,14 @@ def test_torch_strided_views_and_autograd_tensors() -> None:
     ]
     for view in views:
         ref, lay = pair(axis=1)
-        y = lay(view, training=True)
+        if view.requires_grad:  # the output is detached: said once, not left silent
+            with pytest.warns(UserWarning, match="does not record PyTorch autograd history"):
+                y = lay(view, training=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                lay(view, training=True)  # once per layer
+        else:
+            y = lay(view, training=True)
         expected = ref(view.detach().numpy(), training=True)
         np.testing.assert_array_equal(y.detach().numpy(), expected)
         assert not y.requires_grad
@@ -159,7 +167,7 @@ def test_torch_zero_copy(no_torch_copies: None) -> None:
     lay = batchnorm.BatchNormalization(axis=1)
     y = lay(x, training=True, out=out)
     assert y is out and y.data_ptr() == pointer
-    assert lay._last["x"] is x  # what backward reads again is the caller's own tensor
+    assert lay._last.x is x  # what backward reads again is the caller's own tensor
     dx_out = torch.from_numpy(np.empty(tuple(x.shape), np.float32))
     dx = lay.backward(torch.from_numpy(np.ones(tuple(x.shape), np.float32)), out=dx_out)
     assert dx is dx_out

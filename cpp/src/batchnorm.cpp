@@ -206,8 +206,10 @@ Checked check_common(const char* op, const TensorRef& x, const Options& o, const
                  dtype_name(x.dtype) + " data needs " + dtype_name(weight_dtype(x.dtype)));
   }
   if (!same_device(w.device, x.device)) fail(op, "weights and input are on different devices");
-  if (!w.moving_mean || !w.moving_variance)
+  // (With no features at all, empty weight vectors may come without a data pointer.)
+  if ((!w.moving_mean || !w.moving_variance) && c.features != 0) {
     fail(op, "moving_mean and moving_variance are required");
+  }
   const void* const weight_vectors[] = {w.gamma,           w.beta,          w.moving_mean,
                                         w.moving_variance, w.moving_stddev, w.renorm_mean,
                                         w.renorm_stddev};
@@ -302,12 +304,14 @@ WeightSchema weight_schema(const Options& options, const std::vector<std::int64_
   for (int axis = 0; axis < rank; ++axis) {
     if (!(axes & (1u << axis))) continue;
     const std::int64_t size = input_shape[static_cast<std::size_t>(axis)];
-    if (size < 1) {
+    if (size < 0) {  // an unknown size (None in Python)
       TensorRef shape;
       shape.rank = rank;
       std::copy(input_shape.begin(), input_shape.end(), shape.shape.begin());
-      fail(op, "the feature axis " + std::to_string(axis) + " of the input shape " +
-                   shape_string(shape) + " must have a size >= 1");
+      fail(op, "the size of the feature axis " + std::to_string(axis) +
+                   " must be known to build "
+                   "(input shape " +
+                   shape_string(shape) + ")");
     }
     schema.axes.push_back(axis);
     schema.feature_shape.push_back(size);

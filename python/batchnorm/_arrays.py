@@ -9,6 +9,7 @@ imported cannot have made the array)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -86,13 +87,13 @@ class Framework:
     def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
         return np.empty(shape, numpy_dtype(name))
 
-    def kernel(self, array: Any) -> tuple[Any, bool]:
-        """The object the extension reads, and whether the call's data is bfloat16: NumPy has no
-        bfloat16 of its own, so ml_dtypes arrays travel as their 16-bit pattern and the flag
-        tells the extension to read uint16 as bfloat16 (for every array of the call)."""
+    def kernel(self, array: Any) -> Any:
+        """The object the extension reads. NumPy has no bfloat16 of its own and cannot export
+        ml_dtypes' through DLPack, so such arrays travel as their 16-bit pattern: the extension
+        reads every uint16 array as bfloat16 (integer data never reaches it uncast)."""
         if is_bfloat16(array.dtype):
-            return array.view(np.uint16), True
-        return array, False
+            return array.view(np.uint16)
+        return array
 
     def check_out(self, out: Any) -> None:
         """Rejects an `out=` array the kernels cannot write."""
@@ -199,10 +200,9 @@ class TorchFramework(Framework):
     def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
         return self.torch.empty(shape, dtype=getattr(self.torch, name), device=str(device))
 
-    def kernel(self, array: Any) -> tuple[Any, bool]:
+    def kernel(self, array: Any) -> Any:
         # DLPack refuses tensors that require grad; detach() is a view of the same memory.
-        view = array.detach() if array.requires_grad else array
-        return view, array.dtype == self.torch.bfloat16
+        return array.detach() if array.requires_grad else array
 
     def span(self, array: Any) -> tuple[int, int]:
         size = array.element_size()
@@ -241,8 +241,8 @@ class CupyFramework(Framework):
         with self.cupy.cuda.Device(device.index):
             return self.cupy.empty(shape, numpy_dtype(name))
 
-    def kernel(self, array: Any) -> tuple[Any, bool]:
-        return array, False
+    def kernel(self, array: Any) -> Any:
+        return array
 
     def span(self, array: Any) -> tuple[int, int]:
         return _bounds(array.data.ptr, tuple(array.shape), tuple(array.strides), array.itemsize)
@@ -280,12 +280,12 @@ class JaxFramework(Framework):
     def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
         if device.type == "cpu":
             return np.empty(shape, numpy_dtype(name))
-        return _core.cuda_empty(list(shape), name, device.index)
+        return DeviceArray(shape, name, device)
 
-    def kernel(self, array: Any) -> tuple[Any, bool]:
+    def kernel(self, array: Any) -> Any:
         if isinstance(array, np.ndarray):  # a result buffer before it is handed to JAX
             return Framework.kernel(self, array)
-        return array, self.dtype_name(array) == "bfloat16"
+        return array  # a JAX array or a DeviceArray result buffer, read through DLPack
 
     def check_out(self, out: Any) -> None:
         raise TypeError("out: JAX arrays are immutable; call without out= to get a new array")
@@ -407,22 +407,66 @@ def to_numpy(value: Any) -> np.ndarray:
     return framework_of(array).to_numpy(array)
 
 
+class DeviceArray:
+    """A C-contiguous array in CUDA memory that the extension allocated (freed with this
+    object), with the shape, dtype name and device that the extension's bare buffer does not
+    carry. It exports DLPack, so the kernels and every framework read it in place."""
+
+    __slots__ = ("buffer", "shape", "dtype_name", "device")
+
+    def __init__(self, shape: tuple[int, ...], dtype_name: str, device: Device) -> None:
+        self.buffer = _core.cuda_empty(list(shape), dtype_name, device.index)
+        self.shape = tuple(shape)
+        self.dtype_name = dtype_name
+        self.device = device
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.buffer.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return _DLPACK_CUDA, self.device.index
+
+
 def device_vector(values: np.ndarray, device: Device) -> Any:
-    """A contiguous 1-D copy of host `values` on `device`, for the kernels' per-feature inputs."""
+    """A contiguous 1-D copy of host `values` on `device`, for the kernels' per-feature inputs:
+    a NumPy array on the CPU, a DeviceArray on CUDA."""
     host = np.ascontiguousarray(values).reshape(-1)
     if device.type == "cpu":
         return host.copy()
-    vector = _core.cuda_empty([host.size], host.dtype.name, device.index)
-    _core.cuda_copy(vector, host)
+    vector = DeviceArray((host.size,), host.dtype.name, device)
+    _core.cuda_copy(vector.buffer, host)
     return vector
 
 
-def vector_to_host(vector: Any, size: int, dtype: np.dtype) -> np.ndarray:
-    """A host copy of a vector of `size` elements that `device_vector` made."""
+def copy_vector(vector: Any) -> Any:
+    """An independent copy of a `device_vector`, on its device."""
     if isinstance(vector, np.ndarray):
         return vector.copy()
-    host = np.empty(size, dtype)
-    _core.cuda_copy(host, vector)
+    copy = DeviceArray(vector.shape, vector.dtype_name, vector.device)
+    _core.cuda_copy(copy.buffer, vector.buffer)
+    return copy
+
+
+def vector_device(vector: Any) -> Device:
+    """Where a `device_vector` lives."""
+    return CPU if isinstance(vector, np.ndarray) else vector.device
+
+
+def vector_dtype_name(vector: Any) -> str:
+    """The dtype name of a `device_vector`."""
+    return vector.dtype.name if isinstance(vector, np.ndarray) else vector.dtype_name
+
+
+def vector_to_host(vector: Any) -> np.ndarray:
+    """A host copy of a `device_vector`."""
+    if isinstance(vector, np.ndarray):
+        return vector.copy()
+    host = np.empty(vector.shape, numpy_dtype(vector.dtype_name))
+    _core.cuda_copy(host, vector.buffer)
     return host
 
 
@@ -431,4 +475,4 @@ def assign_vector(vector: Any, values: np.ndarray) -> None:
     if isinstance(vector, np.ndarray):
         vector[...] = values
     else:
-        _core.cuda_copy(vector, np.ascontiguousarray(values, dtype=values.dtype))
+        _core.cuda_copy(vector.buffer, np.ascontiguousarray(values, dtype=values.dtype))

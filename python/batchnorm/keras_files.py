@@ -415,7 +415,7 @@ def _build(layer: BatchNormalization, found: _Found, sizes: np.ndarray, given: A
             "traced from the model's input; pass input_shapes={" + repr(name) + ": (None, ...)}"
         )
     full = list(shape)
-    axes = layer._resolve_axes(len(full))
+    axes = list(layer.options.schema([1] * len(full)).axes)  # resolved, sizes not needed
     missing = [a for a in axes if full[a] is None]
     if missing:
         if len(axes) == 1:

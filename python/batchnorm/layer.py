@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _mpi, constraints, initializers, regularizers
+from . import _core, _mpi, constraints, functional, initializers, regularizers
 from ._arrays import (
     CPU,
     Device,
     assign_vector,
-    check_no_overlap,
     check_numeric,
     device_vector,
     framework_of,
@@ -30,9 +29,11 @@ from ._arrays import (
     vector_to_host,
 )
 from ._dtypes import Policy, data_dtype, numpy_dtype, policy_from
+from .functional import _number
 
 _layer_ids = itertools.count()
-_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# Every weight a layer can have (the core's list, renorm on).
+_WEIGHT_NAMES = frozenset(functional.Options(renorm=True).weight_names())
 
 
 class Variable:
@@ -70,7 +71,7 @@ class Variable:
 
     def numpy(self) -> np.ndarray:
         """A host copy of the value in the Keras weight shape."""
-        return vector_to_host(self._storage, self._size, self._dtype).reshape(self._shape)
+        return vector_to_host(self._storage).reshape(self._shape)
 
     @property
     def value(self) -> np.ndarray:
@@ -140,47 +141,6 @@ def build_input_shape(build_config: Any) -> tuple[int | None, ...] | None:
     return tuple(None if d is None else int(d) for d in shape)
 
 
-def _check_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
-
-
-def _check_axis(axis: Any) -> int | list[int]:
-    def is_int(a: Any) -> bool:
-        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
-
-    if is_int(axis):
-        return int(axis)
-    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
-        return [int(a) for a in axis]
-    raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, got {axis!r}")
-
-
-def _check_clipping(clipping: Any) -> dict[str, float] | None:
-    if clipping is None:
-        return None
-    if not isinstance(clipping, Mapping):
-        raise TypeError(f"renorm_clipping must be a dict or None, got {clipping!r}")
-    unknown = set(clipping) - set(_CLIPPING_KEYS)
-    if unknown:
-        raise ValueError(
-            f"renorm_clipping: unknown keys {sorted(unknown)}; allowed: {list(_CLIPPING_KEYS)}"
-        )
-    result = {
-        key: _check_number(value, f"renorm_clipping[{key!r}]")
-        for key, value in clipping.items()
-        if value is not None
-    }
-    if "rmax" in result and "rmin" in result and result["rmax"] < result["rmin"]:
-        raise ValueError(
-            f"renorm_clipping: rmax ({result['rmax']}) must be >= rmin ({result['rmin']})"
-        )
-    if result.get("dmax", 0.0) < 0:
-        raise ValueError(f"renorm_clipping: dmax must be >= 0, got {result['dmax']}")
-    return result
-
-
 class BatchNormalization:
     """Keras' BatchNormalization layer, computed by the batchnorm kernels.
 
@@ -218,15 +178,18 @@ class BatchNormalization:
         name: str | None = None,
         dtype: Any = None,
     ) -> None:
-        self._axis_arg = _check_axis(axis)
-        self.momentum = _check_number(momentum, "momentum")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        self.epsilon = _check_number(epsilon, "epsilon")
-        if not self.epsilon > 0.0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        self.center = bool(center)
-        self.scale = bool(scale)
+        # Types and ranges are checked once, here (ranges by the core); the value is frozen.
+        self._options = functional.Options(
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            renorm=renorm,
+            renorm_momentum=renorm_momentum,
+            renorm_clipping=renorm_clipping,
+            virtual_batch_size=virtual_batch_size,
+        )
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -235,27 +198,11 @@ class BatchNormalization:
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        self.renorm = bool(renorm)
-        self.renorm_clipping = _check_clipping(renorm_clipping)
-        self.renorm_momentum = _check_number(renorm_momentum, "renorm_momentum")
-        if not 0.0 <= self.renorm_momentum <= 1.0:
-            raise ValueError(f"renorm_momentum must be in [0, 1], got {renorm_momentum}")
         if fused not in (None, True, False):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
-        if virtual_batch_size is not None:
-            if isinstance(virtual_batch_size, bool) or not isinstance(
-                virtual_batch_size, numbers.Integral
-            ):
-                raise TypeError(f"virtual_batch_size must be an int, got {virtual_batch_size!r}")
-            if virtual_batch_size <= 0:
-                raise ValueError(f"virtual_batch_size must be > 0, got {virtual_batch_size}")
-            if adjustment is not None:
-                raise ValueError("adjustment cannot be combined with virtual_batch_size")
-            if 0 in (self._axis_arg if isinstance(self._axis_arg, list) else [self._axis_arg]):
-                raise ValueError("axis 0 cannot be a feature axis when virtual_batch_size is set")
-            virtual_batch_size = int(virtual_batch_size)
-        self.virtual_batch_size = virtual_batch_size
+        if adjustment is not None and virtual_batch_size is not None:
+            raise ValueError("adjustment cannot be combined with virtual_batch_size")
         if adjustment is not None and not callable(adjustment):
             raise TypeError("adjustment must be a callable taking the input shape")
         self.adjustment = adjustment
@@ -283,9 +230,12 @@ class BatchNormalization:
         self._feature_shape: tuple[int, ...] = ()
         self._param_shape: tuple[int, ...] = ()
         self._variables: dict[str, Variable] = {}
-        self._last: dict[str, Any] | None = None
-        self._options_cache: tuple[Any, Any] | None = None
-        self._kernel_variables: list[Variable | None] = []
+        # The last call's context (what backward differentiates), and weak references to the
+        # outputs of training calls not differentiated yet: two of them alive at a backward
+        # mean the layer was used twice in one computation (see _context_for_backward).
+        self._last: functional.Context | None = None
+        self._undifferentiated: list[tuple[weakref.ref, functional.Context]] = []
+        self._warned_detached = False
         # float32/float64 NumPy inputs of this dtype need no conversion (the fast path).
         self._numpy_compute_dtype = (
             np.dtype(self._policy.compute)
@@ -300,8 +250,65 @@ class BatchNormalization:
     def axis(self) -> int | list[int]:
         """The resolved feature axes after build (the constructor's value before)."""
         if not self.built:
-            return self._axis_arg
+            return self._options.axis
         return self._axes[0] if len(self._axes) == 1 else list(self._axes)
+
+    # Hyper-parameters: read from the frozen options; the ones Keras code tunes after
+    # construction can be set, each change validated as a new Options value.
+    @property
+    def options(self) -> functional.Options:
+        """The layer's hyper-parameters as `batchnorm.functional.Options`."""
+        return self._options
+
+    @property
+    def momentum(self) -> float:
+        return self._options.momentum
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self._options = self._options.replace(momentum=value)
+
+    @property
+    def epsilon(self) -> float:
+        return self._options.epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._options = self._options.replace(epsilon=value)
+
+    @property
+    def renorm_momentum(self) -> float:
+        return self._options.renorm_momentum
+
+    @renorm_momentum.setter
+    def renorm_momentum(self, value: float) -> None:
+        self._options = self._options.replace(renorm_momentum=value)
+
+    @property
+    def renorm_clipping(self) -> dict[str, float] | None:
+        clipping = self._options.renorm_clipping
+        return None if clipping is None else dict(clipping)
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, value: Mapping[str, float] | None) -> None:
+        self._options = self._options.replace(renorm_clipping=value)
+
+    # These decide which weights exist and how they are shaped: fixed at construction.
+    @property
+    def center(self) -> bool:
+        return self._options.center
+
+    @property
+    def scale(self) -> bool:
+        return self._options.scale
+
+    @property
+    def renorm(self) -> bool:
+        return self._options.renorm
+
+    @property
+    def virtual_batch_size(self) -> int | None:
+        return self._options.virtual_batch_size
 
     @property
     def dtype(self) -> str:
@@ -356,7 +363,7 @@ class BatchNormalization:
         variables = self.__dict__.get("_variables", {})
         if name in variables:
             return variables[name]
-        if name in self._KERNEL_WEIGHT_ORDER:
+        if name in _WEIGHT_NAMES:
             if not self.__dict__.get("built", False):
                 raise AttributeError(
                     f"{self.__dict__.get('name', type(self).__name__)}: the layer is not built "
@@ -383,71 +390,44 @@ class BatchNormalization:
         return result
 
     # ---- build -------------------------------------------------------------------------------
-    def _resolve_axes(self, rank: int) -> list[int]:
-        raw = self._axis_arg if isinstance(self._axis_arg, list) else [self._axis_arg]
-        resolved = []
-        for a in raw:
-            r = a + rank if a < 0 else a
-            if not 0 <= r < rank:
-                raise ValueError(f"axis {a} is out of range for an input of rank {rank}")
-            if r in resolved:
-                raise ValueError(f"axis {raw} contains duplicates once resolved (axis {r})")
-            resolved.append(r)
-        if self.virtual_batch_size is not None and 0 in resolved:
-            raise ValueError("axis 0 cannot be a feature axis when virtual_batch_size is set")
-        return sorted(resolved)
-
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
         if self.built:
             return
         shape = tuple(input_shape)
-        rank = len(shape)
-        if rank == 0:
-            raise ValueError("BatchNormalization needs inputs of rank >= 1")
-        if rank > 8:
-            raise ValueError(f"inputs of rank {rank} exceed the supported maximum of 8")
-        axes = self._resolve_axes(rank)
-        feature_shape = []
-        for a in axes:
-            if shape[a] is None:
-                raise ValueError(f"axis {a} of the input shape {shape} must be known to build")
-            feature_shape.append(int(shape[a]))
-        if len(axes) == 1:
-            param_shape: tuple[int, ...] = (feature_shape[0],)
-        else:
-            param_shape = tuple(int(shape[i]) if i in axes else 1 for i in range(rank))
+        schema = self._options.schema(shape)  # resolves and checks the axes (the core's rules)
+        param_shape = tuple(schema.weight_shape)
         variable_dtype = numpy_dtype(self._policy.variable)
 
         def make(initializer: Any) -> np.ndarray:
             value = np.asarray(initializer(param_shape, dtype=variable_dtype.name))
             return np.broadcast_to(value, param_shape).astype(variable_dtype)
 
-        variables: dict[str, Variable] = {}
-        if self.scale:
-            variables["gamma"] = Variable("gamma", self, make(self.gamma_initializer), True)
-        if self.center:
-            variables["beta"] = Variable("beta", self, make(self.beta_initializer), True)
-        moving_mean = make(self.moving_mean_initializer)
-        moving_variance = make(self.moving_variance_initializer)
-        variables["moving_mean"] = Variable("moving_mean", self, moving_mean, False)
-        variables["moving_variance"] = Variable("moving_variance", self, moving_variance, False)
-        if self.renorm:
-            stddev = np.sqrt(moving_variance)
-            variables["moving_stddev"] = Variable("moving_stddev", self, stddev, False)
-            variables["renorm_mean"] = Variable("renorm_mean", self, moving_mean, False)
-            variables["renorm_stddev"] = Variable("renorm_stddev", self, stddev, False)
-        for key in ("gamma", "beta"):
-            if key in variables:
-                variables[key]._trainable = self._trainable
+        initial = {
+            "gamma": lambda: make(self.gamma_initializer),
+            "beta": lambda: make(self.beta_initializer),
+            "moving_mean": lambda: make(self.moving_mean_initializer),
+            "moving_variance": lambda: make(self.moving_variance_initializer),
+        }
+        values: dict[str, np.ndarray] = {}
+        for name in schema.names:  # Keras' order, from the core
+            if name in initial:
+                values[name] = initial[name]()
+            elif name == "renorm_mean":
+                values[name] = values["moving_mean"]
+            else:  # moving_stddev, renorm_stddev
+                values[name] = np.sqrt(values["moving_variance"])
+        variables = {
+            name: Variable(name, self, value, name in ("gamma", "beta") and self._trainable)
+            for name, value in values.items()
+        }
         for variable in variables.values():
             variable._move(self._device)
-        self._input_rank = rank
-        self._axes = axes
-        self._feature_shape = tuple(feature_shape)
+        self._input_rank = len(shape)
+        self._axes = list(schema.axes)
+        self._feature_shape = tuple(schema.feature_shape)
         self._param_shape = param_shape
         self._variables = variables
-        self._kernel_variables = [variables.get(n) for n in self._KERNEL_WEIGHT_ORDER]
         self._build_input_shape = tuple(None if d is None else int(d) for d in shape)
         self.built = True
 
@@ -474,21 +454,8 @@ class BatchNormalization:
             variable._move(target)
         self._device = target
         self._last = None  # the last input lives on the old device
+        self._undifferentiated.clear()
         return self
-
-    def _check_device(self, device: Device, what: str) -> None:
-        if device != self._device:
-            raise ValueError(
-                f"{self.name}: {what} is on {device} but the layer's weights are on "
-                f"{self._device}; move the layer with layer.to({str(device)!r}) or the array "
-                f"to {self._device}"
-            )
-
-    def _on_stream(self, framework: Any, arrays: list[Any]) -> None:
-        """Orders the kernels after the caller's work: on the framework's current CUDA stream."""
-        if self._device.type == "cuda":
-            framework.before(arrays)
-            _core.set_cuda_stream(framework.stream(self._device))
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
@@ -523,48 +490,9 @@ class BatchNormalization:
             variable.assign(array)
 
     # ---- calls -------------------------------------------------------------------------------
-    _KERNEL_WEIGHT_ORDER = (
-        "gamma",
-        "beta",
-        "moving_mean",
-        "moving_variance",
-        "moving_stddev",
-        "renorm_mean",
-        "renorm_stddev",
-    )
-
-    def _weight_vectors(self) -> list[np.ndarray | None]:
+    def _weight_vectors(self) -> dict[str, Any]:
         # Read each call: layer.to() replaces the storage of every variable.
-        return [v._storage if v is not None else None for v in self._kernel_variables]
-
-    def _options(self) -> Any:
-        # Rebuilt only when a hyper-parameter changed: small tensors are dominated by overhead.
-        # The axes are fixed once built; the clipping dict is compared by value, against a copy.
-        key = (
-            self.momentum,
-            self.epsilon,
-            self.renorm,
-            self.renorm_momentum,
-            self.renorm_clipping,
-            self.virtual_batch_size,
-        )
-        if self._options_cache is not None and self._options_cache[0] == key:
-            return self._options_cache[1]
-        clipping = self.renorm_clipping
-        key = key[:4] + (None if clipping is None else dict(clipping),) + key[5:]
-        options = _core.Options()
-        options.axes = list(self._axes)
-        options.momentum = self.momentum
-        options.epsilon = self.epsilon
-        options.renorm = self.renorm
-        options.renorm_momentum = self.renorm_momentum
-        clipping = self.renorm_clipping or {}
-        options.rmin = clipping.get("rmin", -math.inf)
-        options.rmax = clipping.get("rmax", math.inf)
-        options.dmax = clipping.get("dmax", math.inf)
-        options.virtual_batch_size = self.virtual_batch_size or 0
-        self._options_cache = (key, options)
-        return options
+        return {name: variable._storage for name, variable in self._variables.items()}
 
     def _prepare_input(self, inputs: Any) -> Any:
         if (
@@ -596,51 +524,25 @@ class BatchNormalization:
                 f"was built for {self._feature_shape} (input shape {shape})"
             )
         framework = framework_of(array)
-        self._check_device(framework.device(array), "the input")
+        self._warn_if_detached(array)
         return framework.cast(array, data_dtype(self._policy, framework.dtype(array)))
 
-    def _prepare_mask(self, mask: Any, x: Any, training: bool) -> Any:
-        """The mask as a view of x's shape (stride 0 where it broadcasts), in the mask's own
-        framework and on its device; None at inference, where the mask is not used.
+    def _warn_if_detached(self, array: Any) -> None:
+        """A PyTorch tensor that requires grad comes back without autograd history: say so once
+        instead of letting loss.backward() silently leave the earlier gradients None."""
+        if self._warned_detached or not getattr(array, "requires_grad", False):
+            return
+        self._warned_detached = True
+        warnings.warn(
+            f"{self.name}: the input requires grad, but batchnorm.BatchNormalization does not "
+            "record PyTorch autograd history: its output is detached, so loss.backward() will "
+            "not reach the layers before it. Differentiate the layer yourself with "
+            "layer.backward(dy) (dx and layer.gradients).",
+            UserWarning,
+            stacklevel=3,
+        )
 
-        Two forms are accepted. Keras' own: rank `x.ndim - 1`, aligned with x's leading axes
-        and broadcast along the last axis, whatever the feature axes are (on `(B, C, T)` with
-        axis=1 a `(B, C)` mask selects whole (sample, channel) rows). And this package's
-        general form: x's full rank, each dimension x's size or 1 (e.g. `(B, 1, H, W)` for
-        per-pixel masks on NCHW). Like Keras, inference only checks the rank."""
-        if mask is None:
-            return None
-        array = read(mask, "mask")
-        shape = tuple(array.shape)
-        rank = len(x.shape)
-        if len(shape) not in (rank - 1, rank):
-            raise ValueError(
-                f"mask: shape {shape} has rank {len(shape)}, but an input of rank {rank} takes "
-                f"a mask of rank {rank - 1} (Keras' form: the input's leading axes, broadcast "
-                f"along the last axis) or of rank {rank} (each dimension the input's or 1)"
-            )
-        if not training:
-            return None
-        framework = framework_of(array)
-        self._check_device(framework.device(array), "the mask")
-        if framework.dtype_name(array) != "bool":
-            check_numeric(array, "mask")
-            if not framework.all_binary(array):
-                raise ValueError("mask: values must be booleans or 0/1")
-            array = framework.cast(array, np.dtype(bool))
-        full = shape + (1,) if len(shape) == rank - 1 else shape
-        if any(m not in (1, n) for m, n in zip(full, x.shape)):
-            form = (
-                "Keras aligns a mask of rank input rank - 1 with the input's leading axes"
-                if len(shape) == rank - 1
-                else "each dimension must be the input's or 1"
-            )
-            raise ValueError(
-                f"mask: shape {shape} does not fit the input shape {tuple(x.shape)} ({form})"
-            )
-        return framework.broadcast_to(array.reshape(full), tuple(x.shape))
-
-    def _adjustment_vectors(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _adjustment_vectors(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         assert self.adjustment is not None
         result = self.adjustment(shape)
         if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -661,44 +563,6 @@ class BatchNormalization:
             vectors.append(device_vector(np.array(full, dtype=dtype), self._device))
         return vectors[0], vectors[1]
 
-    def _output_array(self, x: Any, out: Any, inputs: dict[str, Any]) -> Any:
-        """The array the kernels write: a new one like x from x's own framework, or `out`
-        checked against x and the call's `inputs` (name -> array or None), which it must not
-        overlap. A NumPy `out` that is not aligned to its item size gets an aligned stand-in,
-        copied into it by `_deliver`."""
-        framework = framework_of(x)
-        if out is None:
-            return framework.empty_like(x)
-        if framework_of(out) is not framework or (
-            isinstance(x, np.ndarray) and not isinstance(out, np.ndarray)
-        ):
-            raise TypeError(
-                f"out must be a {framework.label} array like the input, got {type(out).__name__}"
-            )
-        expected = (tuple(x.shape), framework.dtype_name(x))
-        got = (tuple(out.shape), framework.dtype_name(out))
-        if got != expected:
-            raise ValueError(
-                f"out: expected shape {expected[0]} and dtype {expected[1]}, got {got[0]} {got[1]}"
-            )
-        if framework.device(out) != framework.device(x):
-            raise ValueError(
-                f"out: is on {framework.device(out)} but the input is on {framework.device(x)}"
-            )
-        framework.check_out(out)
-        check_no_overlap(out, inputs)
-        if isinstance(out, np.ndarray) and not out.flags.aligned:
-            return np.empty_like(x)
-        return out
-
-    def _deliver(self, result: Any, out: Any) -> Any:
-        """What a call returns: `out` when given (filled), else the new result array."""
-        if out is None:
-            return framework_of(result).finish(result, self._device)
-        if result is not out:  # the aligned stand-in for a misaligned NumPy `out`
-            out[...] = result
-        return out
-
     def _communicator_hook(self) -> Any:
         """The core's reduction hook for this training call: None unless synchronized over more
         than one process."""
@@ -713,7 +577,7 @@ class BatchNormalization:
         self, inputs: Any, training: bool | None = None, mask: Any = None, out: Any = None
     ) -> Any:
         """Normalizes `inputs` (NumPy, PyTorch, CuPy, JAX or any DLPack array, read in place on
-        the layer's device); the result comes in the input's framework. `training` truthy uses
+        the layer's device); the result comes in the input's framework. `training=True` uses
         (and updates) batch statistics unless the layer is frozen (`trainable=False`); `mask`
         selects the positions the statistics use; `out` receives the result in place."""
         if training is not None and training is not True and training is not False:
@@ -724,105 +588,75 @@ class BatchNormalization:
                     f"({type(training).__name__})"
                 )
         x = self._prepare_input(inputs)
-        framework = framework_of(x)
         train = bool(training) and self._trainable
-        mask_view = self._prepare_mask(mask, x, train)
-        y = self._output_array(x, out, {"the input": x, "the mask": mask_view})
-        x_view, bfloat16 = framework.kernel(x)
-        y_view, _ = framework.kernel(y)
-        options = self._options()
+        y, context = functional.forward(
+            x,
+            self._weight_vectors(),
+            self._options,
+            training=train,
+            mask=mask,
+            adjustment=(
+                self._adjustment_vectors(tuple(x.shape))
+                if train and self.adjustment is not None
+                else None
+            ),
+            out=out,
+            communicator=self._communicator_hook() if train else None,
+        )
+        self._last = context
         if train:
-            adjust = (None, None)
-            if self.adjustment is not None:
-                adjust = self._adjustment_vectors(tuple(x.shape))
-            context = _core.TrainingContext()
-            hook = self._communicator_hook()
-            self._on_stream(framework, [x, mask_view])
-            _core.train_forward(
-                x_view,
-                y_view,
-                mask_view,
-                options,
-                self._weight_vectors(),
-                adjust[0],
-                adjust[1],
-                True,
-                context,
-                bfloat16,
-                hook,
+            self._track_training_output(y, context)
+        return y
+
+    def _track_training_output(self, y: Any, context: functional.Context) -> None:
+        alive = [
+            (ref, c) for ref, c in self._undifferentiated if ref() is not None and ref() is not y
+        ]
+        try:
+            alive.append((weakref.ref(y), context))
+        except TypeError:  # an array type without weak references: nothing to compare with
+            alive = []
+        self._undifferentiated = alive
+
+    def _context_for_backward(self) -> functional.Context:
+        """The last call's context. Backward differentiates the last call only: if outputs of
+        two or more training calls are still alive and none of them was differentiated, the
+        layer was used more than once in one computation, and dy may belong to an earlier call
+        whose statistics are gone — refuse rather than return a wrong gradient."""
+        if self._last is None:
+            raise ValueError(f"{self.name}: backward needs a forward call first")
+        alive = [(ref, c) for ref, c in self._undifferentiated if ref() is not None]
+        self._undifferentiated = alive
+        if len(alive) > 1:
+            raise ValueError(
+                f"{self.name}: {len(alive)} outputs of training calls are alive and not yet "
+                "differentiated, but backward(dy) can only differentiate the last call (dy of "
+                "an earlier call would get the last call's statistics). Call backward after "
+                "each forward call, drop the outputs you will not differentiate, or keep each "
+                "call's context with batchnorm.functional.forward / backward."
             )
-            self._last = {
-                "training": True,
-                "x": x,
-                "mask": mask_view,
-                "context": context,
-                "communicator": hook,
-            }
-        else:
-            self._on_stream(framework, [x])
-            _core.infer_forward(x_view, y_view, options, self._weight_vectors(), bfloat16)
-            self._last = {"training": False, "x": x}
-        return self._deliver(y, out)
+        return self._last
 
     def backward(self, dy: Any, out: Any = None) -> Any:
         """Gradient of the last call: returns dx in the input's framework and fills `gradients`
-        ({"gamma", "beta"}, also in the input's framework and on the layer's device)."""
-        if self._last is None:
-            raise ValueError(f"{self.name}: backward needs a forward call first")
-        x = self._last["x"]
-        framework = framework_of(x)
-        dy_array = read(dy, "dy")
-        check_numeric(dy_array, "dy")
-        if tuple(dy_array.shape) != tuple(x.shape):
-            raise ValueError(
-                f"dy: expected shape {tuple(x.shape)} (the last input's), got "
-                f"{tuple(dy_array.shape)}"
-            )
-        dy_framework = framework_of(dy_array)
-        self._check_device(dy_framework.device(dy_array), "dy")
-        dy_array = dy_framework.cast(dy_array, framework.dtype(x))
-        dx = self._output_array(
-            x, out, {"the input": x, "dy": dy_array, "the mask": self._last.get("mask")}
-        )
-        features = math.prod(self._feature_shape)
-        variable = self._policy.variable
-        dgamma = framework.empty((features,), variable, self._device) if self.scale else None
-        dbeta = framework.empty((features,), variable, self._device) if self.center else None
-        dy_view, bfloat16 = dy_framework.kernel(dy_array)
-        x_view, _ = framework.kernel(x)
-        dx_view, _ = framework.kernel(dx)
-        options = self._options()
-        self._on_stream(framework, [x, dy_array])
-        if self._last["training"]:
-            _core.train_backward(
-                dy_view,
-                x_view,
-                dx_view,
-                self._last["mask"],
-                options,
-                self._weight_vectors(),
-                self._last["context"],
-                dgamma,
-                dbeta,
-                bfloat16,
-                self._last["communicator"],
-            )
-        else:
-            _core.infer_backward(
-                dy_view, x_view, dx_view, options, self._weight_vectors(), dgamma, dbeta, bfloat16
-            )
+        ({"gamma", "beta"}, also in the input's framework and on the layer's device). The call's
+        own statistics and weights are used, so a second backward (even after an update of
+        gamma) gives the same result."""
+        context = self._context_for_backward()
+        dx, dgamma, dbeta = functional.backward(dy, context, out=out)
+        self._undifferentiated = [(ref, c) for ref, c in self._undifferentiated if c is not context]
         gradients = {}
         if dgamma is not None:
-            gradients["gamma"] = framework.finish(dgamma, self._device).reshape(self._param_shape)
+            gradients["gamma"] = dgamma.reshape(self._param_shape)
         if dbeta is not None:
-            gradients["beta"] = framework.finish(dbeta, self._device).reshape(self._param_shape)
+            gradients["beta"] = dbeta.reshape(self._param_shape)
         self.gradients = gradients
-        return self._deliver(dx, out)
+        return dx
 
     def apply_gradients(self, learning_rate: float) -> None:
         """One plain SGD step on gamma/beta with the stored gradients plus the regularizers'
         gradients, then the constraints, as a Keras optimizer applies them."""
-        lr = _check_number(learning_rate, "learning_rate")
+        lr = _number(learning_rate, "learning_rate")
         if not self.gradients:
             if not (self.scale or self.center):
                 return  # no gamma or beta: nothing to update, with or without a backward call
@@ -863,7 +697,7 @@ class BatchNormalization:
                 "config": {"name": self._policy.name},
                 "registered_name": None,
             },
-            "axis": self._axis_arg,
+            "axis": self._options.axis,
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "center": self.center,

@@ -4,6 +4,10 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <iterator>
+#include <string>
+#include <utility>
+
 #include "bindings.hpp"
 #include "tensors.hpp"
 
@@ -11,46 +15,73 @@ namespace batchnorm::python {
 
 namespace {
 
-using WeightList = std::vector<nb::object>;
+// The per-feature weight vectors of a call, by Keras' names; absent ones are None.
+struct WeightArgs {
+  nb::object gamma, beta, moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev;
 
-// The seven per-feature vectors in Keras order, any of them None where absent.
-Weights to_weights(const WeightList& list, const TensorRef& x, std::int64_t features) {
-  if (list.size() != 7) {
-    throw nb::value_error(
-        "weights: expected [gamma, beta, moving_mean, moving_variance, "
-        "moving_stddev, renorm_mean, renorm_stddev]");
+  static nb::object get(const nb::kwargs& kwargs, const char* name) {
+    return kwargs.contains(name) ? nb::borrow<nb::object>(kwargs[name]) : nb::none();
   }
-  static const char* const names[] = {"gamma",           "beta",          "moving_mean",
-                                      "moving_variance", "moving_stddev", "renorm_mean",
-                                      "renorm_stddev"};
-  Weights w;
-  w.dtype = weight_dtype(x.dtype);
-  w.device = x.device;
-  void** slots[] = {&w.gamma,         &w.beta,        &w.moving_mean,  &w.moving_variance,
-                    &w.moving_stddev, &w.renorm_mean, &w.renorm_stddev};
-  for (std::size_t i = 0; i < list.size(); ++i) {
-    *slots[i] = weight_pointer(list[i], features, w.dtype, x.device, names[i]);
+
+  // From the keyword arguments of a call: Keras' weight names, absent or None where the layer
+  // has no such weight. Any other keyword is an error.
+  explicit WeightArgs(const nb::kwargs& kwargs)
+      : gamma(get(kwargs, "gamma")),
+        beta(get(kwargs, "beta")),
+        moving_mean(get(kwargs, "moving_mean")),
+        moving_variance(get(kwargs, "moving_variance")),
+        moving_stddev(get(kwargs, "moving_stddev")),
+        renorm_mean(get(kwargs, "renorm_mean")),
+        renorm_stddev(get(kwargs, "renorm_stddev")) {
+    for (auto [key, value] : kwargs) {
+      const std::string name = nb::cast<std::string>(key);
+      if (name != "gamma" && name != "beta" && name != "moving_mean" && name != "moving_variance" &&
+          name != "moving_stddev" && name != "renorm_mean" && name != "renorm_stddev") {
+        throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
+      }
+    }
   }
-  return w;
-}
+
+  Weights resolve(const TensorRef& x, std::int64_t features) const {
+    Weights w;
+    w.dtype = weight_dtype(x.dtype);
+    w.device = x.device;
+    const std::pair<void**, const nb::object*> slots[] = {{&w.gamma, &gamma},
+                                                          {&w.beta, &beta},
+                                                          {&w.moving_mean, &moving_mean},
+                                                          {&w.moving_variance, &moving_variance},
+                                                          {&w.moving_stddev, &moving_stddev},
+                                                          {&w.renorm_mean, &renorm_mean},
+                                                          {&w.renorm_stddev, &renorm_stddev}};
+    const char* const names[] = {"gamma",         "beta",        "moving_mean",  "moving_variance",
+                                 "moving_stddev", "renorm_mean", "renorm_stddev"};
+    for (std::size_t i = 0; i < std::size(slots); ++i) {
+      *slots[i].first = weight_pointer(*slots[i].second, features, w.dtype, x.device, names[i]);
+    }
+    return w;
+  }
+};
 
 std::int64_t features_of(const TensorRef& x, const Options& options) {
   return feature_count(std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank),
                        options);
 }
 
+std::optional<TensorRef> mask_of(const std::optional<InputArray>& array) {
+  if (!array) return std::nullopt;
+  return to_mask(*array);
+}
+
 void train_forward_binding(const InputArray& x_array, const OutputArray& y_array,
                            const std::optional<InputArray>& mask_array, const Options& options,
-                           const WeightList& weight_list, const nb::object& adjust_scale,
-                           const nb::object& adjust_bias, bool update_moving,
-                           TrainingContext& context, bool bfloat16,
-                           const Communicator* communicator) {
-  const TensorRef x = to_tensor(x_array, "input", bfloat16);
-  const TensorRef y = to_tensor(y_array, "output", bfloat16);
-  TensorRef mask;
-  if (mask_array) mask = to_mask(*mask_array);
+                           const nb::object& adjust_scale, const nb::object& adjust_bias,
+                           bool update_moving, TrainingContext& context,
+                           const Communicator* communicator, const nb::kwargs& weight_kwargs) {
+  const TensorRef x = to_tensor(x_array, "x");
+  const TensorRef y = to_tensor(y_array, "y");
+  const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = to_weights(weight_list, x, features);
+  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
   Adjustment adjustment;
   adjustment.scale =
       weight_pointer(adjust_scale, features, weights.dtype, x.device, "adjustment scale");
@@ -58,15 +89,15 @@ void train_forward_binding(const InputArray& x_array, const OutputArray& y_array
       weight_pointer(adjust_bias, features, weights.dtype, x.device, "adjustment bias");
   const bool adjusted = adjustment.scale || adjustment.bias;
   nb::gil_scoped_release released;
-  train_forward(x, y, mask_array ? &mask : nullptr, options, weights,
-                adjusted ? &adjustment : nullptr, update_moving, context, communicator);
+  train_forward(x, y, mask ? &*mask : nullptr, options, weights, adjusted ? &adjustment : nullptr,
+                update_moving, context, communicator);
 }
 
 void infer_forward_binding(const InputArray& x_array, const OutputArray& y_array,
-                           const Options& options, const WeightList& weight_list, bool bfloat16) {
-  const TensorRef x = to_tensor(x_array, "input", bfloat16);
-  const TensorRef y = to_tensor(y_array, "output", bfloat16);
-  const Weights weights = to_weights(weight_list, x, features_of(x, options));
+                           const Options& options, const nb::kwargs& weight_kwargs) {
+  const TensorRef x = to_tensor(x_array, "x");
+  const TensorRef y = to_tensor(y_array, "y");
+  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features_of(x, options));
   nb::gil_scoped_release released;
   infer_forward(x, y, options, weights);
 }
@@ -74,32 +105,31 @@ void infer_forward_binding(const InputArray& x_array, const OutputArray& y_array
 void train_backward_binding(const InputArray& dy_array, const InputArray& x_array,
                             const OutputArray& dx_array,
                             const std::optional<InputArray>& mask_array, const Options& options,
-                            const WeightList& weight_list, const TrainingContext& context,
-                            const nb::object& dgamma, const nb::object& dbeta, bool bfloat16,
-                            const Communicator* communicator) {
-  const TensorRef dy = to_tensor(dy_array, "dy", bfloat16);
-  const TensorRef x = to_tensor(x_array, "input", bfloat16);
-  const TensorRef dx = to_tensor(dx_array, "dx", bfloat16);
-  TensorRef mask;
-  if (mask_array) mask = to_mask(*mask_array);
+                            const TrainingContext& context, const nb::object& dgamma,
+                            const nb::object& dbeta, const Communicator* communicator,
+                            const nb::kwargs& weight_kwargs) {
+  const TensorRef dy = to_tensor(dy_array, "dy");
+  const TensorRef x = to_tensor(x_array, "x");
+  const TensorRef dx = to_tensor(dx_array, "dx");
+  const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = to_weights(weight_list, x, features);
+  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
-  train_backward(dy, x, dx, mask_array ? &mask : nullptr, options, weights, context, dgamma_ptr,
+  train_backward(dy, x, dx, mask ? &*mask : nullptr, options, weights, context, dgamma_ptr,
                  dbeta_ptr, communicator);
 }
 
 void infer_backward_binding(const InputArray& dy_array, const InputArray& x_array,
                             const OutputArray& dx_array, const Options& options,
-                            const WeightList& weight_list, const nb::object& dgamma,
-                            const nb::object& dbeta, bool bfloat16) {
-  const TensorRef dy = to_tensor(dy_array, "dy", bfloat16);
-  const TensorRef x = to_tensor(x_array, "input", bfloat16);
-  const TensorRef dx = to_tensor(dx_array, "dx", bfloat16);
+                            const nb::object& dgamma, const nb::object& dbeta,
+                            const nb::kwargs& weight_kwargs) {
+  const TensorRef dy = to_tensor(dy_array, "dy");
+  const TensorRef x = to_tensor(x_array, "x");
+  const TensorRef dx = to_tensor(dx_array, "dx");
   const std::int64_t features = features_of(x, options);
-  const Weights weights = to_weights(weight_list, x, features);
+  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -144,25 +174,44 @@ void bind_operations(nb::module_& m) {
       .def_ro("groups", &TrainingContext::groups)
       .def_ro("features", &TrainingContext::features);
 
-  m.def("train_forward", &train_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
-        nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
-        nb::arg("adjust_scale").none(), nb::arg("adjust_bias").none(), nb::arg("update_moving"),
-        nb::arg("context"), nb::arg("bfloat16") = false,
-        nb::arg("communicator").none() = nb::none(),
-        "Training forward pass; updates the moving statistics in place when update_moving. With a "
-        "communicator of size > 1 the statistics are those of every process's batch.");
-  m.def("infer_forward", &infer_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
-        nb::arg("options"), nb::arg("weights"), nb::arg("bfloat16") = false,
+  // Keyword-only: a call names every array, and the weights by Keras' names (gamma=...,
+  // moving_mean=..., ...; absent ones omitted or None). Each array's dtype is its own.
+  m.def("train_forward", &train_forward_binding, nb::kw_only(), nb::arg("x"),
+        nb::arg("y").noconvert(), nb::arg("mask").none() = nb::none(), nb::arg("options"),
+        nb::arg("adjust_scale").none() = nb::none(), nb::arg("adjust_bias").none() = nb::none(),
+        nb::arg("update_moving") = true, nb::arg("context"),
+        nb::arg("communicator").none() = nb::none(), nb::arg("weights"),
+        nb::sig("def train_forward(*, x: object, y: object, mask: object | None = None, "
+                "options: Options, adjust_scale: object | None = None, adjust_bias: object | "
+                "None = None, update_moving: bool = True, context: TrainingContext, "
+                "communicator: Communicator | None = None, **weights: object) -> None"),
+        "Training forward pass: y from the batch statistics of x (over the mask's true "
+        "positions), the statistics kept in `context`, and the moving statistics updated in "
+        "place when update_moving. With a communicator of size > 1 the statistics are those of "
+        "every process's batch.");
+  m.def("infer_forward", &infer_forward_binding, nb::kw_only(), nb::arg("x"),
+        nb::arg("y").noconvert(), nb::arg("options"), nb::arg("weights"),
+        nb::sig("def infer_forward(*, x: object, y: object, options: Options, **weights: object) "
+                "-> None"),
         "Inference forward pass with the moving statistics.");
-  m.def(
-      "train_backward", &train_backward_binding, nb::arg("dy"), nb::arg("x"),
-      nb::arg("dx").noconvert(), nb::arg("mask").none(), nb::arg("options"), nb::arg("weights"),
-      nb::arg("context"), nb::arg("dgamma").none(), nb::arg("dbeta").none(),
-      nb::arg("bfloat16") = false, nb::arg("communicator").none() = nb::none(),
-      "Backward of train_forward: writes dx, dgamma and dbeta (synchronized as the forward was).");
-  m.def("infer_backward", &infer_backward_binding, nb::arg("dy"), nb::arg("x"),
-        nb::arg("dx").noconvert(), nb::arg("options"), nb::arg("weights"), nb::arg("dgamma").none(),
-        nb::arg("dbeta").none(), nb::arg("bfloat16") = false, "Backward of infer_forward.");
+  m.def("train_backward", &train_backward_binding, nb::kw_only(), nb::arg("dy"), nb::arg("x"),
+        nb::arg("dx").noconvert(), nb::arg("mask").none() = nb::none(), nb::arg("options"),
+        nb::arg("context"), nb::arg("dgamma").none() = nb::none(),
+        nb::arg("dbeta").none() = nb::none(), nb::arg("communicator").none() = nb::none(),
+        nb::arg("weights"),
+        nb::sig("def train_backward(*, dy: object, x: object, dx: object, mask: object | None = "
+                "None, options: Options, context: TrainingContext, dgamma: object | None = None, "
+                "dbeta: object | None = None, communicator: Communicator | None = None, "
+                "**weights: object) -> None"),
+        "Backward of train_forward with its context (and mask): writes dx, dgamma and dbeta "
+        "(synchronized as the forward was).");
+  m.def("infer_backward", &infer_backward_binding, nb::kw_only(), nb::arg("dy"), nb::arg("x"),
+        nb::arg("dx").noconvert(), nb::arg("options"), nb::arg("dgamma").none() = nb::none(),
+        nb::arg("dbeta").none() = nb::none(), nb::arg("weights"),
+        nb::sig("def infer_backward(*, dy: object, x: object, dx: object, options: Options, "
+                "dgamma: object | None = None, dbeta: object | None = None, **weights: object) "
+                "-> None"),
+        "Backward of infer_forward: writes dx, dgamma and dbeta.");
   m.def("cuda_available", &cuda_available,
         "Whether this build has the CUDA backend and a CUDA device is visible.");
 }

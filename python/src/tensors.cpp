@@ -7,7 +7,7 @@ namespace batchnorm::python {
 
 namespace {
 
-DType dtype_of(const nb::dlpack::dtype& dt, const char* name, bool bfloat16) {
+DType dtype_of(const nb::dlpack::dtype& dt, const char* name) {
   using Code = nb::dlpack::dtype_code;
   const auto code = static_cast<Code>(dt.code);
   if (dt.lanes == 1) {
@@ -15,7 +15,7 @@ DType dtype_of(const nb::dlpack::dtype& dt, const char* name, bool bfloat16) {
     if (code == Code::Float && dt.bits == 32) return DType::float32;
     if (code == Code::Float && dt.bits == 64) return DType::float64;
     if (code == Code::Bfloat && dt.bits == 16) return DType::bfloat16;
-    if (code == Code::UInt && dt.bits == 16 && bfloat16) return DType::bfloat16;
+    if (code == Code::UInt && dt.bits == 16) return DType::bfloat16;
     if (code == Code::Bool && dt.bits == 8) return DType::boolean;
   }
   throw nb::type_error((std::string(name) + ": unsupported element type (code " +
@@ -35,7 +35,7 @@ Device device_of(int type, int id, const char* name) {
 enum class Kind { data, mask };
 
 template <class Array>
-TensorRef convert(const Array& a, const char* name, bool bfloat16, Kind kind = Kind::data) {
+TensorRef convert(const Array& a, const char* name, Kind kind = Kind::data) {
   if (a.ndim() > static_cast<std::size_t>(kMaxRank)) {
     throw nb::value_error((std::string(name) + ": rank " + std::to_string(a.ndim()) +
                            " exceeds the supported maximum of " + std::to_string(kMaxRank))
@@ -43,7 +43,7 @@ TensorRef convert(const Array& a, const char* name, bool bfloat16, Kind kind = K
   }
   TensorRef t;
   t.data = const_cast<void*>(static_cast<const void*>(a.data()));
-  t.dtype = kind == Kind::mask ? DType::boolean : dtype_of(a.dtype(), name, bfloat16);
+  t.dtype = kind == Kind::mask ? DType::boolean : dtype_of(a.dtype(), name);
   t.rank = static_cast<int>(a.ndim());
   for (int i = 0; i < t.rank; ++i) {
     t.shape[i] = static_cast<std::int64_t>(a.shape(i));
@@ -55,20 +55,16 @@ TensorRef convert(const Array& a, const char* name, bool bfloat16, Kind kind = K
 
 }  // namespace
 
-TensorRef to_tensor(const InputArray& array, const char* name, bool bfloat16) {
-  return convert(array, name, bfloat16);
-}
+TensorRef to_tensor(const InputArray& array, const char* name) { return convert(array, name); }
 
-TensorRef to_tensor(const OutputArray& array, const char* name, bool bfloat16) {
-  return convert(array, name, bfloat16);
-}
+TensorRef to_tensor(const OutputArray& array, const char* name) { return convert(array, name); }
 
 TensorRef to_mask(const InputArray& array) {
   const auto dt = array.dtype();
   if (dt.bits == 8 && dt.lanes == 1 &&
       (dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bool) ||
        dt.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::UInt))) {
-    return convert(array, "mask", false, Kind::mask);
+    return convert(array, "mask", Kind::mask);
   }
   throw nb::type_error("mask: expected bool or uint8 (0/1) elements");
 }
@@ -81,7 +77,7 @@ void* weight_pointer(const nb::handle& handle, std::int64_t n, DType dtype, cons
     throw nb::type_error(
         (std::string(name) + ": expected a writable array (NumPy or DLPack)").c_str());
   }
-  const TensorRef t = convert(array, name, false);
+  const TensorRef t = convert(array, name);
   if (t.rank != 1 || t.shape[0] != n || (n > 1 && t.strides[0] != 1)) {
     throw nb::value_error(
         (std::string(name) + ": expected a contiguous vector of " + std::to_string(n) + " elements")

@@ -13,10 +13,11 @@ namespace nb = nanobind;
 using InputArray = nb::ndarray<nb::ro>;
 using OutputArray = nb::ndarray<>;
 
-// Element types as the Python side names them; `bfloat16` reinterprets 16-bit unsigned data
-// (NumPy has no native bfloat16; ml_dtypes arrays arrive viewed as uint16).
-TensorRef to_tensor(const InputArray& array, const char* name, bool bfloat16 = false);
-TensorRef to_tensor(const OutputArray& array, const char* name, bool bfloat16 = false);
+// Each array's element type comes from the array itself. 16-bit unsigned data is read as
+// bfloat16: NumPy has no native bfloat16, so ml_dtypes arrays arrive viewed as uint16 (integer
+// data is converted to a float type before it gets here, so uint16 has no other meaning).
+TensorRef to_tensor(const InputArray& array, const char* name);
+TensorRef to_tensor(const OutputArray& array, const char* name);
 
 // A boolean mask (bool or uint8 0/1 data) of the input's rank.
 TensorRef to_mask(const InputArray& array);

@@ -62,7 +62,12 @@ BNTEST_CASE(build_rejects_bad_shapes) {
   BatchNormalization<float> layer;
   BNTEST_THROWS(Invalid, "rank 1..8, got rank 0", layer.build({}));
   BNTEST_THROWS(Invalid, "rank 1..8, got rank 9", layer.build(std::vector<std::int64_t>(9, 1)));
-  BNTEST_THROWS(Invalid, "must have a size >= 1", layer.build({4, 0}));
+  BNTEST_THROWS(Invalid, "feature axis 1 must be known to build", layer.build({4, -1}));
+  BatchNormalization<float> no_features;  // an empty feature axis builds empty weights
+  no_features.build({4, 0});
+  BNTEST_CHECK(no_features.built() && no_features.features() == 0);
+  const std::vector<float> nothing;
+  BNTEST_CHECK(no_features(nothing, {4, 0}, true).empty());
   LayerOptions ghost = with_axes({-2});
   ghost.virtual_batch_size = 2;
   BatchNormalization<float> ghost_layer(ghost);

@@ -1,0 +1,458 @@
+"""Stateless batch normalization: the call contract every layer of this package stands on.
+
+`forward` normalizes an array with explicit weights and returns, next to the result, the
+`Context` that its `backward` needs. Nothing is kept between calls, so each call is
+differentiated with its own statistics, however often the same weights are used. The layers
+(`batchnorm.BatchNormalization` and the framework adapters) hold state only: the weights, the
+last context, the dtype policy.
+
+Weights are a mapping from Keras' weight names (`gamma`, `beta`, `moving_mean`,
+`moving_variance`, and with renorm `moving_stddev`, `renorm_mean`, `renorm_stddev`) to flat,
+contiguous vectors of C values on the data's device, float32 (float64 for float64 data). A
+training forward updates the moving statistics in place.
+
+    >>> import numpy as np
+    >>> from batchnorm import functional as F
+    >>> options = F.Options(axis=-1, momentum=0.9)
+    >>> weights = F.initial_weights(options, (8, 3))
+    >>> x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    >>> y, context = F.forward(x, weights, options, training=True)
+    >>> dx, dgamma, dbeta = F.backward(np.ones_like(x), context)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._arrays import (
+    CPU,
+    Device,
+    check_no_overlap,
+    check_numeric,
+    copy_vector,
+    framework_of,
+    read,
+    vector_device,
+    vector_dtype_name,
+)
+
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _axis(axis: Any) -> int | list[int]:
+    def is_int(a: Any) -> bool:
+        return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+    if is_int(axis):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(is_int(a) for a in axis):
+        return [int(a) for a in axis]
+    raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, got {axis!r}")
+
+
+def _clipping(clipping: Any) -> dict[str, float] | None:
+    if clipping is None:
+        return None
+    if not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be a dict or None, got {clipping!r}")
+    unknown = set(clipping) - set(_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"renorm_clipping: unknown keys {sorted(unknown)}; allowed: {list(_CLIPPING_KEYS)}"
+        )
+    return {
+        key: _number(value, f"renorm_clipping[{key!r}]")
+        for key, value in clipping.items()
+        if value is not None
+    }
+
+
+def _ghost_batch_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be an int or None, got {value!r}")
+    if value == 0:  # the core reads 0 as "no ghost batches"; Keras spells that None
+        raise ValueError("virtual_batch_size must be a positive int or None, got 0")
+    return int(value)
+
+
+class Options:
+    """The hyper-parameters of batch normalization, Keras' names and defaults. Types are
+    checked here (`TypeError`), ranges by the core (`ValueError`, one set of rules for every
+    language); the value is then frozen — `replace` makes a changed, again validated, copy."""
+
+    __slots__ = (
+        "axis",
+        "momentum",
+        "epsilon",
+        "center",
+        "scale",
+        "renorm",
+        "renorm_momentum",
+        "renorm_clipping",
+        "virtual_batch_size",
+        "core",
+    )
+    axis: int | list[int]
+    momentum: float
+    epsilon: float
+    center: bool
+    scale: bool
+    renorm: bool
+    renorm_momentum: float
+    renorm_clipping: dict[str, float] | None
+    virtual_batch_size: int | None
+    core: Any  # the validated _core.Options the kernels read
+
+    def __init__(
+        self,
+        *,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        renorm: bool = False,
+        renorm_momentum: float = 0.99,
+        renorm_clipping: Mapping[str, float] | None = None,
+        virtual_batch_size: int | None = None,
+    ) -> None:
+        values = {
+            "axis": _axis(axis),
+            "momentum": _number(momentum, "momentum"),
+            "epsilon": _number(epsilon, "epsilon"),
+            "center": _flag(center, "center"),
+            "scale": _flag(scale, "scale"),
+            "renorm": _flag(renorm, "renorm"),
+            "renorm_momentum": _number(renorm_momentum, "renorm_momentum"),
+            "renorm_clipping": _clipping(renorm_clipping),
+            "virtual_batch_size": _ghost_batch_size(virtual_batch_size),
+        }
+        core = _core.Options()
+        core.axes = values["axis"] if isinstance(values["axis"], list) else [values["axis"]]
+        for key in ("momentum", "epsilon", "center", "scale", "renorm", "renorm_momentum"):
+            setattr(core, key, values[key])
+        clipping = values["renorm_clipping"] or {}
+        core.rmin = clipping.get("rmin", -math.inf)
+        core.rmax = clipping.get("rmax", math.inf)
+        core.dmax = clipping.get("dmax", math.inf)
+        core.virtual_batch_size = values["virtual_batch_size"] or 0
+        _core.validate(core)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "core", core)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Options are frozen: use options.replace({name}=...)")
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with `changes` applied, validated like a new one."""
+        values = {key: getattr(self, key) for key in self.__slots__ if key != "core"}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"Options has no {', '.join(sorted(unknown))}")
+        values.update(changes)
+        return Options(**values)
+
+    def weight_names(self) -> list[str]:
+        """The weights these options give, in Keras order."""
+        return list(_core.weight_names(self.core))
+
+    def schema(self, input_shape: Sequence[int | None]) -> Any:
+        """The resolved feature axes, their sizes, the feature count, Keras' weight shape and
+        the weight names for inputs of `input_shape` (unknown sizes may be None)."""
+        shape = [-1 if d is None else int(d) for d in input_shape]
+        return _core.weight_schema(self.core, shape)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Options):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__ if k != "core")
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "core")
+        return f"Options({fields})"
+
+
+def initial_weights(
+    options: Options, input_shape: Sequence[int | None], dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """Keras' default initial weights (gamma 1, beta 0, moving mean 0, moving variance 1; the
+    renorm statistics from them) as flat NumPy vectors of `dtype`."""
+    schema = options.schema(input_shape)
+    start = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
+    start.update(moving_stddev=1.0, renorm_mean=0.0, renorm_stddev=1.0)
+    return {name: np.full(schema.features, start[name], dtype) for name in schema.names}
+
+
+class Context:
+    """What `backward` needs from one `forward` call: the call's input and mask (read again,
+    not copied: keep them unchanged), its statistics, and the weights as they were then (so a
+    later update of gamma cannot change this call's gradient)."""
+
+    __slots__ = ("training", "x", "mask", "options", "weights", "statistics", "communicator")
+
+    def __init__(
+        self,
+        training: bool,
+        x: Any,
+        mask: Any,
+        options: Options,
+        weights: dict[str, Any],
+        statistics: Any,
+        communicator: Any,
+    ) -> None:
+        self.training = training
+        self.x = x
+        self.mask = mask
+        self.options = options
+        self.weights = weights
+        self.statistics = statistics
+        self.communicator = communicator
+
+
+def prepare_mask(mask: Any, x: Any, training: bool, device: Device) -> Any:
+    """The mask as a boolean view of x's shape (stride 0 where it broadcasts), in the mask's
+    own framework; None at inference, where the mask is not used (only its rank is checked).
+
+    Two forms are accepted. Keras' own: rank `x.ndim - 1`, aligned with x's leading axes and
+    broadcast along the last axis, whatever the feature axes are (on `(B, C, T)` with axis=1 a
+    `(B, C)` mask selects whole (sample, channel) rows). And this package's general form: x's
+    full rank, each dimension x's size or 1 (e.g. `(B, 1, H, W)` for per-pixel masks on
+    NCHW)."""
+    if mask is None:
+        return None
+    array = read(mask, "mask")
+    shape = tuple(array.shape)
+    rank = len(x.shape)
+    if len(shape) not in (rank - 1, rank):
+        raise ValueError(
+            f"mask: shape {shape} has rank {len(shape)}, but an input of rank {rank} takes "
+            f"a mask of rank {rank - 1} (Keras' form: the input's leading axes, broadcast "
+            f"along the last axis) or of rank {rank} (each dimension the input's or 1)"
+        )
+    if not training:
+        return None
+    framework = framework_of(array)
+    _check_device(framework.device(array), device, "the mask")
+    if framework.dtype_name(array) != "bool":
+        check_numeric(array, "mask")
+        if not framework.all_binary(array):
+            raise ValueError("mask: values must be booleans or 0/1")
+        array = framework.cast(array, np.dtype(bool))
+    full = shape + (1,) if len(shape) == rank - 1 else shape
+    if any(m not in (1, n) for m, n in zip(full, x.shape)):
+        form = (
+            "Keras aligns a mask of rank input rank - 1 with the input's leading axes"
+            if len(shape) == rank - 1
+            else "each dimension must be the input's or 1"
+        )
+        raise ValueError(
+            f"mask: shape {shape} does not fit the input shape {tuple(x.shape)} ({form})"
+        )
+    return framework.broadcast_to(array.reshape(full), tuple(x.shape))
+
+
+def _check_device(device: Device, weights_device: Device, what: str) -> None:
+    if device != weights_device:
+        raise ValueError(
+            f"{what} is on {device} but the weights are on {weights_device}; move the layer "
+            f"with layer.to({str(device)!r}) or the array to {weights_device}"
+        )
+
+
+def _output(x: Any, out: Any, inputs: dict[str, Any]) -> Any:
+    """The array the kernels write: a new one like x from x's own framework, or `out` checked
+    against x and the call's `inputs` (name -> array or None), which it must not overlap. A
+    NumPy `out` that is not aligned to its item size gets an aligned stand-in, copied into it
+    by `_deliver`."""
+    framework = framework_of(x)
+    if out is None:
+        return framework.empty_like(x)
+    if framework_of(out) is not framework or (
+        isinstance(x, np.ndarray) and not isinstance(out, np.ndarray)
+    ):
+        raise TypeError(
+            f"out must be a {framework.label} array like the input, got {type(out).__name__}"
+        )
+    expected = (tuple(x.shape), framework.dtype_name(x))
+    got = (tuple(out.shape), framework.dtype_name(out))
+    if got != expected:
+        raise ValueError(
+            f"out: expected shape {expected[0]} and dtype {expected[1]}, got {got[0]} {got[1]}"
+        )
+    if framework.device(out) != framework.device(x):
+        raise ValueError(
+            f"out: is on {framework.device(out)} but the input is on {framework.device(x)}"
+        )
+    framework.check_out(out)
+    check_no_overlap(out, inputs)
+    if isinstance(out, np.ndarray) and not out.flags.aligned:
+        return np.empty_like(x)
+    return out
+
+
+def _deliver(result: Any, out: Any, device: Device) -> Any:
+    """What a call returns: `out` when given (filled), else the new result array."""
+    if out is None:
+        return framework_of(result).finish(result, device)
+    if result is not out:  # the aligned stand-in for a misaligned NumPy `out`
+        out[...] = result
+    return out
+
+
+def _on_stream(framework: Any, device: Device, arrays: list[Any]) -> None:
+    """Orders the kernels after the caller's work: on the framework's current CUDA stream."""
+    if device.type == "cuda":
+        framework.before(arrays)
+        _core.set_cuda_stream(framework.stream(device))
+
+
+def _weights_device(weights: Mapping[str, Any]) -> Device:
+    return vector_device(weights["moving_mean"])
+
+
+def forward(
+    x: Any,
+    weights: Mapping[str, Any],
+    options: Options,
+    *,
+    training: bool,
+    mask: Any = None,
+    adjustment: tuple[Any, Any] | None = None,
+    update_moving: bool = True,
+    out: Any = None,
+    communicator: Any = None,
+) -> tuple[Any, Context]:
+    """Normalizes `x` (any supported array, read in place; float16, bfloat16, float32 or
+    float64) and returns the result in x's framework with the `Context` of this call.
+
+    training=True uses the batch (or ghost-batch, masked) statistics and, with
+    `update_moving`, updates the moving statistics in `weights` in place; training=False uses
+    the moving statistics. `adjustment` is Keras' (scale, bias) as per-feature vectors of the
+    weights' dtype and device; `communicator` a core reduction hook for synchronized
+    statistics; `out` an array like x to write into."""
+    framework = framework_of(x)
+    device = _weights_device(weights)
+    _check_device(framework.device(x), device, "the input")
+    mask_view = prepare_mask(mask, x, training, device)
+    y = _output(x, out, {"the input": x, "the mask": mask_view})
+    x_view = framework.kernel(x)
+    y_view = framework.kernel(y)
+    _on_stream(framework, device, [x, mask_view] if training else [x])
+    if training:
+        statistics = _core.TrainingContext()
+        _core.train_forward(
+            x=x_view,
+            y=y_view,
+            mask=mask_view,
+            options=options.core,
+            **_kernel_weights(weights),
+            adjust_scale=None if adjustment is None else adjustment[0],
+            adjust_bias=None if adjustment is None else adjustment[1],
+            update_moving=update_moving,
+            context=statistics,
+            communicator=communicator,
+        )
+        # The training backward reads gamma only: keep this call's value.
+        kept = dict(weights)
+        if weights.get("gamma") is not None:
+            kept["gamma"] = copy_vector(weights["gamma"])
+    else:
+        statistics = None
+        _core.infer_forward(x=x_view, y=y_view, options=options.core, **_kernel_weights(weights))
+        # The inference backward reads gamma and the moving statistics of this call.
+        kept = {
+            name: (copy_vector(value) if value is not None else None)
+            for name, value in weights.items()
+            if name in ("gamma", "beta", "moving_mean", "moving_variance")
+        }
+    context = Context(training, x, mask_view, options, kept, statistics, communicator)
+    return _deliver(y, out, device), context
+
+
+def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, Any]:
+    """Gradient of the call that made `context`: dx (in x's framework, or written into `out`)
+    and dgamma, dbeta as flat vectors of the weights' dtype (None where the layer has no such
+    weight). Renorm's r, d and the adjustment are constants, as in Keras."""
+    x = context.x
+    framework = framework_of(x)
+    device = _weights_device(context.weights)
+    dy_array = read(dy, "dy")
+    check_numeric(dy_array, "dy")
+    if tuple(dy_array.shape) != tuple(x.shape):
+        raise ValueError(
+            f"dy: expected shape {tuple(x.shape)} (the forward input's), got "
+            f"{tuple(dy_array.shape)}"
+        )
+    dy_framework = framework_of(dy_array)
+    _check_device(dy_framework.device(dy_array), device, "dy")
+    dy_array = dy_framework.cast(dy_array, framework.dtype(x))
+    dx = _output(x, out, {"the input": x, "dy": dy_array, "the mask": context.mask})
+    moving_mean = context.weights["moving_mean"]
+    features = moving_mean.shape[0]
+    weight_dtype = vector_dtype_name(moving_mean)
+    options = context.options
+
+    def gradient(present: bool) -> Any:
+        return framework.empty((features,), weight_dtype, device) if present else None
+
+    dgamma = gradient(context.weights.get("gamma") is not None)
+    dbeta = gradient(context.weights.get("beta") is not None)
+    _on_stream(framework, device, [x, dy_array])
+    views = {"dy": dy_framework.kernel(dy_array), "x": framework.kernel(x)}
+    views["dx"] = framework.kernel(dx)
+    if context.training:
+        _core.train_backward(
+            **views,
+            mask=context.mask,
+            options=options.core,
+            **_kernel_weights(context.weights),
+            context=context.statistics,
+            dgamma=dgamma,
+            dbeta=dbeta,
+            communicator=context.communicator,
+        )
+    else:
+        _core.infer_backward(
+            **views,
+            options=options.core,
+            **_kernel_weights(context.weights),
+            dgamma=dgamma,
+            dbeta=dbeta,
+        )
+
+    def finish(vector: Any) -> Any:
+        return None if vector is None else framework.finish(vector, device)
+
+    return _deliver(dx, out, device), finish(dgamma), finish(dbeta)
+
+
+def _kernel_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The weight vectors as the kernels take them: NumPy bfloat16 never occurs here (weights
+    are float32/float64), so every vector passes as it is."""
+    return {name: value for name, value in weights.items() if value is not None}
+
+
+__all__ = ["CPU", "Context", "Options", "backward", "forward", "initial_weights", "prepare_mask"]

@@ -1,0 +1,141 @@
+"""batchnorm.functional, the stateless core the layer stands on: options validated once and
+frozen, each call differentiated with its own context, and the layer's refusal to differentiate
+a call whose statistics are gone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm
+from batchnorm import functional as F
+
+from reference import ReferenceBN
+
+
+def test_options_are_validated_once_and_frozen() -> None:
+    options = F.Options(axis=1, momentum=0.9)
+    assert options.core.axes == [1] and options.core.momentum == 0.9
+    with pytest.raises(AttributeError, match="frozen"):
+        options.momentum = 0.5  # type: ignore[misc]
+    changed = options.replace(momentum=0.5)
+    assert changed.momentum == 0.5 and options.momentum == 0.9
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        options.replace(momentum=1.5)
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        F.Options(momentum="0.9")
+    with pytest.raises(ValueError, match="axis 0 cannot be a feature axis"):
+        F.Options(axis=0, virtual_batch_size=2)
+    with pytest.raises(ValueError, match=r"rmax \(1\) must be >= rmin \(2\)"):
+        F.Options(renorm=True, renorm_clipping={"rmin": 2, "rmax": 1})
+    with pytest.raises(TypeError, match="has no colour"):
+        options.replace(colour=1)
+    assert F.Options(renorm=True).weight_names() == [
+        "gamma",
+        "beta",
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+    ]
+    assert F.Options(center=False, scale=False).weight_names() == ["moving_mean", "moving_variance"]
+
+
+def test_the_core_owns_the_rules() -> None:
+    """The layer's messages are the core's: one rule, one message, in every language."""
+    with pytest.raises(ValueError, match=r"batchnorm\.validate: epsilon must be > 0, got 0"):
+        batchnorm.BatchNormalization(epsilon=0.0)
+    layer = batchnorm.BatchNormalization(axis=[1, -2])
+    with pytest.raises(ValueError, match=r"axes contain duplicates once resolved \(axis 1\)"):
+        layer.build((2, 3, 4))
+    schema = F.Options(axis=[1, 3]).schema((None, 5, 6, 7))
+    assert list(schema.axes) == [1, 3] and list(schema.weight_shape) == [1, 5, 1, 7]
+    assert schema.features == 35
+
+
+def test_layer_hyper_parameters_set_through_validated_options() -> None:
+    layer = batchnorm.BatchNormalization()
+    layer.momentum = 0.5
+    assert layer.momentum == 0.5 and layer.options.core.momentum == 0.5
+    with pytest.raises(ValueError, match="momentum must be in"):
+        layer.momentum = 2.0
+    assert layer.momentum == 0.5  # unchanged after the refused value
+    with pytest.raises(AttributeError):
+        layer.center = False  # type: ignore[misc]  # decides which weights exist
+
+
+def test_functional_matches_the_reference_and_each_context_is_its_own() -> None:
+    rng = np.random.default_rng(0)
+    options = F.Options(axis=1, momentum=0.5)
+    weights = F.initial_weights(options, (6, 4, 5), dtype="float64")
+    ref = ReferenceBN(axis=1, momentum=0.5)
+    x1, x2 = rng.normal(1.0, 2.0, (6, 4, 5)), rng.normal(-3.0, 0.5, (6, 4, 5))
+    dy1, dy2 = rng.normal(size=x1.shape), rng.normal(size=x1.shape)
+    y1, context1 = F.forward(x1, weights, options, training=True)
+    y2, context2 = F.forward(x2, weights, options, training=True)
+    # Differentiated in reverse order, as autograd does: each call with its own statistics.
+    dx2, dgamma2, _ = F.backward(dy2, context2)
+    dx1, dgamma1, dbeta1 = F.backward(dy1, context1)
+    for x, y, dy, dx, dgamma in ((x1, y1, dy1, dx1, dgamma1), (x2, y2, dy2, dx2, dgamma2)):
+        np.testing.assert_allclose(y, ref.forward(x, training=True), atol=1e-12)
+        want_dx, want_dgamma, want_dbeta = ref.backward(dy)
+        np.testing.assert_allclose(dx, want_dx, atol=1e-12)
+        np.testing.assert_allclose(dgamma, want_dgamma.reshape(-1), atol=1e-12)
+    np.testing.assert_allclose(dbeta1, dy1.sum(axis=(0, 2)), atol=1e-12)
+    np.testing.assert_allclose(weights["moving_mean"], ref.moving_mean.reshape(-1), atol=1e-12)
+
+
+def test_layer_used_twice_refuses_an_ambiguous_backward() -> None:
+    """Before: the first call's backward silently used the second call's statistics."""
+    rng = np.random.default_rng(1)
+    layer = batchnorm.BatchNormalization(dtype="float64")
+    a, b = rng.normal(size=(8, 3)), rng.normal(5.0, 3.0, size=(8, 3))
+    ya = layer(a, training=True)
+    yb = layer(b, training=True)
+    with pytest.raises(ValueError, match="2 outputs of training calls are alive"):
+        layer.backward(np.ones_like(a))
+    del ya  # the earlier output is gone: only the last call can be differentiated
+    dx = layer.backward(np.ones_like(b))
+    assert dx.shape == b.shape and yb is not None
+    # An output kept after its backward does not block the next steps.
+    history = [yb]
+    for _ in range(3):
+        history.append(layer(b, training=True))
+        layer.backward(np.ones_like(b))
+
+
+def test_backward_keeps_the_weights_of_its_call() -> None:
+    """Before: a second backward after apply_gradients read the updated gamma."""
+    rng = np.random.default_rng(2)
+    layer = batchnorm.BatchNormalization(dtype="float64")
+    x = rng.normal(size=(16, 4))
+    dy = rng.normal(size=x.shape)
+    layer(x, training=True)
+    first = layer.backward(dy)
+    layer.apply_gradients(0.5)
+    np.testing.assert_array_equal(layer.backward(dy), first)
+    # The same for an inference call followed by a training call that moves the statistics.
+    layer(x)
+    inference_dx = layer.backward(dy)
+    kept = layer._last
+    layer(x * 3.0, training=True)
+    dx_again, _, _ = F.backward(dy, kept)
+    np.testing.assert_array_equal(dx_again, inference_dx)
+
+
+def test_bindings_take_named_keyword_arguments() -> None:
+    from batchnorm import _core
+
+    options = F.Options()
+    weights = F.initial_weights(options, (4, 3))
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError):
+        _core.infer_forward(x, np.empty_like(x), options.core)  # positional: refused
+    with pytest.raises(TypeError, match="unexpected keyword argument 'moving_median'"):
+        _core.infer_forward(
+            x=x, y=np.empty_like(x), options=options.core, moving_median=weights["moving_mean"]
+        )
+    y = np.empty_like(x)
+    _core.infer_forward(x=x, y=y, options=options.core, **weights)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
