@@ -17,11 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-_TESTS = Path(__file__).resolve().parent
-if str(_TESTS) not in sys.path:  # also works under --import-mode=importlib
-    sys.path.insert(0, str(_TESTS))
-
-from reference import ReferenceBN  # noqa: E402
+from reference import ReferenceBN
 
 
 def _load_modules() -> tuple[Any, Any, Any]:
@@ -37,7 +33,7 @@ def _load_modules() -> tuple[Any, Any, Any]:
     name = "_batchnorm_pure_src"
     if name not in sys.modules:
         pkg = types.ModuleType(name)
-        pkg.__path__ = [str(_TESTS.parent / "python" / "batchnorm")]
+        pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "python" / "batchnorm")]
         sys.modules[name] = pkg
     return tuple(
         importlib.import_module(f"{name}.{m}")

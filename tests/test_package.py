@@ -1,0 +1,109 @@
+"""The package's own consistency: one version everywhere, and type stubs that match the compiled
+extension they describe."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import batchnorm
+from batchnorm import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read(relative: str) -> str:
+    return (ROOT / relative).read_text(encoding="utf-8")
+
+
+def test_one_version_everywhere() -> None:
+    pyproject = re.search(r'(?m)^version = "([^"]+)"', _read("pyproject.toml"))
+    cmake = re.search(r"project\(batchnorm VERSION ([0-9.]+)", _read("CMakeLists.txt"))
+    assert pyproject and cmake
+    assert batchnorm.__version__ == pyproject.group(1) == cmake.group(1)
+    from importlib.metadata import version
+
+    assert version("batchnorm") == batchnorm.__version__  # what pip installed
+    config = Path(batchnorm.__file__).parent / "lib" / "cmake" / "batchnorm"
+    installed = config / "batchnormConfigVersion.cmake"
+    if installed.is_file():  # the C++ package inside the wheel
+        text = installed.read_text(encoding="utf-8")
+        assert f'set(PACKAGE_VERSION "{batchnorm.__version__}")' in text
+
+
+def test_stubs_match_the_extension(tmp_path: Path) -> None:
+    """The installed _core.pyi is regenerated from the extension and compared."""
+    stubgen = pytest.importorskip("nanobind.stubgen")
+    installed = Path(_core.__file__).with_name("_core.pyi")
+    assert installed.is_file(), "the wheel ships batchnorm/_core.pyi"
+    fresh = tmp_path / "_core.pyi"
+    subprocess.run(
+        [sys.executable, "-m", stubgen.__name__, "-m", "batchnorm._core", "-o", str(fresh)],
+        check=True,
+        capture_output=True,
+    )
+    assert fresh.read_text(encoding="utf-8") == installed.read_text(encoding="utf-8")
+
+
+def test_stubs_describe_the_keyword_only_operations() -> None:
+    stub = Path(_core.__file__).with_name("_core.pyi").read_text(encoding="utf-8")
+    for name in ("train_forward", "infer_forward", "train_backward", "infer_backward"):
+        assert re.search(rf"def {name}\(\*, ", stub), name
+    assert "def validate(" in stub and "def weight_schema(" in stub
+
+
+_GRAPH_KEPT_AT_EXIT = """
+import torch, batchnorm
+
+class BN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer(x.detach(), training=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.layer.backward(g), None
+
+layer = batchnorm.BatchNormalization(axis=1)
+conv = torch.nn.Conv2d(3, 4, 3)
+y = BN.apply(conv(torch.randn(2, 3, 6, 6)), layer)  # a graph kept, never differentiated
+"""
+
+
+def test_no_leak_report_at_exit_when_a_framework_keeps_the_layer() -> None:
+    pytest.importorskip("torch")
+    result = subprocess.run(
+        [sys.executable, "-c", _GRAPH_KEPT_AT_EXIT], capture_output=True, text=True, check=True
+    )
+    assert "leaked" not in result.stderr, result.stderr
+
+
+def test_repeated_calls_do_not_grow_the_heap() -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    layer = batchnorm.BatchNormalization(axis=1)
+    x = np.random.default_rng(0).normal(size=(8, 4, 5)).astype(np.float32)
+    dy = np.ones_like(x)
+
+    def step() -> None:
+        layer(x, training=True)
+        layer.backward(dy)
+        layer.apply_gradients(0.01)
+        layer(x)
+
+    for _ in range(50):  # warm caches
+        step()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(2000):
+        step()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept after 2000 steps"
