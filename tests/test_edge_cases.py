@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import batchnorm
 
@@ -104,7 +103,10 @@ def test_out_overlapping_the_mask_is_refused() -> None:
         layer(x, training=True, mask=mask, out=out)
 
 
+@pytest.mark.torch
 def test_torch_out_overlapping_dy_is_refused() -> None:
+    import torch
+
     x = torch.randn(16, 3)
     layer = batchnorm.BatchNormalization()
     layer(x, training=True)
@@ -113,8 +115,11 @@ def test_torch_out_overlapping_dy_is_refused() -> None:
         layer.backward(buf[:-1].reshape(16, 3), out=buf[1:].reshape(16, 3))
 
 
+@pytest.mark.torch
 def test_empty_torch_batch_with_mask_then_backward() -> None:
     """An empty tensor may have a null data pointer; the forward call still had a mask."""
+    import torch
+
     layer = batchnorm.BatchNormalization()
     x = torch.zeros((0, 3))
     layer(x, training=True, mask=torch.zeros((0,), dtype=torch.bool))

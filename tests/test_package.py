@@ -75,8 +75,8 @@ y = BN.apply(conv(torch.randn(2, 3, 6, 6)), layer)  # a graph kept, never differ
 """
 
 
+@pytest.mark.torch
 def test_no_leak_report_at_exit_when_a_framework_keeps_the_layer() -> None:
-    pytest.importorskip("torch")
     result = subprocess.run(
         [sys.executable, "-c", _GRAPH_KEPT_AT_EXIT], capture_output=True, text=True, check=True
     )
