@@ -95,83 +95,87 @@ def _ghost_batch_size(value: Any) -> int | None:
     return int(value)
 
 
-class Options:
-    """The hyper-parameters of batch normalization, Keras' names and defaults. Types are
-    checked here (`TypeError`), ranges by the core (`ValueError`, one set of rules for every
-    language); the value is then frozen — `replace` makes a changed, again validated, copy."""
+# The core's option fields that Python spells differently: `axis` (an int or a list) for
+# `axes`, Keras' `renorm_clipping` dict for the three bounds, and None for "no ghost batches".
+_SPELLED_IN_PYTHON = {"axes": "axis", "rmin": "renorm_clipping", "rmax": None, "dmax": None}
+_DEFAULTS = _core.Options()
+# Every scalar option the core has, under its own name: a new core field needs nothing here.
+_SCALAR_FIELDS = tuple(
+    name
+    for name in dir(_core.Options)
+    if not name.startswith("_") and name not in _SPELLED_IN_PYTHON
+)
+FIELDS = ("axis", "renorm_clipping") + _SCALAR_FIELDS
 
-    __slots__ = (
-        "axis",
-        "momentum",
-        "epsilon",
-        "center",
-        "scale",
-        "renorm",
-        "renorm_momentum",
-        "renorm_clipping",
-        "virtual_batch_size",
-        "core",
-    )
-    axis: int | list[int]
-    momentum: float
-    epsilon: float
-    center: bool
-    scale: bool
-    renorm: bool
-    renorm_momentum: float
-    renorm_clipping: dict[str, float] | None
-    virtual_batch_size: int | None
+
+def _scalar(name: str, value: Any) -> Any:
+    """A scalar option checked against the type of the core's default."""
+    if name == "virtual_batch_size":
+        return _ghost_batch_size(value)
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, bool):
+        return _flag(value, name)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        return int(value)
+    return _number(value, name)
+
+
+class Options:
+    """The hyper-parameters of batch normalization, by the names and with the defaults of
+    Keras' layer (`axis`, `momentum`, `epsilon`, `center`, `scale`, `renorm`,
+    `renorm_momentum`, `renorm_clipping`, `virtual_batch_size`). Types are checked here
+    (`TypeError`), ranges by the core (`ValueError`: one set of rules for every language); the
+    value is then frozen — `replace` makes a changed, again validated, copy."""
+
+    __slots__ = ("_values", "core")
     core: Any  # the validated _core.Options the kernels read
 
-    def __init__(
-        self,
-        *,
-        axis: int | Sequence[int] = -1,
-        momentum: float = 0.99,
-        epsilon: float = 1e-3,
-        center: bool = True,
-        scale: bool = True,
-        renorm: bool = False,
-        renorm_momentum: float = 0.99,
-        renorm_clipping: Mapping[str, float] | None = None,
-        virtual_batch_size: int | None = None,
-    ) -> None:
-        values = {
-            "axis": _axis(axis),
-            "momentum": _number(momentum, "momentum"),
-            "epsilon": _number(epsilon, "epsilon"),
-            "center": _flag(center, "center"),
-            "scale": _flag(scale, "scale"),
-            "renorm": _flag(renorm, "renorm"),
-            "renorm_momentum": _number(renorm_momentum, "renorm_momentum"),
-            "renorm_clipping": _clipping(renorm_clipping),
-            "virtual_batch_size": _ghost_batch_size(virtual_batch_size),
-        }
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(FIELDS)
+        if unknown:
+            raise TypeError(
+                f"unknown options {sorted(unknown)}; the options are {', '.join(FIELDS)}"
+            )
+        values = {"axis": _axis(options.get("axis", -1))}
+        values["renorm_clipping"] = _clipping(options.get("renorm_clipping"))
         core = _core.Options()
+        for name in _SCALAR_FIELDS:
+            if name in options:
+                values[name] = _scalar(name, options[name])
+                setattr(core, name, 0 if values[name] is None else values[name])
+            else:
+                values[name] = None if name == "virtual_batch_size" else getattr(core, name)
         core.axes = values["axis"] if isinstance(values["axis"], list) else [values["axis"]]
-        for key in ("momentum", "epsilon", "center", "scale", "renorm", "renorm_momentum"):
-            setattr(core, key, values[key])
         clipping = values["renorm_clipping"] or {}
         core.rmin = clipping.get("rmin", -math.inf)
         core.rmax = clipping.get("rmax", math.inf)
         core.dmax = clipping.get("dmax", math.inf)
-        core.virtual_batch_size = values["virtual_batch_size"] or 0
         _core.validate(core)
-        for key, value in values.items():
-            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_values", values)
         object.__setattr__(self, "core", core)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            value = values[name]
+            return dict(value) if isinstance(value, dict) else value
+        raise AttributeError(f"Options has no option {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Options are frozen: use options.replace({name}=...)")
 
     def replace(self, **changes: Any) -> Options:
         """A copy with `changes` applied, validated like a new one."""
-        values = {key: getattr(self, key) for key in self.__slots__ if key != "core"}
-        unknown = set(changes) - set(values)
+        unknown = set(changes) - set(FIELDS)
         if unknown:
             raise TypeError(f"Options has no {', '.join(sorted(unknown))}")
-        values.update(changes)
-        return Options(**values)
+        return Options(**{**self._values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every option by name (a copy)."""
+        return {name: getattr(self, name) for name in FIELDS}
 
     def weight_names(self) -> list[str]:
         """The weights these options give, in Keras order."""
@@ -186,13 +190,12 @@ class Options:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Options):
             return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__ if k != "core")
+        return self._values == other._values
 
     __hash__ = None  # type: ignore[assignment]  # holds a dict
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__ if k != "core")
-        return f"Options({fields})"
+        return "Options(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
 
 
 def initial_weights(

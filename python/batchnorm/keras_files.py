@@ -446,11 +446,7 @@ def _load(
         name = _name(item.entry)
         layer = deserialize(item.entry)
         given = input_shapes.get(name)
-        # The weight names of this layer, in Keras order (the same as ours).
-        names = [n for n, on in (("gamma", layer.scale), ("beta", layer.center)) if on]
-        names += ["moving_mean", "moving_variance"]
-        if layer.renorm:
-            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        names = layer.options.weight_names()  # Keras' order, which files keep too
         arrays = weights.arrays(item, len(names))
         if isinstance(arrays, dict):
             if sorted(arrays) != sorted(names):
