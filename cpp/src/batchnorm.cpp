@@ -329,18 +329,40 @@ WeightSchema weight_schema(const Options& options, const std::vector<std::int64_
   return schema;
 }
 
+namespace {
+
+// Every weight in Keras order, with its member in Weights and the options that make it exist:
+// the one list of them.
+struct WeightEntry {
+  const char* name;
+  void* Weights::* slot;
+  bool (*present)(const Options&);
+};
+constexpr WeightEntry kWeightEntries[] = {
+    {"gamma", &Weights::gamma, [](const Options& o) { return o.scale; }},
+    {"beta", &Weights::beta, [](const Options& o) { return o.center; }},
+    {"moving_mean", &Weights::moving_mean, [](const Options&) { return true; }},
+    {"moving_variance", &Weights::moving_variance, [](const Options&) { return true; }},
+    {"moving_stddev", &Weights::moving_stddev, [](const Options& o) { return o.renorm; }},
+    {"renorm_mean", &Weights::renorm_mean, [](const Options& o) { return o.renorm; }},
+    {"renorm_stddev", &Weights::renorm_stddev, [](const Options& o) { return o.renorm; }},
+};
+
+}  // namespace
+
 std::vector<std::string> weight_names(const Options& options) {
-  std::vector<std::string> names;  // Keras' order
-  if (options.scale) names.emplace_back("gamma");
-  if (options.center) names.emplace_back("beta");
-  names.emplace_back("moving_mean");
-  names.emplace_back("moving_variance");
-  if (options.renorm) {
-    names.emplace_back("moving_stddev");
-    names.emplace_back("renorm_mean");
-    names.emplace_back("renorm_stddev");
+  std::vector<std::string> names;
+  for (const WeightEntry& entry : kWeightEntries) {
+    if (entry.present(options)) names.emplace_back(entry.name);
   }
   return names;
+}
+
+void** weight_slot(Weights& weights, std::string_view name) {
+  for (const WeightEntry& entry : kWeightEntries) {
+    if (name == entry.name) return &(weights.*entry.slot);
+  }
+  return nullptr;
 }
 
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options) {

@@ -4,9 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include <iterator>
 #include <string>
-#include <utility>
 
 #include "bindings.hpp"
 #include "tensors.hpp"
@@ -15,52 +13,20 @@ namespace batchnorm::python {
 
 namespace {
 
-// The per-feature weight vectors of a call, by Keras' names; absent ones are None.
-struct WeightArgs {
-  nb::object gamma, beta, moving_mean, moving_variance, moving_stddev, renorm_mean, renorm_stddev;
-
-  static nb::object get(const nb::kwargs& kwargs, const char* name) {
-    return kwargs.contains(name) ? nb::borrow<nb::object>(kwargs[name]) : nb::none();
+// The per-feature weight vectors of a call, from its keyword arguments by Keras' names (absent
+// or None where the layer has no such weight; the core reports a missing required one).
+Weights resolve_weights(const nb::kwargs& kwargs, const TensorRef& x, std::int64_t features) {
+  Weights w;
+  w.dtype = weight_dtype(x.dtype);
+  w.device = x.device;
+  for (auto [key, value] : kwargs) {
+    const std::string name = nb::cast<std::string>(key);
+    void** slot = weight_slot(w, name);
+    if (!slot) throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
+    *slot = weight_pointer(value, features, w.dtype, x.device, name.c_str());
   }
-
-  // From the keyword arguments of a call: Keras' weight names, absent or None where the layer
-  // has no such weight. Any other keyword is an error.
-  explicit WeightArgs(const nb::kwargs& kwargs)
-      : gamma(get(kwargs, "gamma")),
-        beta(get(kwargs, "beta")),
-        moving_mean(get(kwargs, "moving_mean")),
-        moving_variance(get(kwargs, "moving_variance")),
-        moving_stddev(get(kwargs, "moving_stddev")),
-        renorm_mean(get(kwargs, "renorm_mean")),
-        renorm_stddev(get(kwargs, "renorm_stddev")) {
-    for (auto [key, value] : kwargs) {
-      const std::string name = nb::cast<std::string>(key);
-      if (name != "gamma" && name != "beta" && name != "moving_mean" && name != "moving_variance" &&
-          name != "moving_stddev" && name != "renorm_mean" && name != "renorm_stddev") {
-        throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
-      }
-    }
-  }
-
-  Weights resolve(const TensorRef& x, std::int64_t features) const {
-    Weights w;
-    w.dtype = weight_dtype(x.dtype);
-    w.device = x.device;
-    const std::pair<void**, const nb::object*> slots[] = {{&w.gamma, &gamma},
-                                                          {&w.beta, &beta},
-                                                          {&w.moving_mean, &moving_mean},
-                                                          {&w.moving_variance, &moving_variance},
-                                                          {&w.moving_stddev, &moving_stddev},
-                                                          {&w.renorm_mean, &renorm_mean},
-                                                          {&w.renorm_stddev, &renorm_stddev}};
-    const char* const names[] = {"gamma",         "beta",        "moving_mean",  "moving_variance",
-                                 "moving_stddev", "renorm_mean", "renorm_stddev"};
-    for (std::size_t i = 0; i < std::size(slots); ++i) {
-      *slots[i].first = weight_pointer(*slots[i].second, features, w.dtype, x.device, names[i]);
-    }
-    return w;
-  }
-};
+  return w;
+}
 
 std::int64_t features_of(const TensorRef& x, const Options& options) {
   return feature_count(std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank),
@@ -81,7 +47,7 @@ void train_forward_binding(const InputArray& x_array, const OutputArray& y_array
   const TensorRef y = to_tensor(y_array, "y");
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
+  const Weights weights = resolve_weights(weight_kwargs, x, features);
   Adjustment adjustment;
   adjustment.scale =
       weight_pointer(adjust_scale, features, weights.dtype, x.device, "adjustment scale");
@@ -97,7 +63,7 @@ void infer_forward_binding(const InputArray& x_array, const OutputArray& y_array
                            const Options& options, const nb::kwargs& weight_kwargs) {
   const TensorRef x = to_tensor(x_array, "x");
   const TensorRef y = to_tensor(y_array, "y");
-  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features_of(x, options));
+  const Weights weights = resolve_weights(weight_kwargs, x, features_of(x, options));
   nb::gil_scoped_release released;
   infer_forward(x, y, options, weights);
 }
@@ -113,7 +79,7 @@ void train_backward_binding(const InputArray& dy_array, const InputArray& x_arra
   const TensorRef dx = to_tensor(dx_array, "dx");
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
+  const Weights weights = resolve_weights(weight_kwargs, x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -129,7 +95,7 @@ void infer_backward_binding(const InputArray& dy_array, const InputArray& x_arra
   const TensorRef x = to_tensor(x_array, "x");
   const TensorRef dx = to_tensor(dx_array, "dx");
   const std::int64_t features = features_of(x, options);
-  const Weights weights = WeightArgs(weight_kwargs).resolve(x, features);
+  const Weights weights = resolve_weights(weight_kwargs, x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -139,19 +105,12 @@ void infer_backward_binding(const InputArray& dy_array, const InputArray& x_arra
 }  // namespace
 
 void bind_operations(nb::module_& m) {
-  nb::class_<Options>(m, "Options", "Layer hyper-parameters passed to the kernels.")
-      .def(nb::init<>())
-      .def_rw("axes", &Options::axes)
-      .def_rw("momentum", &Options::momentum)
-      .def_rw("epsilon", &Options::epsilon)
-      .def_rw("center", &Options::center)
-      .def_rw("scale", &Options::scale)
-      .def_rw("renorm", &Options::renorm)
-      .def_rw("renorm_momentum", &Options::renorm_momentum)
-      .def_rw("rmin", &Options::rmin)
-      .def_rw("rmax", &Options::rmax)
-      .def_rw("dmax", &Options::dmax)
-      .def_rw("virtual_batch_size", &Options::virtual_batch_size);
+  auto options = nb::class_<Options>(m, "Options", "Layer hyper-parameters passed to the kernels.")
+                     .def(nb::init<>())
+                     .def_rw("axes", &Options::axes);
+#define BATCHNORM_BIND_OPTION(type, name, default_value) options.def_rw(#name, &Options::name);
+  BATCHNORM_SCALAR_OPTIONS(BATCHNORM_BIND_OPTION)
+#undef BATCHNORM_BIND_OPTION
 
   m.def("validate", &validate, nb::arg("options"),
         "Raises ValueError naming the first option outside its range.");

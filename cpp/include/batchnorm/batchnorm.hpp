@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace batchnorm {
@@ -43,23 +44,36 @@ struct TensorRef {
 TensorRef contiguous_view(void* data, DType dtype, const std::vector<std::int64_t>& shape,
                           Device device = {});
 
-// Layer hyper-parameters, as in Keras' BatchNormalization.
+// Layer hyper-parameters, as in Keras' BatchNormalization. Besides the feature axes, every
+// option is a scalar listed once here, as (type, name, default); the struct, the Python binding
+// and the Python options read the list, so a new option is one line here plus its validation
+// (batchnorm::validate) and its formula.
+//   momentum, epsilon     the moving-average momentum and the variance epsilon
+//   center, scale         whether the layer has beta / gamma
+//   renorm, renorm_momentum
+//                         batch renormalization and the momentum of its statistics
+//   rmin, rmax, dmax      renorm clipping: r is clipped to [rmin, rmax] and d to [-dmax, dmax];
+//                         the infinite defaults mean "no bound", as a key missing from Keras'
+//                         renorm_clipping dict
+//   virtual_batch_size    ghost-batch size (0 = off); the batch axis 0 must be a multiple of it
+#define BATCHNORM_SCALAR_OPTIONS(X)                         \
+  X(double, momentum, 0.99)                                 \
+  X(double, epsilon, 1e-3)                                  \
+  X(bool, center, true)                                     \
+  X(bool, scale, true)                                      \
+  X(bool, renorm, false)                                    \
+  X(double, renorm_momentum, 0.99)                          \
+  X(double, rmin, -std::numeric_limits<double>::infinity()) \
+  X(double, rmax, std::numeric_limits<double>::infinity())  \
+  X(double, dmax, std::numeric_limits<double>::infinity())  \
+  X(std::int64_t, virtual_batch_size, 0)
+
 struct Options {
   // Feature axes; negative values count from the end. Resolved against the input rank.
   std::vector<int> axes{-1};
-  double momentum = 0.99;
-  double epsilon = 1e-3;
-  bool center = true;  // the layer has beta
-  bool scale = true;   // the layer has gamma
-  bool renorm = false;
-  double renorm_momentum = 0.99;
-  // Batch-renorm clipping: r is clipped to [rmin, rmax] and d to [-dmax, dmax]. The infinite
-  // defaults mean "no bound", as a missing key in Keras' renorm_clipping dict.
-  double rmin = -std::numeric_limits<double>::infinity();
-  double rmax = std::numeric_limits<double>::infinity();
-  double dmax = std::numeric_limits<double>::infinity();
-  // Ghost-batch size (0 = off). The batch axis 0 must be a multiple of it.
-  std::int64_t virtual_batch_size = 0;
+#define BATCHNORM_OPTION_FIELD(type, name, default_value) type name = default_value;
+  BATCHNORM_SCALAR_OPTIONS(BATCHNORM_OPTION_FIELD)
+#undef BATCHNORM_OPTION_FIELD
 };
 
 // Checks every option against its range and throws std::invalid_argument naming the first one
@@ -82,10 +96,6 @@ struct WeightSchema {
 };
 WeightSchema weight_schema(const Options& options, const std::vector<std::int64_t>& input_shape);
 
-// The names of the weights a layer with `options` has, in Keras order (center/scale/renorm
-// decide which exist).
-std::vector<std::string> weight_names(const Options& options);
-
 // The dtype of the weights for data of `data`: float64 for float64 data, float32 otherwise
 // (16-bit data computes in float32).
 DType weight_dtype(DType data);
@@ -105,6 +115,14 @@ struct Weights {
   DType dtype = DType::float32;
   Device device{};
 };
+
+// The names of the weights a layer with `options` has, in Keras order (center/scale/renorm
+// decide which exist).
+std::vector<std::string> weight_names(const Options& options);
+
+// The member of `weights` that holds the weight called `name` (Keras' names, as above), or
+// nullptr for a name that is no weight.
+void** weight_slot(Weights& weights, std::string_view name);
 
 // Optional training-time adjustment (Keras' `adjustment`): per-feature scale and bias vectors
 // with the same dtype/device rules as Weights.
