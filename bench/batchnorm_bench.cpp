@@ -23,9 +23,9 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cpu/dispatch.hpp"
-#include "batchnorm/cuda/runtime.hpp"
-#include "batchnorm/detail/half.hpp"
+#include "core/half.hpp"
+#include "cpu/dispatch.hpp"
+#include "cuda/runtime.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>

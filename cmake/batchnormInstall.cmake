@@ -7,10 +7,11 @@ include(CMakePackageConfigHelpers)
 set(BATCHNORM_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/batchnorm"
     CACHE STRING "Where batchnormConfig.cmake is installed, relative to the prefix")
 
+# cpp/include/batchnorm holds the public headers and nothing else.
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/cpp/include/batchnorm"
   DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
   COMPONENT development
-  FILES_MATCHING PATTERN "*.hpp" PATTERN "*.cuh")
+  FILES_MATCHING PATTERN "*.hpp")
 
 install(TARGETS batchnorm EXPORT batchnormTargets
   ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}" COMPONENT development

@@ -1,11 +1,11 @@
 // CPU backend: the four layer operations as kernel sequences, explicitly instantiated for every
 // element type. Compiled at -O3 into the core library.
-#include "batchnorm/detail/backend.hpp"
+#include "core/backend.hpp"
 
 #include <vector>
 
-#include "batchnorm/cpu/kernels.hpp"
-#include "batchnorm/detail/synchronize.hpp"
+#include "core/synchronize.hpp"
+#include "cpu/kernels.hpp"
 
 namespace batchnorm::detail {
 

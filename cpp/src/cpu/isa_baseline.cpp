@@ -3,10 +3,10 @@
 #include <cstring>
 #include <type_traits>
 
-#include "batchnorm/cpu/dispatch.hpp"
+#include "cpu/dispatch.hpp"
 
 #define BATCHNORM_CPU_NS baseline
-#include "batchnorm/cpu/chunk_kernels.hpp"
+#include "cpu/chunk_kernels.hpp"
 
 namespace batchnorm::cpu {
 

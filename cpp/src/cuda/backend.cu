@@ -8,9 +8,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "batchnorm/cuda/launch.hpp"
-#include "batchnorm/detail/backend.hpp"
-#include "batchnorm/detail/synchronize.hpp"
+#include "core/backend.hpp"
+#include "core/synchronize.hpp"
+#include "cuda/launch.hpp"
 
 namespace batchnorm::detail {
 

@@ -5,8 +5,8 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include "batchnorm/cuda/kernels.cuh"
-#include "batchnorm/cuda/launch.hpp"
+#include "cuda/kernels.cuh"
+#include "cuda/launch.hpp"
 
 namespace batchnorm::cuda {
 

@@ -11,9 +11,9 @@
 #include <string>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cuda/launch.hpp"
-#include "batchnorm/cuda/runtime.hpp"
-#include "batchnorm/detail/backend.hpp"
+#include "core/backend.hpp"
+#include "cuda/launch.hpp"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm {
 

@@ -3,8 +3,8 @@
 #include <stdexcept>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cuda/runtime.hpp"
-#include "batchnorm/detail/backend.hpp"
+#include "core/backend.hpp"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm {
 

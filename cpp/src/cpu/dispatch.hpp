@@ -5,9 +5,9 @@
 
 #include <cstdint>
 
-#include "batchnorm/detail/half.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/half.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
 
 // x86-64 with GCC: AVX2 and AVX-512 kernels are compiled next to the baseline (target pragmas).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -50,7 +50,7 @@ struct ItemBlock {
   std::int64_t step[detail::kMaxOperands] = {};
 };
 
-// Serial kernels over one chunk of a Plan (detail/layout.hpp). Pointers are at the base of the
+// Serial kernels over one chunk of a Plan (core/layout.hpp). Pointers are at the base of the
 // first statistic of the block (plane mode) or of the outer statistic item (row mode) in every
 // operand; units are the outer reduced indices [u0, u1) (plane mode: runs of the innermost
 // reduced dim; row mode: rows of C contiguous features). Per-statistic arrays (coefficients,

@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-#include "batchnorm/detail/backend.hpp"
+#include "core/backend.hpp"
 
 namespace batchnorm {
 

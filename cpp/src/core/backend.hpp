@@ -6,9 +6,9 @@
 #include <cstdint>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/detail/half.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/half.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
 
 namespace batchnorm::detail {
 

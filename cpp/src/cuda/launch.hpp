@@ -7,9 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "batchnorm/detail/config.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/config.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
 
 namespace batchnorm::cuda {
 
@@ -114,14 +114,14 @@ void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, cons
                         const std::uint8_t* mask, T* dx, const Coefficients<Acc>& k,
                         cudaStream_t stream);
 
-// Per-feature coefficients (one thread per feature, the shared scalar math of detail/math.hpp).
+// Per-feature coefficients (one thread per feature, the shared scalar math of core/math.hpp).
 template <class W>
 void launch_train_coefficients(std::int64_t features, std::int64_t groups,
                                const detail::TrainScalars& scalars, const detail::GroupStats& stats,
                                const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
                                cudaStream_t stream);
 
-// train_coefficients in two halves, for synchronized statistics (see detail/math.hpp).
+// train_coefficients in two halves, for synchronized statistics (see core/math.hpp).
 void launch_group_statistics(std::int64_t features, std::int64_t groups, double epsilon,
                              const detail::GroupStats& stats, detail::GhostSums* ghost,
                              cudaStream_t stream);

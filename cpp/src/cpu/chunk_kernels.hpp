@@ -11,8 +11,8 @@
 
 #include <cstdint>
 
-#include "batchnorm/cpu/dispatch.hpp"
-#include "batchnorm/cpu/simd.hpp"
+#include "cpu/dispatch.hpp"
+#include "cpu/simd.hpp"
 
 namespace batchnorm::cpu::BATCHNORM_CPU_NS {
 
