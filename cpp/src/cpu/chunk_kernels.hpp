@@ -790,4 +790,10 @@ ChunkKernels<T> make_kernels() {
           &row_moments<T>,   &row_affine<T>,   &row_sums<T>,   &row_dx<T>};
 }
 
+// The kernels of every element type (detail::Elements), as the dispatch keeps them.
+template <class... Es>
+KernelSet make_kernel_set(detail::TypeList<Es...>) {
+  return {make_kernels<typename Es::type>()...};
+}
+
 }  // namespace batchnorm::cpu::BATCHNORM_CPU_NS

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "core/elements.hpp"
 #include "core/half.hpp"
 #include "core/layout.hpp"
 #include "core/math.hpp"
@@ -91,12 +92,13 @@ struct ChunkKernels {
                  DxCoefficients<const A*> k, Index u0, Index u1, bool stream);
 };
 
-struct KernelSet {
-  ChunkKernels<float> f32;
-  ChunkKernels<double> f64;
-  ChunkKernels<detail::float16> f16;
-  ChunkKernels<detail::bfloat16> bf16;
-};
+// The chunk kernels of every element type for one instruction set, ChunkKernels<T> being the
+// base of type T.
+template <class List>
+struct KernelTable;
+template <class... Es>
+struct KernelTable<detail::TypeList<Es...>> : ChunkKernels<typename Es::type>... {};
+using KernelSet = KernelTable<detail::Elements>;
 
 const KernelSet& baseline_kernels();
 #if BATCHNORM_CPU_X86
@@ -107,27 +109,8 @@ const KernelSet& avx512_kernels();
 const KernelSet& active_kernels();
 
 template <class T>
-const ChunkKernels<T>& kernels_of(const KernelSet& set);
-template <>
-inline const ChunkKernels<float>& kernels_of<float>(const KernelSet& set) {
-  return set.f32;
-}
-template <>
-inline const ChunkKernels<double>& kernels_of<double>(const KernelSet& set) {
-  return set.f64;
-}
-template <>
-inline const ChunkKernels<detail::float16>& kernels_of<detail::float16>(const KernelSet& set) {
-  return set.f16;
-}
-template <>
-inline const ChunkKernels<detail::bfloat16>& kernels_of<detail::bfloat16>(const KernelSet& set) {
-  return set.bf16;
-}
-
-template <class T>
 const ChunkKernels<T>& kernels() {
-  return kernels_of<T>(active_kernels());
+  return active_kernels();
 }
 
 }  // namespace batchnorm::cpu

@@ -23,9 +23,7 @@
 namespace batchnorm::cpu {
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet set{avx2::make_kernels<float>(), avx2::make_kernels<double>(),
-                             avx2::make_kernels<detail::float16>(),
-                             avx2::make_kernels<detail::bfloat16>()};
+  static const KernelSet set = avx2::make_kernel_set(detail::Elements{});
   return set;
 }
 

@@ -23,9 +23,7 @@
 namespace batchnorm::cpu {
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet set{avx512::make_kernels<float>(), avx512::make_kernels<double>(),
-                             avx512::make_kernels<detail::float16>(),
-                             avx512::make_kernels<detail::bfloat16>()};
+  static const KernelSet set = avx512::make_kernel_set(detail::Elements{});
   return set;
 }
 

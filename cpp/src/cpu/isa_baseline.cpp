@@ -11,9 +11,7 @@
 namespace batchnorm::cpu {
 
 const KernelSet& baseline_kernels() {
-  static const KernelSet set{baseline::make_kernels<float>(), baseline::make_kernels<double>(),
-                             baseline::make_kernels<detail::float16>(),
-                             baseline::make_kernels<detail::bfloat16>()};
+  static const KernelSet set = baseline::make_kernel_set(detail::Elements{});
   return set;
 }
 

@@ -1,5 +1,6 @@
-// Host-callable launchers of the CUDA kernels (cuda/kernels.cuh) and the work decomposition
-// they share. Every launcher queues its kernel on `stream` and returns; none synchronizes.
+// Host-side pieces of the CUDA backend shared by its runtime services (cuda/runtime.cu), the
+// launchers (cuda/launchers.cuh) and the kernels: error checks, the device and stream of a call,
+// scratch memory, and the work decomposition (Geometry) of a Plan.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -74,99 +75,10 @@ struct Geometry {
   BATCHNORM_HD std::int64_t outer() const { return row ? stats / inner : stats; }
 };
 
-// `pointers` holds the plan's operand base addresses; `mask_operand` (or -1) names the mask,
-// which is read one byte at a time and does not limit the vector width in row mode.
-Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* const* pointers,
-                       int mask_operand);
-
 // Partial sums of the backward pass per (statistic, chunk).
 struct Sums {
   double dy;
   double dy_centered;
 };
-
-// Partial moments per (statistic, chunk) of x over the valid positions (operands: x, mask).
-template <class T>
-void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std::uint8_t* mask,
-                    Moments* partial, cudaStream_t stream);
-
-// Merges the chunks of each statistic in chunk order: count, mean, biased variance.
-void launch_merge_moments(const Moments* partial, std::int64_t stats, std::int64_t chunks,
-                          double* count, double* mean, double* var, cudaStream_t stream);
-
-// y = (x - shift) * scale + offset per statistic (operands: x, y).
-template <class T, class Acc>
-void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, const Acc* shift,
-                   const Acc* scale, const Acc* offset, cudaStream_t stream);
-
-// Partial sum(dy) and sum(dy * (x - shift)) per (statistic, chunk) (operands: dy, x).
-template <class T, class S>
-void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
-                          const S* shift, Sums* partial, cudaStream_t stream);
-
-// Adds the chunks of each statistic in chunk order.
-void launch_merge_sums(const Sums* partial, std::int64_t stats, std::int64_t chunks, double* sum_dy,
-                       double* sum_dy_centered, cudaStream_t stream);
-
-// dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask).
-template <class T, class Acc>
-void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
-                        const std::uint8_t* mask, T* dx, const Coefficients<Acc>& k,
-                        cudaStream_t stream);
-
-// Per-feature coefficients (one thread per feature, the shared scalar math of core/math.hpp).
-template <class W>
-void launch_train_coefficients(std::int64_t features, std::int64_t groups,
-                               const detail::TrainScalars& scalars, const detail::GroupStats& stats,
-                               const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
-                               cudaStream_t stream);
-
-// train_coefficients in two halves, for synchronized statistics (see core/math.hpp).
-void launch_group_statistics(std::int64_t features, std::int64_t groups, double epsilon,
-                             const detail::GroupStats& stats, detail::GhostSums* ghost,
-                             cudaStream_t stream);
-
-template <class W>
-void launch_feature_coefficients(std::int64_t features, std::int64_t groups,
-                                 const detail::TrainScalars& scalars,
-                                 const detail::GroupStats& stats, const detail::GhostSums* ghost,
-                                 const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
-                                 cudaStream_t stream);
-
-template <class W>
-void launch_inference_coefficients(std::int64_t features, double epsilon,
-                                   const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
-                                   cudaStream_t stream);
-
-// Backward coefficients of a training step; shift[g * C + c] is the group mean rounded to W, the
-// remainder folded into the offset (detail::backward_coefficients).
-template <class W>
-void launch_train_backward_coefficients(std::int64_t features, std::int64_t groups,
-                                        const double* count, const double* mean,
-                                        const double* inv_std, const double* zscale,
-                                        const double* zshift, const W* gamma,
-                                        const detail::BackwardSums& sums, W* dgamma, W* dbeta,
-                                        const Coefficients<W>& out, cudaStream_t stream);
-
-// launch_train_backward_coefficients in two halves, for synchronized ghost batches: the
-// per-feature parameter sums land in `totals`, and dgamma/dbeta come from (synchronized) totals.
-template <class W>
-void launch_backward_coefficients(std::int64_t features, std::int64_t groups, const double* count,
-                                  const double* mean, const double* inv_std, const double* zscale,
-                                  const W* gamma, const detail::BackwardSums& sums,
-                                  detail::ParameterSums* totals, const Coefficients<W>& out,
-                                  cudaStream_t stream);
-
-template <class W>
-void launch_parameter_gradients(std::int64_t features, const double* zscale, const double* zshift,
-                                const detail::ParameterSums* totals, W* dgamma, W* dbeta,
-                                cudaStream_t stream);
-
-// Backward coefficients of inference; also sets shift[c] to the moving mean.
-template <class W>
-void launch_inference_backward_coefficients(std::int64_t features, double epsilon,
-                                            const detail::WeightPtrs<W>& weights,
-                                            const detail::BackwardSums& sums, W* dgamma, W* dbeta,
-                                            const Coefficients<W>& out, cudaStream_t stream);
 
 }  // namespace batchnorm::cuda

@@ -11,7 +11,6 @@
 #include <string>
 
 #include "batchnorm/batchnorm.hpp"
-#include "core/backend.hpp"
 #include "cuda/launch.hpp"
 #include "cuda/runtime.hpp"
 
@@ -141,9 +140,3 @@ void synchronize(int device) {
 }
 
 }  // namespace batchnorm::cuda
-
-namespace batchnorm::detail {
-
-bool CudaBackend::available() { return cuda::device_count() > 0; }
-
-}  // namespace batchnorm::detail
