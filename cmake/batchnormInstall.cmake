@@ -1,4 +1,4 @@
-# Install rules of the C++ package (component "development"): public headers, the core library
+# Install rules of the C++ package (component "development"): public headers, the shared library
 # exported as batchnorm::batchnorm, and a relocatable batchnormConfig.cmake with its version file.
 # The destinations are the GNUInstallDirs variables, so the wheel can place everything under its
 # package directory (pyproject.toml sets CMAKE_INSTALL_INCLUDEDIR / CMAKE_INSTALL_LIBDIR).

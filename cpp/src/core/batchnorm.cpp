@@ -435,4 +435,14 @@ void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
 
 bool cuda_available() { return detail::cuda_backend().available(); }
 
+namespace {
+// Per thread, like a framework's "current stream": threads driving different streams do not
+// interfere. Kept in builds without CUDA too, so that code setting a stream runs on every build.
+thread_local void* current_cuda_stream = nullptr;
+}  // namespace
+
+void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
+
+void* cuda_stream() { return current_cuda_stream; }
+
 }  // namespace batchnorm

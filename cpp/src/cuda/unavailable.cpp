@@ -33,19 +33,6 @@ const Backend& cuda_backend() { return kUnavailable; }
 
 }  // namespace batchnorm::detail
 
-namespace batchnorm {
-
-namespace {
-// Kept even without CUDA so that code setting a stream runs unchanged on every build.
-thread_local void* current_cuda_stream = nullptr;
-}  // namespace
-
-void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
-
-void* cuda_stream() { return current_cuda_stream; }
-
-}  // namespace batchnorm
-
 namespace batchnorm::cuda {
 
 int device_count() { return 0; }
