@@ -71,6 +71,7 @@ struct InferBackward {
 template <class T>
 using Operations = TypeList<TrainForward<T>, InferForward<T>, TrainBackward<T>, InferBackward<T>>;
 
+// The concatenation of type lists.
 template <class... Lists>
 struct Concat;
 template <class... Ts>
@@ -81,6 +82,7 @@ template <class... Ts, class... Us, class... Rest>
 struct Concat<TypeList<Ts...>, TypeList<Us...>, Rest...> : Concat<TypeList<Ts..., Us...>, Rest...> {
 };
 
+// Every operation of every element type, as one list (a declaration for decltype only).
 template <class... Es>
 typename Concat<Operations<typename Es::type>...>::type every_operation(TypeList<Es...>);
 
