@@ -23,9 +23,9 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cpu/dispatch.hpp"
-#include "batchnorm/cuda/runtime.hpp"
-#include "batchnorm/detail/half.hpp"
+#include "core/elements.hpp"
+#include "cpu/dispatch.hpp"
+#include "cuda/runtime.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -298,17 +298,15 @@ Settings parse(int argc, char** argv) {
     } else if (arg == "--axis") {
       axis = std::atoi(value.c_str());
     } else if (arg == "--dtype") {
-      if (value == "float32") {
-        s.dtype = DType::float32;
-      } else if (value == "float64") {
-        s.dtype = DType::float64;
-      } else if (value == "float16") {
-        s.dtype = DType::float16;
-      } else if (value == "bfloat16") {
-        s.dtype = DType::bfloat16;
-      } else {
-        usage("bad --dtype '" + value + "'");
-      }
+      bool known = false;
+      batchnorm::detail::for_each_element([&](auto element) {
+        const DType dtype = batchnorm::detail::dtype_of<decltype(element)>;
+        if (value == batchnorm::dtype_name(dtype)) {
+          s.dtype = dtype;
+          known = true;
+        }
+      });
+      if (!known) usage("bad --dtype '" + value + "'");
     } else if (arg == "--device") {
       if (value != "cpu" && value != "cuda") usage("bad --device '" + value + "'");
       s.cuda = value == "cuda";
@@ -401,8 +399,6 @@ struct Mirror {
   }
 };
 
-std::size_t element_size(DType d) { return d == DType::float64 ? 8 : d == DType::float32 ? 4 : 2; }
-
 // Deterministic pseudo-normal values (sum of uniforms), the same for every run.
 struct Random {
   std::uint64_t state;
@@ -415,35 +411,19 @@ struct Random {
 };
 
 void store_as(DType d, void* base, std::size_t i, double v) {
-  switch (d) {
-    case DType::float64:
-      static_cast<double*>(base)[i] = v;
-      break;
-    case DType::float32:
-      static_cast<float*>(base)[i] = static_cast<float>(v);
-      break;
-    case DType::float16:
-      static_cast<batchnorm::detail::float16*>(base)[i] =
-          batchnorm::detail::to_float16(static_cast<float>(v));
-      break;
-    default:
-      static_cast<batchnorm::detail::bfloat16*>(base)[i] =
-          batchnorm::detail::to_bfloat16(static_cast<float>(v));
-      break;
-  }
+  batchnorm::detail::visit_element(d, [&](auto element) {
+    using T = decltype(element);
+    static_cast<T*>(base)[i] = batchnorm::detail::store<T>(v);
+  });
 }
 
 double load_as(DType d, const void* base, std::size_t i) {
-  switch (d) {
-    case DType::float64:
-      return static_cast<const double*>(base)[i];
-    case DType::float32:
-      return static_cast<const float*>(base)[i];
-    case DType::float16:
-      return batchnorm::detail::to_float(static_cast<const batchnorm::detail::float16*>(base)[i]);
-    default:
-      return batchnorm::detail::to_float(static_cast<const batchnorm::detail::bfloat16*>(base)[i]);
-  }
+  double value = 0.0;
+  batchnorm::detail::visit_element(d, [&](auto element) {
+    using T = decltype(element);
+    value = batchnorm::detail::load<double>(static_cast<const T*>(base)[i]);
+  });
+  return value;
 }
 
 // The data viewed as (outer, C, inner) around the feature axis.
@@ -681,9 +661,8 @@ double median(std::vector<double> v) {
 struct WeightBuffers {
   DType dtype;
   std::vector<Buffer> vectors;
-  WeightBuffers(DType data, std::size_t features)
-      : dtype(data == DType::float64 ? DType::float64 : DType::float32) {
-    for (int i = 0; i < 11; ++i) vectors.emplace_back(features * element_size(dtype));
+  WeightBuffers(DType data, std::size_t features) : dtype(batchnorm::weight_dtype(data)) {
+    for (int i = 0; i < 11; ++i) vectors.emplace_back(features * batchnorm::dtype_size(dtype));
   }
   void set(int which, const std::vector<double>& values) {
     for (std::size_t i = 0; i < values.size(); ++i)
@@ -715,7 +694,7 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
   const Geometry g(c);
   const DType dtype = s.dtype;
   const std::size_t n = static_cast<std::size_t>(g.numel());
-  const std::size_t bytes = n * element_size(dtype);
+  const std::size_t bytes = n * batchnorm::dtype_size(dtype);
   const auto C = static_cast<std::size_t>(g.features);
 
   Buffer x(bytes), y(bytes), dy(bytes), dx(bytes), probe_from(bytes), probe_to(bytes);
@@ -751,7 +730,7 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
   WeightBuffers w(dtype, C);
   std::vector<std::unique_ptr<Mirror>> wd;  // the weights where the data is
   for (int k = kGamma; k <= kDbeta; ++k) {
-    wd.push_back(std::make_unique<Mirror>(w.ptr(k), C * element_size(w.dtype), s.cuda));
+    wd.push_back(std::make_unique<Mirror>(w.ptr(k), C * batchnorm::dtype_size(w.dtype), s.cuda));
   }
   const auto reset_weights = [&] {
     w.set(kGamma, p.gamma);

@@ -1,4 +1,4 @@
-# Install rules of the C++ package (component "development"): public headers, the core library
+# Install rules of the C++ package (component "development"): public headers, the shared library
 # exported as batchnorm::batchnorm, and a relocatable batchnormConfig.cmake with its version file.
 # The destinations are the GNUInstallDirs variables, so the wheel can place everything under its
 # package directory (pyproject.toml sets CMAKE_INSTALL_INCLUDEDIR / CMAKE_INSTALL_LIBDIR).
@@ -7,10 +7,11 @@ include(CMakePackageConfigHelpers)
 set(BATCHNORM_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/batchnorm"
     CACHE STRING "Where batchnormConfig.cmake is installed, relative to the prefix")
 
+# cpp/include/batchnorm holds the public headers and nothing else.
 install(DIRECTORY "${PROJECT_SOURCE_DIR}/cpp/include/batchnorm"
   DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
   COMPONENT development
-  FILES_MATCHING PATTERN "*.hpp" PATTERN "*.cuh")
+  FILES_MATCHING PATTERN "*.hpp")
 
 install(TARGETS batchnorm EXPORT batchnormTargets
   ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}" COMPONENT development

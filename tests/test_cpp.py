@@ -47,9 +47,9 @@ def ninja() -> str:
     return _tool("ninja", "ninja", "BIN_DIR")
 
 
-def _run(*command: object, cwd: Path | None = None) -> str:
+def _run(*command: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     args = [str(c) for c in command]
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.fail(
             f"{' '.join(args)} exited with {result.returncode}\n"
@@ -58,7 +58,14 @@ def _run(*command: object, cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _build(cmake: str, ninja: str, source: Path, build: Path, *defines: str) -> str:
+def _build(
+    cmake: str,
+    ninja: str,
+    source: Path,
+    build: Path,
+    *defines: str,
+    env: dict[str, str] | None = None,
+) -> str:
     """Configures (Ninja, Release) and builds; returns the configure output."""
     configured = _run(
         cmake,
@@ -71,8 +78,9 @@ def _build(cmake: str, ninja: str, source: Path, build: Path, *defines: str) -> 
         f"-DCMAKE_MAKE_PROGRAM={ninja}",
         "-DCMAKE_BUILD_TYPE=Release",
         *defines,
+        env=env,
     )
-    _run(cmake, "--build", build, "--parallel", JOBS)
+    _run(cmake, "--build", build, "--parallel", JOBS, env=env)
     return configured
 
 
@@ -114,8 +122,9 @@ def test_cpp_unit_tests_pass_under_ctest(cmake: str, cpp_build: Path) -> None:
 
 def test_install_tree_has_headers_library_and_config(install_prefix: Path) -> None:
     headers = install_prefix / "include" / "batchnorm"
-    assert (headers / "batchnorm.hpp").is_file()
-    assert (headers / "layer.hpp").is_file()
+    # The public API and nothing else: the private headers stay in cpp/src.
+    installed = sorted(str(p.relative_to(headers)) for p in headers.rglob("*") if p.is_file())
+    assert installed == ["batchnorm.hpp", "layer.hpp", "mpi.hpp"], installed
     configs = list(install_prefix.glob("lib*/cmake/batchnorm/batchnormConfig.cmake"))
     assert len(configs) == 1, configs
     config_dir = configs[0].parent
@@ -123,6 +132,9 @@ def test_install_tree_has_headers_library_and_config(install_prefix: Path) -> No
     assert (config_dir / "batchnormTargets.cmake").is_file()
     assert list(config_dir.parent.parent.glob("*batchnorm*")), "no compiled library installed"
     assert "find_dependency(OpenMP" in configs[0].read_text()
+    # Nothing of CUDA to find for the package's users, whatever the build.
+    assert "find_dependency(CUDAToolkit" not in configs[0].read_text()
+    assert "CUDA::" not in (config_dir / "batchnormTargets.cmake").read_text()
 
 
 def test_consumer_project_builds_against_the_install_prefix(
@@ -185,6 +197,43 @@ def test_wheel_ships_a_usable_cpp_package(cmake: str, ninja: str, tmp_path: Path
     configured = _build(cmake, ninja, CONSUMER, tmp_path / "build", f"-Dbatchnorm_DIR={cmake_dir}")
     assert f"in {cmake_dir}" in configured, configured
     output = _run(tmp_path / "build" / "consumer")
+    assert "consumer: ok" in output
+
+
+def _without_cuda_toolkit() -> dict[str, str]:
+    """The environment with nvcc off PATH and no variable pointing CMake at a CUDA toolkit."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("CUDACXX", "CUDA_PATH", "CUDA_HOME", "CUDAToolkit_ROOT")
+    }
+    env["PATH"] = os.pathsep.join(
+        entry
+        for entry in env.get("PATH", "").split(os.pathsep)
+        if entry and not (Path(entry) / "nvcc").exists()
+    )
+    return env
+
+
+def test_wheel_cpp_package_needs_no_cuda_toolkit(cmake: str, ninja: str, tmp_path: Path) -> None:
+    """A consumer of the wheel's C++ package builds and runs where CMake finds no CUDA toolkit,
+    also when the wheel carries the CUDA backend (as it does wherever nvcc was found at build
+    time): the library holds the CUDA runtime itself."""
+    if not _imported_from_installed_wheel():
+        pytest.skip("batchnorm is imported from a development tree, not from an installed wheel")
+    cmake_dir = _run(sys.executable, "-m", "batchnorm", "--cmake-dir", cwd=tmp_path).strip()
+    env = _without_cuda_toolkit()
+    configured = _build(
+        cmake,
+        ninja,
+        CONSUMER,
+        tmp_path / "build",
+        f"-Dbatchnorm_DIR={cmake_dir}",
+        "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=TRUE",
+        env=env,
+    )
+    assert f"in {cmake_dir}" in configured, configured
+    output = _run(tmp_path / "build" / "consumer", env=env)
     assert "consumer: ok" in output
 
 

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cuda/runtime.hpp"
 #include "bindings.hpp"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm::python {
 

@@ -11,8 +11,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "batchnorm/detail/half.hpp"
 #include "check.hpp"
+#include "float16.hpp"
 #include "reference.hpp"
 
 #ifdef _OPENMP
@@ -479,15 +479,14 @@ BNTEST_CASE(strided_views_match_contiguous) {
 
 // A float layer takes float16 data through TensorRef, computing in float32.
 BNTEST_CASE(float16_data_in_a_float_layer) {
-  using batchnorm::detail::float16;
   const Shape shape{16, 3, 4};
   const auto n = static_cast<std::size_t>(numel(shape));
   const std::vector<float> source = bntest::normal<float>(n, 3.0, 2.0, 51);
-  std::vector<float16> x(n), y(n);
+  std::vector<std::uint16_t> x(n), y(n);
   std::vector<double> rounded(n);
   for (std::size_t i = 0; i < n; ++i) {
-    x[i] = batchnorm::detail::to_float16(source[i]);
-    rounded[i] = batchnorm::detail::to_float(x[i]);
+    x[i] = bntest::float16_bits(source[i]);
+    rounded[i] = bntest::float16_value(x[i]);
   }
   LayerOptions o;
   o.axes = {1};
@@ -501,7 +500,7 @@ BNTEST_CASE(float16_data_in_a_float_layer) {
   bntest::RefWeights w{{1, 1, 1}, {0, 0, 0}, {0, 0, 0}, {1, 1, 1}, {}, {}, {}};
   const std::vector<double> expected = reference.train(rounded, w, nullptr);
   std::vector<float> actual(n);
-  for (std::size_t i = 0; i < n; ++i) actual[i] = batchnorm::detail::to_float(y[i]);
+  for (std::size_t i = 0; i < n; ++i) actual[i] = bntest::float16_value(y[i]);
   BNTEST_CLOSE(actual, expected, 2e-3, 1e-3, "float16 y");
   close(layer.moving_mean(), w.moving_mean, 1e-6, "float16 moving_mean (float32 weights)");
 }

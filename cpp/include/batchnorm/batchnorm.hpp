@@ -28,6 +28,9 @@ struct Device {
 // Name of a dtype as NumPy spells it ("float32", "bfloat16", ...), for error messages.
 const char* dtype_name(DType dtype);
 
+// Bytes per element of a dtype (4 for float32, 2 for float16 and bfloat16, 1 for bool, ...).
+std::size_t dtype_size(DType dtype);
+
 // A non-owning strided view. Strides count elements, not bytes, and may be zero or negative.
 struct TensorRef {
   void* data = nullptr;

@@ -52,21 +52,6 @@ constexpr DType layer_dtype() {
   return std::is_same_v<T, double> ? DType::float64 : DType::float32;
 }
 
-inline std::size_t layer_element_bytes(DType dtype) {
-  switch (dtype) {
-    case DType::float64:
-      return 8;
-    case DType::float32:
-      return 4;
-    case DType::float16:
-    case DType::bfloat16:
-      return 2;
-    case DType::boolean:
-      return 1;
-  }
-  return 1;
-}
-
 // Whether the memory spanned by two views intersects (conservative for interleaved views).
 inline bool layer_views_overlap(const TensorRef& a, const TensorRef& b) {
   auto span = [](const TensorRef& t) {
@@ -75,7 +60,7 @@ inline bool layer_views_overlap(const TensorRef& a, const TensorRef& b) {
       const std::int64_t extent = (t.shape[i] - 1) * t.strides[i];
       (extent < 0 ? low : high) += extent;
     }
-    const auto bytes = static_cast<std::int64_t>(layer_element_bytes(t.dtype));
+    const auto bytes = static_cast<std::int64_t>(dtype_size(t.dtype));
     const auto base = reinterpret_cast<std::intptr_t>(t.data);
     return std::pair<std::intptr_t, std::intptr_t>(base + low * bytes, base + (high + 1) * bytes);
   };

@@ -1,5 +1,5 @@
 // Picks the chunk kernels for this CPU once per process.
-#include "batchnorm/cpu/dispatch.hpp"
+#include "cpu/dispatch.hpp"
 
 #include <cstdlib>
 #include <cstring>

@@ -1,6 +1,6 @@
 // The chunk kernels compiled for AVX-512 F/BW/VL/DQ (x86-64-v4), picked at run time when the CPU
 // has it.
-#include "batchnorm/cpu/dispatch.hpp"
+#include "cpu/dispatch.hpp"
 
 #if BATCHNORM_CPU_X86
 // Every header the kernels use comes first, outside the target region: only the kernels below
@@ -18,14 +18,12 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-#include "batchnorm/cpu/chunk_kernels.hpp"
+#include "cpu/chunk_kernels.hpp"
 
 namespace batchnorm::cpu {
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet set{avx512::make_kernels<float>(), avx512::make_kernels<double>(),
-                             avx512::make_kernels<detail::float16>(),
-                             avx512::make_kernels<detail::bfloat16>()};
+  static const KernelSet set = avx512::make_kernel_set(detail::Elements{});
   return set;
 }
 

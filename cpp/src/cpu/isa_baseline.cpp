@@ -3,17 +3,15 @@
 #include <cstring>
 #include <type_traits>
 
-#include "batchnorm/cpu/dispatch.hpp"
+#include "cpu/dispatch.hpp"
 
 #define BATCHNORM_CPU_NS baseline
-#include "batchnorm/cpu/chunk_kernels.hpp"
+#include "cpu/chunk_kernels.hpp"
 
 namespace batchnorm::cpu {
 
 const KernelSet& baseline_kernels() {
-  static const KernelSet set{baseline::make_kernels<float>(), baseline::make_kernels<double>(),
-                             baseline::make_kernels<detail::float16>(),
-                             baseline::make_kernels<detail::bfloat16>()};
+  static const KernelSet set = baseline::make_kernel_set(detail::Elements{});
   return set;
 }
 

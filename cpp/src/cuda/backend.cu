@@ -1,5 +1,7 @@
-// CUDA backend: the four layer operations as kernel sequences on the calling thread's stream
-// (batchnorm::set_cuda_stream), on the device that holds the weights. Per-call scratch memory
+// The CUDA backend: the layer operations as kernel sequences on the calling thread's stream
+// (batchnorm::set_cuda_stream), on the device that holds the weights. The backend's one
+// translation unit with device code: the kernels and their launchers are instantiated here, for
+// the element types of core/elements.hpp. Per-call scratch memory
 // comes from batchnorm's stream-ordered pool (cuda::scratch_pool). The training forward waits
 // for its statistics, which TrainingContext returns on the host; the other operations return
 // once queued.
@@ -8,9 +10,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "batchnorm/cuda/launch.hpp"
-#include "batchnorm/detail/backend.hpp"
-#include "batchnorm/detail/synchronize.hpp"
+#include "core/backend.hpp"
+#include "core/synchronize.hpp"
+#include "cuda/launchers.cuh"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm::detail {
 
@@ -84,231 +87,234 @@ std::vector<double> slice(const std::vector<double>& values, std::size_t first, 
                              values.begin() + static_cast<std::ptrdiff_t>(first + n));
 }
 
+// The CUDA backend: each operation as kernels queued on the calling thread's stream.
+struct Cuda {
+  static bool available() { return cuda::device_count() > 0; }
+
+  template <class T>
+  static void run(const TrainForward<T>& call) {
+    using W = compute_t<T>;
+    const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    const cudaStream_t stream = cuda::current_stream();
+    const std::int64_t groups = call.stats_plan.groups, features = call.stats_plan.features;
+    const std::int64_t stats = groups * features;
+    const void* stats_operands[] = {call.x, call.mask};
+    const Geometry stats_geo =
+        cuda::make_geometry(call.stats_plan, sizeof(T), stats_operands, call.mask ? 1 : -1);
+    const void* apply_operands[] = {call.x, call.y};
+    const Geometry apply_geo = cuda::make_geometry(call.apply_plan, sizeof(T), apply_operands, -1);
+
+    // The context block [count | mean | var | inv_std | zscale | zshift] returns in one copy.
+    const std::size_t context_size = static_cast<std::size_t>(4 * stats + 2 * features);
+    struct Pieces {
+      Moments* partial;
+      double* block;
+      GhostSums* ghost;
+      Coefficients<W> k;
+    };
+    Workspace workspace(stream);
+    const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
+      Pieces pieces;
+      pieces.partial = cut.take<Moments>(stats * stats_geo.chunks);
+      pieces.block = cut.take<double>(static_cast<std::int64_t>(context_size));
+      pieces.ghost = cut.take<GhostSums>(features);
+      pieces.k = {cut.take<W>(stats), cut.take<W>(stats), nullptr, cut.take<W>(stats)};
+      return pieces;
+    });
+    double* count = p.block;
+    double* mean = count + stats;
+    double* var = mean + stats;
+    double* inv_std = var + stats;
+    double* zscale = inv_std + stats;
+    double* zshift = zscale + features;
+    const GroupStats group_stats{count, mean, var, inv_std, zscale, zshift};
+
+    cuda::launch_moments(call.stats_plan, stats_geo, call.x, call.mask, p.partial, stream);
+    cuda::launch_merge_moments(p.partial, stats, stats_geo.chunks, count, mean, var, stream);
+    if (!synchronizing(call.communicator)) {
+      cuda::launch_train_coefficients<W>(features, groups, call.scalars, group_stats, call.weights,
+                                         p.k, stream);
+    } else {
+      // As the CPU backend: whole-batch statistics merge across processes, while ghost batches
+      // stay per process and only their per-feature sums do. The few values cross the host.
+      if (!call.context.ghost_batches) {
+        const auto n = static_cast<std::size_t>(stats);
+        const std::vector<double> local = to_host(count, 3 * n, stream);
+        std::vector<double> c = slice(local, 0, n), m = slice(local, n, n),
+                            v = slice(local, 2 * n, n);
+        synchronize_moments(call.communicator, c, m, v);
+        c.insert(c.end(), m.begin(), m.end());
+        c.insert(c.end(), v.begin(), v.end());
+        to_device(count, c, stream);
+      }
+      cuda::launch_group_statistics(features, groups, call.scalars.epsilon, group_stats, p.ghost,
+                                    stream);
+      if (call.context.ghost_batches) {
+        std::vector<GhostSums> ghost = to_host(p.ghost, static_cast<std::size_t>(features), stream);
+        synchronize_ghost_sums(call.communicator, ghost);
+        to_device(p.ghost, ghost, stream);
+      }
+      cuda::launch_feature_coefficients<W>(features, groups, call.scalars, group_stats, p.ghost,
+                                           call.weights, p.k, stream);
+    }
+    cuda::launch_affine<T, W>(call.apply_plan, apply_geo, call.x, call.y, p.k.shift, p.k.scale,
+                              p.k.offset, stream);
+
+    // Queued after the normalization so the GPU never idles while the host waits.
+    const std::vector<double> block = to_host(p.block, context_size, stream);
+    const auto n = static_cast<std::size_t>(stats), f = static_cast<std::size_t>(features);
+    call.context.groups = groups;
+    call.context.features = features;
+    call.context.count = slice(block, 0, n);
+    call.context.mean = slice(block, n, n);
+    call.context.inv_std = slice(block, 3 * n, n);
+    call.context.zscale = slice(block, 4 * n, f);
+    call.context.zshift = slice(block, 4 * n + f, f);
+    call.context.has_mask = call.mask != nullptr;
+  }
+
+  template <class T>
+  static void run(const InferForward<T>& call) {
+    using W = compute_t<T>;
+    const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    const cudaStream_t stream = cuda::current_stream();
+    const void* operands[] = {call.x, call.y};
+    const Geometry geo = cuda::make_geometry(call.plan, sizeof(T), operands, -1);
+    const std::int64_t features = call.plan.features;
+    Workspace workspace(stream);
+    const Coefficients<W> k = workspace.carve([&](Workspace::Cutter& cut) {
+      return Coefficients<W>{cut.take<W>(features), cut.take<W>(features), nullptr,
+                             cut.take<W>(features)};
+    });
+    cuda::launch_inference_coefficients<W>(features, call.epsilon, call.weights, k, stream);
+    cuda::launch_affine<T, W>(call.plan, geo, call.x, call.y, k.shift, k.scale, k.offset, stream);
+  }
+
+  template <class T>
+  static void run(const TrainBackward<T>& call) {
+    using W = compute_t<T>;
+    const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    const cudaStream_t stream = cuda::current_stream();
+    const std::int64_t groups = call.context.groups, features = call.context.features;
+    const std::int64_t stats = groups * features;
+    const void* sums_operands[] = {call.dy, call.x};
+    const Geometry sums_geo = cuda::make_geometry(call.sums_plan, sizeof(T), sums_operands, -1);
+    const void* dx_operands[] = {call.dy, call.x, call.dx, call.mask};
+    const Geometry dx_geo =
+        cuda::make_geometry(call.dx_plan, sizeof(T), dx_operands, call.mask ? 3 : -1);
+
+    // The context goes up in one copy: [count | mean | inv_std | zscale | zshift].
+    std::vector<double> block = call.context.count;
+    block.insert(block.end(), call.context.mean.begin(), call.context.mean.end());
+    block.insert(block.end(), call.context.inv_std.begin(), call.context.inv_std.end());
+    block.insert(block.end(), call.context.zscale.begin(), call.context.zscale.end());
+    block.insert(block.end(), call.context.zshift.begin(), call.context.zshift.end());
+    struct Pieces {
+      double* block;
+      Sums* partial;
+      double* sums;
+      ParameterSums* totals;
+      Coefficients<W> k;
+    };
+    Workspace workspace(stream);
+    const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
+      Pieces pieces;
+      pieces.block = cut.take<double>(static_cast<std::int64_t>(block.size()));
+      pieces.partial = cut.take<Sums>(stats * sums_geo.chunks);
+      pieces.sums = cut.take<double>(2 * stats);
+      pieces.totals = cut.take<ParameterSums>(features);
+      pieces.k = {cut.take<W>(stats), cut.take<W>(stats), cut.take<W>(stats), cut.take<W>(stats)};
+      return pieces;
+    });
+    to_device(p.block, block, stream);
+    const double* count = p.block;
+    const double* mean = count + stats;
+    const double* inv_std = mean + stats;
+    const double* zscale = inv_std + stats;
+    const double* zshift = zscale + features;
+    double* sum_dy = p.sums;
+    double* sum_dy_centered = p.sums + stats;
+    const BackwardSums sums{sum_dy, sum_dy_centered};
+
+    cuda::launch_backward_sums(call.sums_plan, sums_geo, call.dy, call.x, mean, p.partial, stream);
+    cuda::launch_merge_sums(p.partial, stats, sums_geo.chunks, sum_dy, sum_dy_centered, stream);
+    // As the CPU backend: without ghost batches dx needs the global sums; with them dx uses this
+    // process's ghost batches and only the dgamma/dbeta totals are synchronized.
+    const bool sync = synchronizing(call.communicator);
+    if (sync && !call.context.ghost_batches) {
+      const auto n = static_cast<std::size_t>(stats);
+      const std::vector<double> local = to_host(p.sums, 2 * n, stream);
+      std::vector<double> s = slice(local, 0, n), sc = slice(local, n, n);
+      synchronize_sums(call.communicator, s, sc);
+      s.insert(s.end(), sc.begin(), sc.end());
+      to_device(p.sums, s, stream);
+    }
+    if (!(sync && call.context.ghost_batches)) {
+      cuda::launch_train_backward_coefficients<W>(features, groups, count, mean, inv_std, zscale,
+                                                  zshift, call.weights.gamma, sums, call.dgamma,
+                                                  call.dbeta, p.k, stream);
+    } else {
+      cuda::launch_backward_coefficients<W>(features, groups, count, mean, inv_std, zscale,
+                                            call.weights.gamma, sums, p.totals, p.k, stream);
+      std::vector<ParameterSums> totals =
+          to_host(p.totals, static_cast<std::size_t>(features), stream);
+      std::vector<double> total_dy, total_dy_xhat;
+      for (const ParameterSums& t : totals) {
+        total_dy.push_back(t.dy);
+        total_dy_xhat.push_back(t.dy_xhat);
+      }
+      synchronize_sums(call.communicator, total_dy, total_dy_xhat);
+      for (std::size_t c = 0; c < totals.size(); ++c) totals[c] = {total_dy[c], total_dy_xhat[c]};
+      to_device(p.totals, totals, stream);
+      cuda::launch_parameter_gradients<W>(features, zscale, zshift, p.totals, call.dgamma,
+                                          call.dbeta, stream);
+    }
+    cuda::launch_backward_dx<T, W>(call.dx_plan, dx_geo, call.dy, call.x, call.mask, call.dx, p.k,
+                                   stream);
+  }
+
+  template <class T>
+  static void run(const InferBackward<T>& call) {
+    using W = compute_t<T>;
+    const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    const cudaStream_t stream = cuda::current_stream();
+    const std::int64_t features = call.sums_plan.features;
+    const void* sums_operands[] = {call.dy, call.x};
+    const Geometry sums_geo = cuda::make_geometry(call.sums_plan, sizeof(T), sums_operands, -1);
+    const void* dx_operands[] = {call.dy, call.x, call.dx};
+    const Geometry dx_geo = cuda::make_geometry(call.dx_plan, sizeof(T), dx_operands, -1);
+    struct Pieces {
+      Sums* partial;
+      double* sums;
+      Coefficients<W> k;
+    };
+    Workspace workspace(stream);
+    const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
+      Pieces pieces;
+      pieces.partial = cut.take<Sums>(features * sums_geo.chunks);
+      pieces.sums = cut.take<double>(2 * features);
+      pieces.k = {cut.take<W>(features), cut.take<W>(features), cut.take<W>(features),
+                  cut.take<W>(features)};
+      return pieces;
+    });
+    double* sum_dy = p.sums;
+    double* sum_dy_centered = p.sums + features;
+    const W* moving_mean = call.weights.moving_mean;
+    cuda::launch_backward_sums(call.sums_plan, sums_geo, call.dy, call.x, moving_mean, p.partial,
+                               stream);
+    cuda::launch_merge_sums(p.partial, features, sums_geo.chunks, sum_dy, sum_dy_centered, stream);
+    cuda::launch_inference_backward_coefficients<W>(features, call.epsilon, call.weights,
+                                                    BackwardSums{sum_dy, sum_dy_centered},
+                                                    call.dgamma, call.dbeta, p.k, stream);
+    cuda::launch_backward_dx<T, W>(call.dx_plan, dx_geo, call.dy, call.x, nullptr, call.dx, p.k,
+                                   stream);
+  }
+};
+
+constexpr Backend kCuda = Backend::of<Cuda>();
+
 }  // namespace
 
-template <class T>
-void CudaBackend::train_forward(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,
-                                const std::uint8_t* mask, const TrainScalars& scalars,
-                                const WeightPtrs<compute_t<T>>& weights, TrainingContext& context,
-                                const Communicator* communicator) {
-  using W = compute_t<T>;
-  const cuda::DeviceScope scope(weights.moving_mean, "moving_mean");
-  const cudaStream_t stream = cuda::current_stream();
-  const std::int64_t groups = stats_plan.groups, features = stats_plan.features;
-  const std::int64_t stats = groups * features;
-  const void* stats_operands[] = {x, mask};
-  const Geometry stats_geo =
-      cuda::make_geometry(stats_plan, sizeof(T), stats_operands, mask ? 1 : -1);
-  const void* apply_operands[] = {x, y};
-  const Geometry apply_geo = cuda::make_geometry(apply_plan, sizeof(T), apply_operands, -1);
-
-  // The context block [count | mean | var | inv_std | zscale | zshift] returns in one copy.
-  const std::size_t context_size = static_cast<std::size_t>(4 * stats + 2 * features);
-  struct Pieces {
-    Moments* partial;
-    double* block;
-    GhostSums* ghost;
-    Coefficients<W> k;
-  };
-  Workspace workspace(stream);
-  const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
-    Pieces pieces;
-    pieces.partial = cut.take<Moments>(stats * stats_geo.chunks);
-    pieces.block = cut.take<double>(static_cast<std::int64_t>(context_size));
-    pieces.ghost = cut.take<GhostSums>(features);
-    pieces.k = {cut.take<W>(stats), cut.take<W>(stats), nullptr, cut.take<W>(stats)};
-    return pieces;
-  });
-  double* count = p.block;
-  double* mean = count + stats;
-  double* var = mean + stats;
-  double* inv_std = var + stats;
-  double* zscale = inv_std + stats;
-  double* zshift = zscale + features;
-  const GroupStats group_stats{count, mean, var, inv_std, zscale, zshift};
-
-  cuda::launch_moments(stats_plan, stats_geo, x, mask, p.partial, stream);
-  cuda::launch_merge_moments(p.partial, stats, stats_geo.chunks, count, mean, var, stream);
-  if (!synchronizing(communicator)) {
-    cuda::launch_train_coefficients<W>(features, groups, scalars, group_stats, weights, p.k,
-                                       stream);
-  } else {
-    // As the CPU backend: whole-batch statistics merge across processes, while ghost batches
-    // stay per process and only their per-feature sums do. The few values cross the host.
-    if (!context.ghost_batches) {
-      const auto n = static_cast<std::size_t>(stats);
-      const std::vector<double> local = to_host(count, 3 * n, stream);
-      std::vector<double> c = slice(local, 0, n), m = slice(local, n, n),
-                          v = slice(local, 2 * n, n);
-      synchronize_moments(communicator, c, m, v);
-      c.insert(c.end(), m.begin(), m.end());
-      c.insert(c.end(), v.begin(), v.end());
-      to_device(count, c, stream);
-    }
-    cuda::launch_group_statistics(features, groups, scalars.epsilon, group_stats, p.ghost, stream);
-    if (context.ghost_batches) {
-      std::vector<GhostSums> ghost = to_host(p.ghost, static_cast<std::size_t>(features), stream);
-      synchronize_ghost_sums(communicator, ghost);
-      to_device(p.ghost, ghost, stream);
-    }
-    cuda::launch_feature_coefficients<W>(features, groups, scalars, group_stats, p.ghost, weights,
-                                         p.k, stream);
-  }
-  cuda::launch_affine<T, W>(apply_plan, apply_geo, x, y, p.k.shift, p.k.scale, p.k.offset, stream);
-
-  // Queued after the normalization so the GPU never idles while the host waits.
-  const std::vector<double> block = to_host(p.block, context_size, stream);
-  const auto n = static_cast<std::size_t>(stats), f = static_cast<std::size_t>(features);
-  context.groups = groups;
-  context.features = features;
-  context.count = slice(block, 0, n);
-  context.mean = slice(block, n, n);
-  context.inv_std = slice(block, 3 * n, n);
-  context.zscale = slice(block, 4 * n, f);
-  context.zshift = slice(block, 4 * n + f, f);
-  context.has_mask = mask != nullptr;
-}
-
-template <class T>
-void CudaBackend::infer_forward(const Plan& plan, const T* x, T* y, double epsilon,
-                                const WeightPtrs<compute_t<T>>& weights) {
-  using W = compute_t<T>;
-  const cuda::DeviceScope scope(weights.moving_mean, "moving_mean");
-  const cudaStream_t stream = cuda::current_stream();
-  const void* operands[] = {x, y};
-  const Geometry geo = cuda::make_geometry(plan, sizeof(T), operands, -1);
-  const std::int64_t features = plan.features;
-  Workspace workspace(stream);
-  const Coefficients<W> k = workspace.carve([&](Workspace::Cutter& cut) {
-    return Coefficients<W>{cut.take<W>(features), cut.take<W>(features), nullptr,
-                           cut.take<W>(features)};
-  });
-  cuda::launch_inference_coefficients<W>(features, epsilon, weights, k, stream);
-  cuda::launch_affine<T, W>(plan, geo, x, y, k.shift, k.scale, k.offset, stream);
-}
-
-template <class T>
-void CudaBackend::train_backward(const Plan& sums_plan, const Plan& dx_plan, const T* dy,
-                                 const T* x, T* dx, const std::uint8_t* mask,
-                                 const WeightPtrs<compute_t<T>>& weights,
-                                 const TrainingContext& context, compute_t<T>* dgamma,
-                                 compute_t<T>* dbeta, const Communicator* communicator) {
-  using W = compute_t<T>;
-  const cuda::DeviceScope scope(weights.moving_mean, "moving_mean");
-  const cudaStream_t stream = cuda::current_stream();
-  const std::int64_t groups = context.groups, features = context.features;
-  const std::int64_t stats = groups * features;
-  const void* sums_operands[] = {dy, x};
-  const Geometry sums_geo = cuda::make_geometry(sums_plan, sizeof(T), sums_operands, -1);
-  const void* dx_operands[] = {dy, x, dx, mask};
-  const Geometry dx_geo = cuda::make_geometry(dx_plan, sizeof(T), dx_operands, mask ? 3 : -1);
-
-  // The context goes up in one copy: [count | mean | inv_std | zscale | zshift].
-  std::vector<double> block = context.count;
-  block.insert(block.end(), context.mean.begin(), context.mean.end());
-  block.insert(block.end(), context.inv_std.begin(), context.inv_std.end());
-  block.insert(block.end(), context.zscale.begin(), context.zscale.end());
-  block.insert(block.end(), context.zshift.begin(), context.zshift.end());
-  struct Pieces {
-    double* block;
-    Sums* partial;
-    double* sums;
-    ParameterSums* totals;
-    Coefficients<W> k;
-  };
-  Workspace workspace(stream);
-  const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
-    Pieces pieces;
-    pieces.block = cut.take<double>(static_cast<std::int64_t>(block.size()));
-    pieces.partial = cut.take<Sums>(stats * sums_geo.chunks);
-    pieces.sums = cut.take<double>(2 * stats);
-    pieces.totals = cut.take<ParameterSums>(features);
-    pieces.k = {cut.take<W>(stats), cut.take<W>(stats), cut.take<W>(stats), cut.take<W>(stats)};
-    return pieces;
-  });
-  to_device(p.block, block, stream);
-  const double* count = p.block;
-  const double* mean = count + stats;
-  const double* inv_std = mean + stats;
-  const double* zscale = inv_std + stats;
-  const double* zshift = zscale + features;
-  double* sum_dy = p.sums;
-  double* sum_dy_centered = p.sums + stats;
-  const BackwardSums sums{sum_dy, sum_dy_centered};
-
-  cuda::launch_backward_sums(sums_plan, sums_geo, dy, x, mean, p.partial, stream);
-  cuda::launch_merge_sums(p.partial, stats, sums_geo.chunks, sum_dy, sum_dy_centered, stream);
-  // As the CPU backend: without ghost batches dx needs the global sums; with them dx uses this
-  // process's ghost batches and only the dgamma/dbeta totals are synchronized.
-  const bool sync = synchronizing(communicator);
-  if (sync && !context.ghost_batches) {
-    const auto n = static_cast<std::size_t>(stats);
-    const std::vector<double> local = to_host(p.sums, 2 * n, stream);
-    std::vector<double> s = slice(local, 0, n), sc = slice(local, n, n);
-    synchronize_sums(communicator, s, sc);
-    s.insert(s.end(), sc.begin(), sc.end());
-    to_device(p.sums, s, stream);
-  }
-  if (!(sync && context.ghost_batches)) {
-    cuda::launch_train_backward_coefficients<W>(features, groups, count, mean, inv_std, zscale,
-                                                zshift, weights.gamma, sums, dgamma, dbeta, p.k,
-                                                stream);
-  } else {
-    cuda::launch_backward_coefficients<W>(features, groups, count, mean, inv_std, zscale,
-                                          weights.gamma, sums, p.totals, p.k, stream);
-    std::vector<ParameterSums> totals =
-        to_host(p.totals, static_cast<std::size_t>(features), stream);
-    std::vector<double> total_dy, total_dy_xhat;
-    for (const ParameterSums& t : totals) {
-      total_dy.push_back(t.dy);
-      total_dy_xhat.push_back(t.dy_xhat);
-    }
-    synchronize_sums(communicator, total_dy, total_dy_xhat);
-    for (std::size_t c = 0; c < totals.size(); ++c) totals[c] = {total_dy[c], total_dy_xhat[c]};
-    to_device(p.totals, totals, stream);
-    cuda::launch_parameter_gradients<W>(features, zscale, zshift, p.totals, dgamma, dbeta, stream);
-  }
-  cuda::launch_backward_dx<T, W>(dx_plan, dx_geo, dy, x, mask, dx, p.k, stream);
-}
-
-template <class T>
-void CudaBackend::infer_backward(const Plan& sums_plan, const Plan& dx_plan, const T* dy,
-                                 const T* x, T* dx, double epsilon,
-                                 const WeightPtrs<compute_t<T>>& weights, compute_t<T>* dgamma,
-                                 compute_t<T>* dbeta) {
-  using W = compute_t<T>;
-  const cuda::DeviceScope scope(weights.moving_mean, "moving_mean");
-  const cudaStream_t stream = cuda::current_stream();
-  const std::int64_t features = sums_plan.features;
-  const void* sums_operands[] = {dy, x};
-  const Geometry sums_geo = cuda::make_geometry(sums_plan, sizeof(T), sums_operands, -1);
-  const void* dx_operands[] = {dy, x, dx};
-  const Geometry dx_geo = cuda::make_geometry(dx_plan, sizeof(T), dx_operands, -1);
-  struct Pieces {
-    Sums* partial;
-    double* sums;
-    Coefficients<W> k;
-  };
-  Workspace workspace(stream);
-  const Pieces p = workspace.carve([&](Workspace::Cutter& cut) {
-    Pieces pieces;
-    pieces.partial = cut.take<Sums>(features * sums_geo.chunks);
-    pieces.sums = cut.take<double>(2 * features);
-    pieces.k = {cut.take<W>(features), cut.take<W>(features), cut.take<W>(features),
-                cut.take<W>(features)};
-    return pieces;
-  });
-  double* sum_dy = p.sums;
-  double* sum_dy_centered = p.sums + features;
-  const W* moving_mean = weights.moving_mean;
-  cuda::launch_backward_sums(sums_plan, sums_geo, dy, x, moving_mean, p.partial, stream);
-  cuda::launch_merge_sums(p.partial, features, sums_geo.chunks, sum_dy, sum_dy_centered, stream);
-  cuda::launch_inference_backward_coefficients<W>(features, epsilon, weights,
-                                                  BackwardSums{sum_dy, sum_dy_centered}, dgamma,
-                                                  dbeta, p.k, stream);
-  cuda::launch_backward_dx<T, W>(dx_plan, dx_geo, dy, x, nullptr, dx, p.k, stream);
-}
-
-BATCHNORM_INSTANTIATE_BACKEND(CudaBackend)
+const Backend& cuda_backend() { return kCuda; }
 
 }  // namespace batchnorm::detail

@@ -1,7 +1,7 @@
 // CUDA runtime services: device discovery that never throws (so cuda_available() is safe on
-// machines without a driver or GPU), the calling thread's stream, error checks, the device
-// scope of a pointer and raw device buffers. The runtime is linked statically, so the library
-// loads without any CUDA library installed and only finds the driver when first used.
+// machines without a driver or GPU), the calling thread's stream as a cudaStream_t, error checks,
+// the device scope of a pointer and raw device buffers. The runtime is linked statically, so the
+// library loads without any CUDA library installed and only finds the driver when first used.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -11,23 +11,8 @@
 #include <string>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cuda/launch.hpp"
-#include "batchnorm/cuda/runtime.hpp"
-#include "batchnorm/detail/backend.hpp"
-
-namespace batchnorm {
-
-namespace {
-// Per thread, like a framework's "current stream": threads driving different streams do not
-// interfere.
-thread_local void* current_cuda_stream = nullptr;
-}  // namespace
-
-void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
-
-void* cuda_stream() { return current_cuda_stream; }
-
-}  // namespace batchnorm
+#include "cuda/launch.hpp"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm::cuda {
 
@@ -141,9 +126,3 @@ void synchronize(int device) {
 }
 
 }  // namespace batchnorm::cuda
-
-namespace batchnorm::detail {
-
-bool CudaBackend::available() { return cuda::device_count() > 0; }
-
-}  // namespace batchnorm::detail

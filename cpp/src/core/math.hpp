@@ -15,7 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "batchnorm/detail/config.hpp"
+#include "core/config.hpp"
 
 namespace batchnorm::detail {
 

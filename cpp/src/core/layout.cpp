@@ -1,5 +1,5 @@
-// Builds the canonical loop nests of detail/layout.hpp from strided operands.
-#include "batchnorm/detail/layout.hpp"
+// Builds the canonical loop nests of core/layout.hpp from strided operands.
+#include "core/layout.hpp"
 
 #include <algorithm>
 #include <cstdlib>

@@ -1,6 +1,6 @@
 // CUDA kernels of the batchnorm backend, templated on the storage type T and the vector width
 // V (elements per 16-byte load, or 1 for unaligned and strided data). They walk a Plan
-// (detail/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions accumulate
+// (core/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions accumulate
 // in float64 per thread from shifted sums, merge in a fixed tree inside the block, and the
 // chunks of a statistic merge in chunk order in a second kernel: no floating-point atomics, so
 // every result is bitwise identical from run to run.
@@ -10,10 +10,10 @@
 
 #include <cstdint>
 
-#include "batchnorm/cuda/launch.hpp"
-#include "batchnorm/detail/half.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/half.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
+#include "cuda/launch.hpp"
 
 namespace batchnorm::cuda {
 

@@ -11,8 +11,8 @@
 
 #include <cstdint>
 
-#include "batchnorm/cpu/dispatch.hpp"
-#include "batchnorm/cpu/simd.hpp"
+#include "cpu/dispatch.hpp"
+#include "cpu/simd.hpp"
 
 namespace batchnorm::cpu::BATCHNORM_CPU_NS {
 
@@ -788,6 +788,12 @@ template <class T>
 ChunkKernels<T> make_kernels() {
   return {&plane_moments<T>, &plane_affine<T>, &plane_sums<T>, &plane_dx<T>,
           &row_moments<T>,   &row_affine<T>,   &row_sums<T>,   &row_dx<T>};
+}
+
+// The kernels of every element type (detail::Elements), as the dispatch keeps them.
+template <class... Es>
+KernelSet make_kernel_set(detail::TypeList<Es...>) {
+  return {make_kernels<typename Es::type>()...};
 }
 
 }  // namespace batchnorm::cpu::BATCHNORM_CPU_NS

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "batchnorm/detail/config.hpp"
+#include "core/config.hpp"
 
 namespace batchnorm::detail {
 

@@ -5,9 +5,10 @@
 
 #include <cstdint>
 
-#include "batchnorm/detail/half.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/elements.hpp"
+#include "core/half.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
 
 // x86-64 with GCC: AVX2 and AVX-512 kernels are compiled next to the baseline (target pragmas).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -50,7 +51,7 @@ struct ItemBlock {
   std::int64_t step[detail::kMaxOperands] = {};
 };
 
-// Serial kernels over one chunk of a Plan (detail/layout.hpp). Pointers are at the base of the
+// Serial kernels over one chunk of a Plan (core/layout.hpp). Pointers are at the base of the
 // first statistic of the block (plane mode) or of the outer statistic item (row mode) in every
 // operand; units are the outer reduced indices [u0, u1) (plane mode: runs of the innermost
 // reduced dim; row mode: rows of C contiguous features). Per-statistic arrays (coefficients,
@@ -91,12 +92,13 @@ struct ChunkKernels {
                  DxCoefficients<const A*> k, Index u0, Index u1, bool stream);
 };
 
-struct KernelSet {
-  ChunkKernels<float> f32;
-  ChunkKernels<double> f64;
-  ChunkKernels<detail::float16> f16;
-  ChunkKernels<detail::bfloat16> bf16;
-};
+// The chunk kernels of every element type for one instruction set, ChunkKernels<T> being the
+// base of type T.
+template <class List>
+struct KernelTable;
+template <class... Es>
+struct KernelTable<detail::TypeList<Es...>> : ChunkKernels<typename Es::type>... {};
+using KernelSet = KernelTable<detail::Elements>;
 
 const KernelSet& baseline_kernels();
 #if BATCHNORM_CPU_X86
@@ -107,27 +109,8 @@ const KernelSet& avx512_kernels();
 const KernelSet& active_kernels();
 
 template <class T>
-const ChunkKernels<T>& kernels_of(const KernelSet& set);
-template <>
-inline const ChunkKernels<float>& kernels_of<float>(const KernelSet& set) {
-  return set.f32;
-}
-template <>
-inline const ChunkKernels<double>& kernels_of<double>(const KernelSet& set) {
-  return set.f64;
-}
-template <>
-inline const ChunkKernels<detail::float16>& kernels_of<detail::float16>(const KernelSet& set) {
-  return set.f16;
-}
-template <>
-inline const ChunkKernels<detail::bfloat16>& kernels_of<detail::bfloat16>(const KernelSet& set) {
-  return set.bf16;
-}
-
-template <class T>
 const ChunkKernels<T>& kernels() {
-  return kernels_of<T>(active_kernels());
+  return active_kernels();
 }
 
 }  // namespace batchnorm::cpu

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "batchnorm/detail/half.hpp"
+#include "core/half.hpp"
 
 #if defined(BATCHNORM_CPU_AVX512) || defined(BATCHNORM_CPU_AVX2) || defined(__SSE2__)
 #include <immintrin.h>

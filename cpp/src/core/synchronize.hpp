@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/math.hpp"
 
 namespace batchnorm::detail {
 

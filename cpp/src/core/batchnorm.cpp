@@ -1,5 +1,5 @@
 // Public entry points: argument checks, canonical plans, and the one place where a runtime
-// dtype and device become a template argument and a backend.
+// dtype and device become an element type and a backend.
 #include "batchnorm/batchnorm.hpp"
 
 #include <algorithm>
@@ -8,33 +8,33 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
-#include "batchnorm/detail/backend.hpp"
+#include "core/backend.hpp"
+#include "core/elements.hpp"
 
 namespace batchnorm {
 
-using detail::bfloat16;
 using detail::compute_t;
-using detail::float16;
-using detail::Plan;
 using detail::TrainScalars;
 using detail::WeightPtrs;
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::float16:
-      return "float16";
-    case DType::bfloat16:
-      return "bfloat16";
-    case DType::float32:
-      return "float32";
-    case DType::float64:
-      return "float64";
+#define BATCHNORM_NAME_CASE(type, name) \
+  case DType::name:                     \
+    return #name;
+    BATCHNORM_ELEMENT_TYPES(BATCHNORM_NAME_CASE)
+#undef BATCHNORM_NAME_CASE
     case DType::boolean:
       return "bool";
   }
   return "unknown";
+}
+
+std::size_t dtype_size(DType dtype) {
+  std::size_t size = 1;  // bool
+  detail::visit_element(dtype, [&](auto element) { size = sizeof(element); });
+  return size;
 }
 
 std::int64_t TensorRef::numel() const {
@@ -112,26 +112,11 @@ std::uint32_t resolve_axes(const char* op, int rank, const std::vector<int>& axe
   return mask;
 }
 
-std::size_t element_bytes(DType dtype) {
-  switch (dtype) {
-    case DType::float16:
-    case DType::bfloat16:
-      return 2;
-    case DType::float32:
-      return 4;
-    case DType::float64:
-      return 8;
-    case DType::boolean:
-      return 1;
-  }
-  return 1;
-}
-
 // Dereferencing a T* that is not aligned for T is undefined behaviour (UBSan reports it, some
 // targets fault), so the kernels only ever see aligned data. NumPy can make such views (e.g.
 // np.frombuffer at an odd offset); the Python layer copies them before they get here.
 void check_aligned(const char* op, const char* name, const void* data, DType dtype) {
-  const std::size_t bytes = element_bytes(dtype);
+  const std::size_t bytes = dtype_size(dtype);
   if (reinterpret_cast<std::uintptr_t>(data) % bytes != 0) {
     fail(op, std::string(name) + " is not aligned to its " + std::to_string(bytes) +
                  "-byte elements (" + dtype_name(dtype) + "); pass an aligned copy");
@@ -260,28 +245,27 @@ WeightPtrs<W> typed_weights(const Weights& w, const Adjustment* adjustment) {
   return p;
 }
 
-// The single dtype/device dispatch: calls f(T{}, Backend{}) for the element type and backend.
-template <class F>
-void dispatch(const char* op, const TensorRef& x, F&& f) {
-  auto on_backend = [&](auto element) {
-    if (x.device.type == DeviceType::cuda) {
-      f(element, detail::CudaBackend{});
-    } else {
-      f(element, detail::CpuBackend{});
-    }
-  };
-  switch (x.dtype) {
-    case DType::float32:
-      return on_backend(float{});
-    case DType::float64:
-      return on_backend(double{});
-    case DType::float16:
-      return on_backend(float16{});
-    case DType::bfloat16:
-      return on_backend(bfloat16{});
-    default:
-      fail(op, std::string("unsupported dtype ") + dtype_name(x.dtype));
+const detail::Backend& backend_of(const Device& device) {
+  switch (device.type) {
+    case DeviceType::cuda:
+      return detail::cuda_backend();
+    case DeviceType::cpu:
+      break;
   }
+  return detail::cpu_backend();
+}
+
+// The single dtype dispatch: calls f(T{}) with the storage type of x's dtype.
+template <class F>
+void with_element_type(const char* op, const TensorRef& x, F&& f) {
+  if (!detail::visit_element(x.dtype, f)) {
+    fail(op, std::string("unsupported dtype ") + dtype_name(x.dtype));
+  }
+}
+
+template <class T>
+T* data_of(const TensorRef& t) {
+  return static_cast<T*>(t.data);
 }
 
 const std::uint8_t* mask_data(const TensorRef* mask) {
@@ -290,7 +274,12 @@ const std::uint8_t* mask_data(const TensorRef* mask) {
 
 }  // namespace
 
-DType weight_dtype(DType data) { return data == DType::float64 ? DType::float64 : DType::float32; }
+DType weight_dtype(DType data) {
+  DType weights = DType::float32;
+  detail::visit_element(
+      data, [&](auto element) { weights = detail::dtype_of<compute_t<decltype(element)>>; });
+  return weights;
+}
 
 void validate(const Options& options) { validate_options("validate", options); }
 
@@ -387,19 +376,17 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
   }
   const TensorRef* stats_ops[] = {&x, mask ? mask : &x};
   const TensorRef* apply_ops[] = {&x, &y};
-  const Plan stats_plan =
-      detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1);
-  const Plan apply_plan = detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1);
   context.ghost_batches = options.virtual_batch_size != 0;
   const TrainScalars scalars{options.epsilon, options.momentum, options.renorm_momentum,
                              options.rmin,    options.rmax,     options.dmax,
                              options.renorm,  update_moving};
-  dispatch(op, x, [&](auto element, auto backend) {
+  with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
-    using W = compute_t<T>;
-    decltype(backend)::template train_forward<T>(
-        stats_plan, apply_plan, static_cast<const T*>(x.data), static_cast<T*>(y.data),
-        mask_data(mask), scalars, typed_weights<W>(weights, adjustment), context, communicator);
+    backend_of(x.device).run(detail::TrainForward<T>{
+        detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1),
+        detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1), data_of<T>(x),
+        data_of<T>(y), mask_data(mask), scalars, typed_weights<compute_t<T>>(weights, adjustment),
+        context, communicator});
   });
   // Whether a mask was given, not whether it has data: an empty tensor may have a null pointer,
   // and backward must still accept the same (empty) mask.
@@ -412,12 +399,11 @@ void infer_forward(const TensorRef& x, const TensorRef& y, const Options& option
   const Checked c = check_common(op, x, options, weights, false);
   check_like(op, "output", y, x);
   const TensorRef* ops[] = {&x, &y};
-  const Plan plan = detail::make_plan(x, c.feature_axes, 1, ops, 2, -1);
-  dispatch(op, x, [&](auto element, auto backend) {
+  with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
-    decltype(backend)::template infer_forward<T>(plan, static_cast<const T*>(x.data),
-                                                 static_cast<T*>(y.data), options.epsilon,
-                                                 typed_weights<compute_t<T>>(weights, nullptr));
+    backend_of(x.device).run(detail::InferForward<T>{
+        detail::make_plan(x, c.feature_axes, 1, ops, 2, -1), data_of<T>(x), data_of<T>(y),
+        options.epsilon, typed_weights<compute_t<T>>(weights, nullptr)});
   });
 }
 
@@ -442,16 +428,15 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
   }
   const TensorRef* sums_ops[] = {&dy, &x};
   const TensorRef* dx_ops[] = {&dy, &x, &dx, mask ? mask : &x};
-  const Plan sums_plan = detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1);
-  const Plan dx_plan =
-      detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1);
-  dispatch(op, x, [&](auto element, auto backend) {
+  with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
     using W = compute_t<T>;
-    decltype(backend)::template train_backward<T>(
-        sums_plan, dx_plan, static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
-        static_cast<T*>(dx.data), mask_data(mask), typed_weights<W>(weights, nullptr), context,
-        static_cast<W*>(dgamma), static_cast<W*>(dbeta), communicator);
+    backend_of(x.device).run(detail::TrainBackward<T>{
+        detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1),
+        detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1),
+        data_of<T>(dy), data_of<T>(x), data_of<T>(dx), mask_data(mask),
+        typed_weights<W>(weights, nullptr), context, static_cast<W*>(dgamma),
+        static_cast<W*>(dbeta), communicator});
   });
 }
 
@@ -463,18 +448,27 @@ void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
   check_like(op, "dx", dx, x);
   const TensorRef* sums_ops[] = {&dy, &x};
   const TensorRef* dx_ops[] = {&dy, &x, &dx};
-  const Plan sums_plan = detail::make_plan(x, c.feature_axes, 1, sums_ops, 2, -1);
-  const Plan dx_plan = detail::make_plan(x, c.feature_axes, 1, dx_ops, 3, -1);
-  dispatch(op, x, [&](auto element, auto backend) {
+  with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
     using W = compute_t<T>;
-    decltype(backend)::template infer_backward<T>(
-        sums_plan, dx_plan, static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
-        static_cast<T*>(dx.data), options.epsilon, typed_weights<W>(weights, nullptr),
-        static_cast<W*>(dgamma), static_cast<W*>(dbeta));
+    backend_of(x.device).run(detail::InferBackward<T>{
+        detail::make_plan(x, c.feature_axes, 1, sums_ops, 2, -1),
+        detail::make_plan(x, c.feature_axes, 1, dx_ops, 3, -1), data_of<T>(dy), data_of<T>(x),
+        data_of<T>(dx), options.epsilon, typed_weights<W>(weights, nullptr),
+        static_cast<W*>(dgamma), static_cast<W*>(dbeta)});
   });
 }
 
-bool cuda_available() { return detail::CudaBackend::available(); }
+bool cuda_available() { return detail::cuda_backend().available(); }
+
+namespace {
+// Per thread, like a framework's "current stream": threads driving different streams do not
+// interfere. Kept in builds without CUDA too, so that code setting a stream runs on every build.
+thread_local void* current_cuda_stream = nullptr;
+}  // namespace
+
+void set_cuda_stream(void* stream) { current_cuda_stream = stream; }
+
+void* cuda_stream() { return current_cuda_stream; }
 
 }  // namespace batchnorm

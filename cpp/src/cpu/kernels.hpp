@@ -1,5 +1,5 @@
 // The parallel passes of the CPU backend, templated on the storage type T: OpenMP loops that hand
-// fixed chunks of a Plan (detail/layout.hpp) to the vectorized chunk kernels of the instruction
+// fixed chunks of a Plan (core/layout.hpp) to the vectorized chunk kernels of the instruction
 // set picked at run time (cpu/dispatch.hpp). Chunks depend on the shape only, and their partial
 // results merge in chunk order, so every result is bitwise the same for any number of threads.
 // Plane layouts also have fused passes that finish a feature while its data is in cache.
@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/cpu/dispatch.hpp"
-#include "batchnorm/detail/half.hpp"
-#include "batchnorm/detail/layout.hpp"
-#include "batchnorm/detail/math.hpp"
+#include "core/half.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
+#include "cpu/dispatch.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>

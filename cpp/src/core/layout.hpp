@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "batchnorm/batchnorm.hpp"
-#include "batchnorm/detail/config.hpp"
+#include "core/config.hpp"
 
 namespace batchnorm::detail {
 

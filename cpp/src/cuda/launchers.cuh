@@ -1,12 +1,17 @@
-// Work decomposition and launchers of the CUDA kernels, explicitly instantiated for every
-// storage type. Compiled at -O3 for sm_80 and sm_90 (plus PTX for later GPUs).
+// Work decomposition and launchers of the CUDA kernels (cuda/kernels.cuh): host functions that
+// queue one kernel each on `stream` and return; none synchronizes.
+// Not a normal header: the CUDA backend's one translation unit with device code (cuda/backend.cu)
+// includes it, and it and cuda/kernels.cuh define functions that are not inline. The templates
+// are instantiated there, for exactly the calls the backend makes.
+#pragma once
+
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 
-#include "batchnorm/cuda/kernels.cuh"
-#include "batchnorm/cuda/launch.hpp"
+#include "cuda/kernels.cuh"
+#include "cuda/launch.hpp"
 
 namespace batchnorm::cuda {
 
@@ -59,6 +64,8 @@ unsigned feature_grid(std::int64_t features) { return grid_of(ceil_div(features,
 
 }  // namespace
 
+// `pointers` holds the plan's operand base addresses; `mask_operand` (or -1) names the mask,
+// which is read one byte at a time and does not limit the vector width in row mode.
 Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* const* pointers,
                        int mask_operand) {
   Geometry g;
@@ -107,6 +114,7 @@ Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* 
   return g;
 }
 
+// Partial moments per (statistic, chunk) of x over the valid positions (operands: x, mask).
 template <class T>
 void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std::uint8_t* mask,
                     Moments* partial, cudaStream_t stream) {
@@ -124,6 +132,7 @@ void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std
   check(cudaGetLastError(), "launching the moments kernel");
 }
 
+// Merges the chunks of each statistic in chunk order: count, mean, biased variance.
 void launch_merge_moments(const Moments* partial, std::int64_t stats, std::int64_t chunks,
                           double* count, double* mean, double* var, cudaStream_t stream) {
   if (stats == 0) return;
@@ -133,6 +142,7 @@ void launch_merge_moments(const Moments* partial, std::int64_t stats, std::int64
   check(cudaGetLastError(), "launching the moments merge kernel");
 }
 
+// y = (x - shift) * scale + offset per statistic (operands: x, y).
 template <class T, class Acc>
 void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, const Acc* shift,
                    const Acc* scale, const Acc* offset, cudaStream_t stream) {
@@ -150,6 +160,7 @@ void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, cons
   check(cudaGetLastError(), "launching the normalization kernel");
 }
 
+// Partial sum(dy) and sum(dy * (x - shift)) per (statistic, chunk) (operands: dy, x).
 template <class T, class S>
 void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
                           const S* shift, Sums* partial, cudaStream_t stream) {
@@ -167,6 +178,7 @@ void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, co
   check(cudaGetLastError(), "launching the backward sums kernel");
 }
 
+// Adds the chunks of each statistic in chunk order.
 void launch_merge_sums(const Sums* partial, std::int64_t stats, std::int64_t chunks, double* sum_dy,
                        double* sum_dy_centered, cudaStream_t stream) {
   if (stats == 0) return;
@@ -176,6 +188,7 @@ void launch_merge_sums(const Sums* partial, std::int64_t stats, std::int64_t chu
   check(cudaGetLastError(), "launching the backward sums merge kernel");
 }
 
+// dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask).
 template <class T, class Acc>
 void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
                         const std::uint8_t* mask, T* dx, const Coefficients<Acc>& k,
@@ -194,6 +207,7 @@ void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, cons
   check(cudaGetLastError(), "launching the dx kernel");
 }
 
+// Per-feature coefficients (one thread per feature, the shared scalar math of core/math.hpp).
 template <class W>
 void launch_train_coefficients(std::int64_t features, std::int64_t groups,
                                const detail::TrainScalars& scalars, const detail::GroupStats& stats,
@@ -205,6 +219,7 @@ void launch_train_coefficients(std::int64_t features, std::int64_t groups,
   check(cudaGetLastError(), "launching the training coefficients kernel");
 }
 
+// train_coefficients in two halves, for synchronized statistics (see core/math.hpp).
 void launch_group_statistics(std::int64_t features, std::int64_t groups, double epsilon,
                              const detail::GroupStats& stats, detail::GhostSums* ghost,
                              cudaStream_t stream) {
@@ -236,6 +251,8 @@ void launch_inference_coefficients(std::int64_t features, double epsilon,
   check(cudaGetLastError(), "launching the inference coefficients kernel");
 }
 
+// Backward coefficients of a training step; shift[g * C + c] is the group mean rounded to W, the
+// remainder folded into the offset (detail::backward_coefficients).
 template <class W>
 void launch_train_backward_coefficients(std::int64_t features, std::int64_t groups,
                                         const double* count, const double* mean,
@@ -249,6 +266,8 @@ void launch_train_backward_coefficients(std::int64_t features, std::int64_t grou
   check(cudaGetLastError(), "launching the backward coefficients kernel");
 }
 
+// launch_train_backward_coefficients in two halves, for synchronized ghost batches: the
+// per-feature parameter sums land in `totals`, and dgamma/dbeta come from (synchronized) totals.
 template <class W>
 void launch_backward_coefficients(std::int64_t features, std::int64_t groups, const double* count,
                                   const double* mean, const double* inv_std, const double* zscale,
@@ -271,6 +290,7 @@ void launch_parameter_gradients(std::int64_t features, const double* zscale, con
   check(cudaGetLastError(), "launching the parameter gradients kernel");
 }
 
+// Backward coefficients of inference; also sets shift[c] to the moving mean.
 template <class W>
 void launch_inference_backward_coefficients(std::int64_t features, double epsilon,
                                             const detail::WeightPtrs<W>& weights,
@@ -281,61 +301,5 @@ void launch_inference_backward_coefficients(std::int64_t features, double epsilo
       features, epsilon, weights, sums, dgamma, dbeta, out);
   check(cudaGetLastError(), "launching the inference backward coefficients kernel");
 }
-
-#define BATCHNORM_INSTANTIATE_LAUNCHERS(T)                                                        \
-  template void launch_moments<T>(const Plan&, const Geometry&, const T*, const std::uint8_t*,    \
-                                  Moments*, cudaStream_t);                                        \
-  template void launch_affine<T, detail::compute_t<T>>(                                           \
-      const Plan&, const Geometry&, const T*, T*, const detail::compute_t<T>*,                    \
-      const detail::compute_t<T>*, const detail::compute_t<T>*, cudaStream_t);                    \
-  template void launch_backward_sums<T, double>(const Plan&, const Geometry&, const T*, const T*, \
-                                                const double*, Sums*, cudaStream_t);              \
-  template void launch_backward_dx<T, detail::compute_t<T>>(                                      \
-      const Plan&, const Geometry&, const T*, const T*, const std::uint8_t*, T*,                  \
-      const Coefficients<detail::compute_t<T>>&, cudaStream_t);
-
-BATCHNORM_INSTANTIATE_LAUNCHERS(float)
-BATCHNORM_INSTANTIATE_LAUNCHERS(double)
-BATCHNORM_INSTANTIATE_LAUNCHERS(detail::float16)
-BATCHNORM_INSTANTIATE_LAUNCHERS(detail::bfloat16)
-
-// Inference backward centers on the moving mean, stored in the weights' type.
-template void launch_backward_sums<float, float>(const Plan&, const Geometry&, const float*,
-                                                 const float*, const float*, Sums*, cudaStream_t);
-template void launch_backward_sums<detail::float16, float>(const Plan&, const Geometry&,
-                                                           const detail::float16*,
-                                                           const detail::float16*, const float*,
-                                                           Sums*, cudaStream_t);
-template void launch_backward_sums<detail::bfloat16, float>(const Plan&, const Geometry&,
-                                                            const detail::bfloat16*,
-                                                            const detail::bfloat16*, const float*,
-                                                            Sums*, cudaStream_t);
-
-#define BATCHNORM_INSTANTIATE_COEFFICIENTS(W)                                                      \
-  template void launch_train_coefficients<W>(                                                      \
-      std::int64_t, std::int64_t, const detail::TrainScalars&, const detail::GroupStats&,          \
-      const detail::WeightPtrs<W>&, const Coefficients<W>&, cudaStream_t);                         \
-  template void launch_feature_coefficients<W>(                                                    \
-      std::int64_t, std::int64_t, const detail::TrainScalars&, const detail::GroupStats&,          \
-      const detail::GhostSums*, const detail::WeightPtrs<W>&, const Coefficients<W>&,              \
-      cudaStream_t);                                                                               \
-  template void launch_backward_coefficients<W>(                                                   \
-      std::int64_t, std::int64_t, const double*, const double*, const double*, const double*,      \
-      const W*, const detail::BackwardSums&, detail::ParameterSums*, const Coefficients<W>&,       \
-      cudaStream_t);                                                                               \
-  template void launch_parameter_gradients<W>(std::int64_t, const double*, const double*,          \
-                                              const detail::ParameterSums*, W*, W*, cudaStream_t); \
-  template void launch_inference_coefficients<W>(                                                  \
-      std::int64_t, double, const detail::WeightPtrs<W>&, const Coefficients<W>&, cudaStream_t);   \
-  template void launch_train_backward_coefficients<W>(                                             \
-      std::int64_t, std::int64_t, const double*, const double*, const double*, const double*,      \
-      const double*, const W*, const detail::BackwardSums&, W*, W*, const Coefficients<W>&,        \
-      cudaStream_t);                                                                               \
-  template void launch_inference_backward_coefficients<W>(                                         \
-      std::int64_t, double, const detail::WeightPtrs<W>&, const detail::BackwardSums&, W*, W*,     \
-      const Coefficients<W>&, cudaStream_t);
-
-BATCHNORM_INSTANTIATE_COEFFICIENTS(float)
-BATCHNORM_INSTANTIATE_COEFFICIENTS(double)
 
 }  // namespace batchnorm::cuda

@@ -1,0 +1,84 @@
+// Host-side pieces of the CUDA backend shared by its runtime services (cuda/runtime.cu), the
+// launchers (cuda/launchers.cuh) and the kernels: error checks, the device and stream of a call,
+// scratch memory, and the work decomposition (Geometry) of a Plan.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/config.hpp"
+#include "core/layout.hpp"
+#include "core/math.hpp"
+
+namespace batchnorm::cuda {
+
+using detail::Coefficients;
+using detail::Moments;
+using detail::Plan;
+
+// Throws std::runtime_error naming `what` and the CUDA error unless `status` is cudaSuccess.
+void check(cudaError_t status, const char* what);
+
+// Makes the device that owns `pointer` current for the scope (restoring the previous one), and
+// rejects pointers that are not device memory with an error naming `what`.
+class DeviceScope {
+ public:
+  DeviceScope(const void* pointer, const char* what);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// The stream set by batchnorm::set_cuda_stream for the calling thread.
+cudaStream_t current_stream();
+
+// batchnorm's own stream-ordered memory pool on the current device, for per-call scratch
+// memory. Unlike the device's default pool (which returns memory to the driver at every
+// synchronization) it keeps what it has grown to, so repeated calls do not map memory again.
+cudaMemPool_t scratch_pool();
+
+inline constexpr int kThreads = 256;
+inline constexpr int kVectorBytes = 16;
+// Elements one block reduces per statistic chunk: enough per thread (128) to amortize the
+// block merge, small enough that a (32, 64, 112, 112) tensor gives over a thousand blocks.
+inline constexpr std::int64_t kChunkElements = 32768;
+
+// How a Plan is cut into blocks. Depends only on the shape and the alignment of the operands,
+// never on the GPU, so the reduction order (and every result bit) is the same on any device.
+//
+// Row mode: per outer stat item a (rows x inner) matrix with contiguous features. A block is
+// a tile of tile_x vectors of `vector` features times tile_y threads over rows, and reduces
+// `per_chunk` rows. Plane mode: per statistic `units` runs of `run` elements; a block reduces
+// `per_chunk` consecutive elements of one statistic.
+struct Geometry {
+  bool row = false;
+  int vector = 1;              // elements per load: kVectorBytes / sizeof(T) when aligned, else 1
+  std::int64_t stats = 0;      // statistics (g * C + c)
+  std::int64_t inner = 1;      // row mode: features per row
+  std::int64_t rows = 0;       // row mode: rows per outer item
+  std::int64_t columns = 0;    // row mode: vectors per row (inner / vector)
+  int tile_x = 1;              // row mode: threads across columns (blockDim.x)
+  int tile_y = 1;              // row mode: threads across rows (blockDim.y)
+  std::int64_t tiles = 0;      // row mode: column tiles per row
+  std::int64_t run = 1;        // plane mode: elements per run (innermost reduced dim)
+  std::int64_t units = 0;      // plane mode: runs per statistic
+  int unit_dims = 0;           // plane mode: reduced dims that enumerate the runs
+  std::int64_t per_chunk = 1;  // rows (row mode) or elements (plane mode) per block
+  std::int64_t chunks = 0;     // chunks per statistic
+  std::int64_t blocks = 0;     // grid size
+
+  BATCHNORM_HD std::int64_t outer() const { return row ? stats / inner : stats; }
+};
+
+// Partial sums of the backward pass per (statistic, chunk).
+struct Sums {
+  double dy;
+  double dy_centered;
+};
+
+}  // namespace batchnorm::cuda
