@@ -12,21 +12,13 @@
 #include "batchnorm/batchnorm.hpp"
 #include "bindings.hpp"
 #include "cuda/runtime.hpp"
+#include "tensors.hpp"
 
 namespace batchnorm::python {
 
 namespace nb = nanobind;
 
 namespace {
-
-nb::dlpack::dtype dlpack_dtype(const std::string& name) {
-  using Code = nb::dlpack::dtype_code;
-  if (name == "float16") return {static_cast<std::uint8_t>(Code::Float), 16, 1};
-  if (name == "bfloat16") return {static_cast<std::uint8_t>(Code::Bfloat), 16, 1};
-  if (name == "float32") return {static_cast<std::uint8_t>(Code::Float), 32, 1};
-  if (name == "float64") return {static_cast<std::uint8_t>(Code::Float), 64, 1};
-  throw nb::type_error(("cuda_empty: unsupported dtype " + name).c_str());
-}
 
 // A C-contiguous device array owned by the returned object (freed when it is collected). It
 // exports DLPack, so frameworks wrap it without a copy.

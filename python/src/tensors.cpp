@@ -7,22 +7,44 @@ namespace batchnorm::python {
 
 namespace {
 
+using Code = nb::dlpack::dtype_code;
+
+// How DLPack names each DType: the binding's one dtype table (a new dtype is one line here).
+struct DlpackType {
+  DType dtype;
+  Code code;
+  std::uint8_t bits;
+};
+constexpr DlpackType kDlpackTypes[] = {
+    {DType::float16, Code::Float, 16}, {DType::bfloat16, Code::Bfloat, 16},
+    {DType::float32, Code::Float, 32}, {DType::float64, Code::Float, 64},
+    {DType::boolean, Code::Bool, 8},
+};
+
 DType dtype_of(const nb::dlpack::dtype& dt, const char* name) {
-  using Code = nb::dlpack::dtype_code;
-  const auto code = static_cast<Code>(dt.code);
   if (dt.lanes == 1) {
-    if (code == Code::Float && dt.bits == 16) return DType::float16;
-    if (code == Code::Float && dt.bits == 32) return DType::float32;
-    if (code == Code::Float && dt.bits == 64) return DType::float64;
-    if (code == Code::Bfloat && dt.bits == 16) return DType::bfloat16;
-    if (code == Code::UInt && dt.bits == 16) return DType::bfloat16;
-    if (code == Code::Bool && dt.bits == 8) return DType::boolean;
+    for (const DlpackType& t : kDlpackTypes) {
+      if (static_cast<Code>(dt.code) == t.code && dt.bits == t.bits) return t.dtype;
+    }
+    // NumPy has no bfloat16: ml_dtypes arrays arrive viewed as uint16 (see tensors.hpp).
+    if (static_cast<Code>(dt.code) == Code::UInt && dt.bits == 16) return DType::bfloat16;
   }
   throw nb::type_error((std::string(name) + ": unsupported element type (code " +
                         std::to_string(dt.code) + ", " + std::to_string(dt.bits) +
                         " bits); expected float16, bfloat16, float32 or float64")
                            .c_str());
 }
+
+}  // namespace
+
+nb::dlpack::dtype dlpack_dtype(const std::string& name) {
+  for (const DlpackType& t : kDlpackTypes) {
+    if (name == dtype_name(t.dtype)) return {static_cast<std::uint8_t>(t.code), t.bits, 1};
+  }
+  throw nb::type_error(("unsupported dtype " + name).c_str());
+}
+
+namespace {
 
 Device device_of(int type, int id, const char* name) {
   if (type == nb::device::cpu::value) return Device{DeviceType::cpu, 0};

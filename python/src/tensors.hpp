@@ -4,6 +4,8 @@
 
 #include <nanobind/ndarray.h>
 
+#include <string>
+
 #include "batchnorm/batchnorm.hpp"
 
 namespace batchnorm::python {
@@ -18,6 +20,9 @@ using OutputArray = nb::ndarray<>;
 // data is converted to a float type before it gets here, so uint16 has no other meaning).
 TensorRef to_tensor(const InputArray& array, const char* name);
 TensorRef to_tensor(const OutputArray& array, const char* name);
+
+// DLPack's dtype for a dtype name ("float32", "bfloat16", ...).
+nb::dlpack::dtype dlpack_dtype(const std::string& name);
 
 // A boolean mask (bool or uint8 0/1 data) of the input's rank.
 TensorRef to_mask(const InputArray& array);

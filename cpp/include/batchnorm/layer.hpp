@@ -141,18 +141,10 @@ class BatchNormalization {
     const WeightSchema schema = weight_schema(options_, input_shape);
     const std::int64_t features = schema.features;
     const auto n = static_cast<std::size_t>(features);
-    const T gamma = static_cast<T>(options_.gamma_initializer);
-    const T beta = static_cast<T>(options_.beta_initializer);
-    const T mean = static_cast<T>(options_.moving_mean_initializer);
-    const T variance = static_cast<T>(options_.moving_variance_initializer);
-    const T stddev = static_cast<T>(std::sqrt(options_.moving_variance_initializer));
-    gamma_.assign(options_.scale ? n : 0, gamma);
-    beta_.assign(options_.center ? n : 0, beta);
-    moving_mean_.assign(n, mean);
-    moving_variance_.assign(n, variance);
-    moving_stddev_.assign(options_.renorm ? n : 0, stddev);
-    renorm_mean_.assign(options_.renorm ? n : 0, mean);
-    renorm_stddev_.assign(options_.renorm ? n : 0, stddev);
+    // The weights the core names for these options, in its (Keras') order.
+    names_ = schema.names;
+    values_.clear();
+    for (const std::string& name : names_) values_.emplace_back(n, initial_value(name));
 
     kernel_options_ = static_cast<const Options&>(options_);
     kernel_options_.axes = schema.axes;
@@ -300,16 +292,14 @@ class BatchNormalization {
                                    learning_rate * static_cast<double>(gradient[i]));
       }
     };
-    step(gamma_, gradients_.gamma);
-    step(beta_, gradients_.beta);
+    if (options_.scale) step(slot("gamma"), gradients_.gamma);
+    if (options_.center) step(slot("beta"), gradients_.beta);
   }
 
   // Copies of the weights in Keras order (see weight_names(); flat, C values each).
   std::vector<std::vector<T>> get_weights() const {
     require_built("get_weights");
-    std::vector<std::vector<T>> result;
-    for (const std::vector<T>* weight : slots()) result.push_back(*weight);
-    return result;
+    return values_;
   }
 
   // Sets every weight in Keras order (C values each, any Keras layout flattened in C order).
@@ -329,28 +319,17 @@ class BatchNormalization {
              " values, got " + std::to_string(values[i].size()));
       }
     }
-    const std::vector<std::vector<T>*> targets = slots();
-    for (std::size_t i = 0; i < values.size(); ++i) *targets[i] = values[i];
+    values_ = values;
   }
 
   // Direct read access to each weight (throws where the layer has no such weight).
-  const std::vector<T>& gamma() const { return weight(gamma_, options_.scale, "gamma", "scale"); }
-  const std::vector<T>& beta() const { return weight(beta_, options_.center, "beta", "center"); }
-  const std::vector<T>& moving_mean() const {
-    return weight(moving_mean_, true, "moving_mean", nullptr);
-  }
-  const std::vector<T>& moving_variance() const {
-    return weight(moving_variance_, true, "moving_variance", nullptr);
-  }
-  const std::vector<T>& moving_stddev() const {
-    return weight(moving_stddev_, options_.renorm, "moving_stddev", "renorm");
-  }
-  const std::vector<T>& renorm_mean() const {
-    return weight(renorm_mean_, options_.renorm, "renorm_mean", "renorm");
-  }
-  const std::vector<T>& renorm_stddev() const {
-    return weight(renorm_stddev_, options_.renorm, "renorm_stddev", "renorm");
-  }
+  const std::vector<T>& gamma() const { return weight("gamma"); }
+  const std::vector<T>& beta() const { return weight("beta"); }
+  const std::vector<T>& moving_mean() const { return weight("moving_mean"); }
+  const std::vector<T>& moving_variance() const { return weight("moving_variance"); }
+  const std::vector<T>& moving_stddev() const { return weight("moving_stddev"); }
+  const std::vector<T>& renorm_mean() const { return weight("renorm_mean"); }
+  const std::vector<T>& renorm_stddev() const { return weight("renorm_stddev"); }
 
  private:
   // What backward needs from the last forward call.
@@ -460,49 +439,37 @@ class BatchNormalization {
     }
   }
 
-  const std::vector<T>& weight(const std::vector<T>& value, bool present, const char* name,
-                               const char* option) const {
-    require_built(name);
-    if (!present) {
-      fail_order(std::string("this layer has no ") + name + " (" + option + " is false)");
+  // Keras' initial value of a weight: the constant initializers, and for renorm the moving
+  // statistics' (the standard deviations from the variance).
+  T initial_value(const std::string& name) const {
+    if (name == "gamma") return static_cast<T>(options_.gamma_initializer);
+    if (name == "beta") return static_cast<T>(options_.beta_initializer);
+    if (name == "moving_mean" || name == "renorm_mean") {
+      return static_cast<T>(options_.moving_mean_initializer);
     }
-    return value;
+    if (name == "moving_variance") return static_cast<T>(options_.moving_variance_initializer);
+    return static_cast<T>(std::sqrt(options_.moving_variance_initializer));  // the stddevs
   }
 
-  std::vector<const std::vector<T>*> slots() const {
-    std::vector<const std::vector<T>*> result;
-    if (options_.scale) result.push_back(&gamma_);
-    if (options_.center) result.push_back(&beta_);
-    result.push_back(&moving_mean_);
-    result.push_back(&moving_variance_);
-    if (options_.renorm) {
-      result.push_back(&moving_stddev_);
-      result.push_back(&renorm_mean_);
-      result.push_back(&renorm_stddev_);
+  // The weight called `name`; throws where the layer has none (e.g. gamma with scale=false).
+  const std::vector<T>& weight(const std::string& name) const {
+    require_built(name.c_str());
+    for (std::size_t i = 0; i < names_.size(); ++i) {
+      if (names_[i] == name) return values_[i];
     }
-    return result;
+    fail_order("this layer has no " + name + " (see weight_names(); center, scale and renorm " +
+               "decide which weights exist)");
   }
 
-  std::vector<std::vector<T>*> slots() {
-    std::vector<std::vector<T>*> result;
-    for (const std::vector<T>* weight : std::as_const(*this).slots()) {
-      result.push_back(const_cast<std::vector<T>*>(weight));
-    }
-    return result;
+  std::vector<T>& slot(const std::string& name) {
+    return const_cast<std::vector<T>&>(std::as_const(*this).weight(name));
   }
 
   Weights weights() {
-    auto data = [](std::vector<T>& v) {
-      return v.empty() ? nullptr : static_cast<void*>(v.data());
-    };
     Weights w;
-    w.gamma = data(gamma_);
-    w.beta = data(beta_);
-    w.moving_mean = data(moving_mean_);
-    w.moving_variance = data(moving_variance_);
-    w.moving_stddev = data(moving_stddev_);
-    w.renorm_mean = data(renorm_mean_);
-    w.renorm_stddev = data(renorm_stddev_);
+    for (std::size_t i = 0; i < names_.size(); ++i) {
+      *weight_slot(w, names_[i]) = values_[i].empty() ? nullptr : values_[i].data();
+    }
     w.dtype = detail::layer_dtype<T>();
     return w;
   }
@@ -514,8 +481,8 @@ class BatchNormalization {
   Shape feature_shape_;
   Shape weight_shape_;
   std::int64_t features_ = 0;
-  std::vector<T> gamma_, beta_, moving_mean_, moving_variance_;
-  std::vector<T> moving_stddev_, renorm_mean_, renorm_stddev_;
+  std::vector<std::string> names_;      // the weights, in Keras order (weight_names())
+  std::vector<std::vector<T>> values_;  // their values, C each, in the same order
   std::optional<Last> last_;
   Gradients gradients_;
   bool has_gradients_ = false;
