@@ -18,7 +18,8 @@ inline constexpr int kMaxRank = 8;
 
 enum class DType : std::uint8_t { float16, bfloat16, float32, float64, boolean };
 
-enum class DeviceType : std::uint8_t { cpu, cuda };
+// Device types by their DLPack codes, so an array's DLPack device maps onto one without a table.
+enum class DeviceType : std::int32_t { cpu = 1, cuda = 2 };
 
 struct Device {
   DeviceType type = DeviceType::cpu;

@@ -245,14 +245,15 @@ WeightPtrs<W> typed_weights(const Weights& w, const Adjustment* adjustment) {
   return p;
 }
 
-const detail::Backend& backend_of(const Device& device) {
+const detail::Backend& backend_of(const char* op, const Device& device) {
   switch (device.type) {
     case DeviceType::cuda:
       return detail::cuda_backend();
     case DeviceType::cpu:
-      break;
+      return detail::cpu_backend();
   }
-  return detail::cpu_backend();
+  fail(op, "arrays must live on the CPU or a CUDA device (DLPack device type " +
+               std::to_string(static_cast<int>(device.type)) + ")");
 }
 
 // The single dtype dispatch: calls f(T{}) with the storage type of x's dtype.
@@ -382,11 +383,12 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
                              options.renorm,  update_moving};
   with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
-    backend_of(x.device).run(detail::TrainForward<T>{
-        detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1),
-        detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1), data_of<T>(x),
-        data_of<T>(y), mask_data(mask), scalars, typed_weights<compute_t<T>>(weights, adjustment),
-        context, communicator});
+    backend_of(op, x.device)
+        .run(detail::TrainForward<T>{
+            detail::make_plan(x, c.feature_axes, c.groups, stats_ops, mask ? 2 : 1, mask ? 1 : -1),
+            detail::make_plan(x, c.feature_axes, c.groups, apply_ops, 2, -1), data_of<T>(x),
+            data_of<T>(y), mask_data(mask), scalars,
+            typed_weights<compute_t<T>>(weights, adjustment), context, communicator});
   });
   // Whether a mask was given, not whether it has data: an empty tensor may have a null pointer,
   // and backward must still accept the same (empty) mask.
@@ -401,9 +403,10 @@ void infer_forward(const TensorRef& x, const TensorRef& y, const Options& option
   const TensorRef* ops[] = {&x, &y};
   with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
-    backend_of(x.device).run(detail::InferForward<T>{
-        detail::make_plan(x, c.feature_axes, 1, ops, 2, -1), data_of<T>(x), data_of<T>(y),
-        options.epsilon, typed_weights<compute_t<T>>(weights, nullptr)});
+    backend_of(op, x.device)
+        .run(detail::InferForward<T>{detail::make_plan(x, c.feature_axes, 1, ops, 2, -1),
+                                     data_of<T>(x), data_of<T>(y), options.epsilon,
+                                     typed_weights<compute_t<T>>(weights, nullptr)});
   });
 }
 
@@ -431,12 +434,13 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
   with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
     using W = compute_t<T>;
-    backend_of(x.device).run(detail::TrainBackward<T>{
-        detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1),
-        detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1),
-        data_of<T>(dy), data_of<T>(x), data_of<T>(dx), mask_data(mask),
-        typed_weights<W>(weights, nullptr), context, static_cast<W*>(dgamma),
-        static_cast<W*>(dbeta), communicator});
+    backend_of(op, x.device)
+        .run(detail::TrainBackward<T>{
+            detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1),
+            detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1),
+            data_of<T>(dy), data_of<T>(x), data_of<T>(dx), mask_data(mask),
+            typed_weights<W>(weights, nullptr), context, static_cast<W*>(dgamma),
+            static_cast<W*>(dbeta), communicator});
   });
 }
 
@@ -451,11 +455,12 @@ void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
   with_element_type(op, x, [&](auto element) {
     using T = decltype(element);
     using W = compute_t<T>;
-    backend_of(x.device).run(detail::InferBackward<T>{
-        detail::make_plan(x, c.feature_axes, 1, sums_ops, 2, -1),
-        detail::make_plan(x, c.feature_axes, 1, dx_ops, 3, -1), data_of<T>(dy), data_of<T>(x),
-        data_of<T>(dx), options.epsilon, typed_weights<W>(weights, nullptr),
-        static_cast<W*>(dgamma), static_cast<W*>(dbeta)});
+    backend_of(op, x.device)
+        .run(detail::InferBackward<T>{detail::make_plan(x, c.feature_axes, 1, sums_ops, 2, -1),
+                                      detail::make_plan(x, c.feature_axes, 1, dx_ops, 3, -1),
+                                      data_of<T>(dy), data_of<T>(x), data_of<T>(dx),
+                                      options.epsilon, typed_weights<W>(weights, nullptr),
+                                      static_cast<W*>(dgamma), static_cast<W*>(dbeta)});
   });
 }
 
