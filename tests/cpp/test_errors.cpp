@@ -201,6 +201,28 @@ BNTEST_CASE(free_functions_check_their_arguments) {
   batchnorm::train_backward(xv, xv, dxv, &per_row, options, w, context, nullptr, nullptr);
 }
 
+// A context that did not come from train_forward holds no statistics: refused, never read past
+// its (empty) vectors. statistics_to_host leaves a CPU context as it is.
+BNTEST_CASE(backward_refuses_a_context_without_statistics) {
+  std::vector<float> x(12, 1.0f), dx(12), mean(3, 0.0f), variance(3, 1.0f);
+  const auto xv = batchnorm::contiguous_view(x.data(), DType::float32, {4, 3});
+  const auto dxv = batchnorm::contiguous_view(dx.data(), DType::float32, {4, 3});
+  batchnorm::Weights w;
+  w.moving_mean = mean.data();
+  w.moving_variance = variance.data();
+  batchnorm::TrainingContext made_by_hand;
+  made_by_hand.groups = 1;
+  made_by_hand.features = 3;
+  BNTEST_THROWS(
+      Invalid, "the training context holds no statistics",
+      batchnorm::train_backward(xv, xv, dxv, nullptr, {}, w, made_by_hand, nullptr, nullptr));
+  batchnorm::TrainingContext context;
+  batchnorm::train_forward(xv, dxv, nullptr, {}, w, nullptr, false, context);
+  const std::vector<double> count = context.count;
+  batchnorm::statistics_to_host(context);
+  BNTEST_CHECK(!context.device && context.count == count);
+}
+
 // A T* that is not aligned for T is undefined behaviour to read: such views are refused with a
 // message, before any kernel runs.
 BNTEST_CASE(misaligned_data_is_refused) {

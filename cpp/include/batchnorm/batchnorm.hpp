@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -135,8 +136,21 @@ struct Adjustment {
   const void* bias = nullptr;
 };
 
+struct TrainingContext;
+
+// Statistics that a backend keeps on its device (the CUDA backend): its backward reads them
+// there, and nothing crosses to the host unless asked for (statistics_to_host).
+class DeviceStatistics {
+ public:
+  virtual ~DeviceStatistics() = default;
+  // Copies the statistics into the context's host vectors (waits for them to be computed).
+  virtual void to_host(TrainingContext& context) const = 0;
+};
+
 // What a training forward pass keeps for its backward pass: per (ghost group g, feature c)
-// statistics at index g * features + c, and per-feature renorm/adjustment factors.
+// statistics at index g * features + c, and per-feature renorm/adjustment factors. The backend
+// owns where they live: the CPU backend fills the host vectors; the CUDA backend keeps them on
+// the device (`device`), leaves the vectors empty, and statistics_to_host() fills them.
 struct TrainingContext {
   std::int64_t groups = 0;
   std::int64_t features = 0;
@@ -149,7 +163,12 @@ struct TrainingContext {
   // Options::virtual_batch_size was set: with a communicator, ghost batches stay per process and
   // only their averages (moving statistics, renorm) and dgamma/dbeta are synchronized.
   bool ghost_batches = false;
+  std::shared_ptr<const DeviceStatistics> device;  // set where the statistics stay on a device
 };
+
+// Fills the host vectors of a context whose statistics stayed on the device; does nothing for a
+// context the CPU backend made.
+void statistics_to_host(TrainingContext& context);
 
 // Cross-process reduction for synchronized statistics (Keras' synchronized=True). Plug in MPI,
 // NCCL or any transport: `allgather` must gather `count` doubles from every one of the `size`

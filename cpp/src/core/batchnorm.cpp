@@ -355,6 +355,10 @@ void** weight_slot(Weights& weights, std::string_view name) {
   return nullptr;
 }
 
+void statistics_to_host(TrainingContext& context) {
+  if (context.device) context.device->to_host(context);
+}
+
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options) {
   const std::uint32_t axes =
       resolve_axes("feature_count", static_cast<int>(shape.size()), options.axes);
@@ -429,6 +433,22 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
     fail(op, context.has_mask ? "the forward call had a mask: pass the same mask to backward"
                               : "the forward call had no mask: backward takes none either");
   }
+  // A context whose statistics stayed on a device meets data on the CPU: fetch them first.
+  TrainingContext fetched;
+  const bool fetch = context.device && x.device.type == DeviceType::cpu;
+  if (fetch) {
+    fetched = context;
+    statistics_to_host(fetched);
+  }
+  const TrainingContext& statistics = fetch ? fetched : context;
+  const auto stats = static_cast<std::size_t>(c.groups * c.features);
+  const bool on_host = statistics.count.size() == stats && statistics.mean.size() == stats &&
+                       statistics.inv_std.size() == stats &&
+                       statistics.zscale.size() == static_cast<std::size_t>(c.features) &&
+                       statistics.zshift.size() == static_cast<std::size_t>(c.features);
+  if (!on_host && !statistics.device) {
+    fail(op, "the training context holds no statistics (it must come from train_forward)");
+  }
   const TensorRef* sums_ops[] = {&dy, &x};
   const TensorRef* dx_ops[] = {&dy, &x, &dx, mask ? mask : &x};
   with_element_type(op, x, [&](auto element) {
@@ -439,7 +459,7 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
             detail::make_plan(x, c.feature_axes, c.groups, sums_ops, 2, -1),
             detail::make_plan(x, c.feature_axes, c.groups, dx_ops, mask ? 4 : 3, mask ? 3 : -1),
             data_of<T>(dy), data_of<T>(x), data_of<T>(dx), mask_data(mask),
-            typed_weights<W>(weights, nullptr), context, static_cast<W*>(dgamma),
+            typed_weights<W>(weights, nullptr), statistics, static_cast<W*>(dgamma),
             static_cast<W*>(dbeta), communicator});
   });
 }

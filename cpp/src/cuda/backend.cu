@@ -2,12 +2,14 @@
 // (batchnorm::set_cuda_stream), on the device that holds the weights. The backend's one
 // translation unit with device code: the kernels and their launchers are instantiated here, for
 // the element types of core/elements.hpp. Per-call scratch memory
-// comes from batchnorm's stream-ordered pool (cuda::scratch_pool). The training forward waits
-// for its statistics, which TrainingContext returns on the host; the other operations return
-// once queued.
+// comes from batchnorm's stream-ordered pool (cuda::scratch_pool). Every operation returns once
+// its work is queued: the training statistics stay on the device (CudaStatistics), where the
+// backward reads them, and reach the host only through statistics_to_host().
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -87,6 +89,59 @@ std::vector<double> slice(const std::vector<double>& values, std::size_t first, 
                              values.begin() + static_cast<std::ptrdiff_t>(first + n));
 }
 
+// A training call's statistics in device memory, [count | mean | inv_std | zscale | zshift],
+// and the event that marks them written. Backward waits for the event on its own stream (which
+// may differ from the forward's); the memory is freed with the last context that holds it
+// (cudaFree waits for the work queued on it).
+class CudaStatistics final : public DeviceStatistics {
+ public:
+  CudaStatistics(std::int64_t stats, std::int64_t features) : stats_(stats), features_(features) {
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    data_ = static_cast<double*>(cuda::allocate(size() * sizeof(double), device));
+    const cudaError_t status = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming);
+    if (status != cudaSuccess) {
+      cuda::release(data_);
+      check(status, "cudaEventCreateWithFlags");
+    }
+  }
+  ~CudaStatistics() override {
+    cudaEventDestroy(ready_);
+    cuda::release(data_);
+  }
+  CudaStatistics(const CudaStatistics&) = delete;
+  CudaStatistics& operator=(const CudaStatistics&) = delete;
+
+  std::size_t size() const { return static_cast<std::size_t>(3 * stats_ + 2 * features_); }
+  // The block starts with count; backward finds the others at the same offsets as in its own
+  // upload of host statistics.
+  double* count() const { return data_; }
+  double* inv_std() const { return data_ + 2 * stats_; }
+
+  void mark_written(cudaStream_t stream) const { check(cudaEventRecord(ready_, stream), "event"); }
+  void wait_on(cudaStream_t stream) const {
+    check(cudaStreamWaitEvent(stream, ready_, 0), "waiting for the training statistics");
+  }
+
+  void to_host(TrainingContext& context) const override {
+    std::vector<double> block(size());
+    check(cudaEventSynchronize(ready_), "waiting for the training statistics");
+    check(cudaMemcpy(block.data(), data_, block.size() * sizeof(double), cudaMemcpyDeviceToHost),
+          "copying the training statistics to the host");
+    const auto n = static_cast<std::size_t>(stats_), f = static_cast<std::size_t>(features_);
+    context.count = slice(block, 0, n);
+    context.mean = slice(block, n, n);
+    context.inv_std = slice(block, 2 * n, n);
+    context.zscale = slice(block, 3 * n, f);
+    context.zshift = slice(block, 3 * n + f, f);
+  }
+
+ private:
+  std::int64_t stats_, features_;
+  double* data_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+};
+
 // The CUDA backend: each operation as kernels queued on the calling thread's stream.
 struct Cuda {
   static bool available() { return cuda::device_count() > 0; }
@@ -104,7 +159,7 @@ struct Cuda {
     const void* apply_operands[] = {call.x, call.y};
     const Geometry apply_geo = cuda::make_geometry(call.apply_plan, sizeof(T), apply_operands, -1);
 
-    // The context block [count | mean | var | inv_std | zscale | zshift] returns in one copy.
+    // The statistics block [count | mean | var | inv_std | zscale | zshift], computed in scratch.
     const std::size_t context_size = static_cast<std::size_t>(4 * stats + 2 * features);
     struct Pieces {
       Moments* partial;
@@ -160,16 +215,26 @@ struct Cuda {
     cuda::launch_affine<T, W>(call.apply_plan, apply_geo, call.x, call.y, p.k.shift, p.k.scale,
                               p.k.offset, stream);
 
-    // Queued after the normalization so the GPU never idles while the host waits.
-    const std::vector<double> block = to_host(p.block, context_size, stream);
-    const auto n = static_cast<std::size_t>(stats), f = static_cast<std::size_t>(features);
+    // The statistics backward needs stay on the device: two copies in stream order (the block
+    // holds the variance between the means and inv_std, which backward does not read).
+    auto kept = std::make_shared<CudaStatistics>(stats, features);
+    const std::size_t doubles = sizeof(double);
+    check(cudaMemcpyAsync(kept->count(), count, static_cast<std::size_t>(2 * stats) * doubles,
+                          cudaMemcpyDeviceToDevice, stream),
+          "keeping the training statistics");
+    check(cudaMemcpyAsync(kept->inv_std(), inv_std,
+                          static_cast<std::size_t>(stats + 2 * features) * doubles,
+                          cudaMemcpyDeviceToDevice, stream),
+          "keeping the training statistics");
+    kept->mark_written(stream);
     call.context.groups = groups;
     call.context.features = features;
-    call.context.count = slice(block, 0, n);
-    call.context.mean = slice(block, n, n);
-    call.context.inv_std = slice(block, 3 * n, n);
-    call.context.zscale = slice(block, 4 * n, f);
-    call.context.zshift = slice(block, 4 * n + f, f);
+    for (std::vector<double>* host :
+         {&call.context.count, &call.context.mean, &call.context.inv_std, &call.context.zscale,
+          &call.context.zshift}) {
+      host->clear();
+    }
+    call.context.device = std::move(kept);
     call.context.has_mask = call.mask != nullptr;
   }
 
@@ -203,12 +268,20 @@ struct Cuda {
     const Geometry dx_geo =
         cuda::make_geometry(call.dx_plan, sizeof(T), dx_operands, call.mask ? 3 : -1);
 
-    // The context goes up in one copy: [count | mean | inv_std | zscale | zshift].
-    std::vector<double> block = call.context.count;
-    block.insert(block.end(), call.context.mean.begin(), call.context.mean.end());
-    block.insert(block.end(), call.context.inv_std.begin(), call.context.inv_std.end());
-    block.insert(block.end(), call.context.zscale.begin(), call.context.zscale.end());
-    block.insert(block.end(), call.context.zshift.begin(), call.context.zshift.end());
+    // The statistics of a CUDA forward are on the device already; host ones (a context the CPU
+    // backend made) go up in one copy, in the same layout [count | mean | inv_std | zscale |
+    // zshift].
+    const auto* stored = dynamic_cast<const CudaStatistics*>(call.context.device.get());
+    std::vector<double> block;
+    if (stored) {
+      stored->wait_on(stream);
+    } else {
+      block = call.context.count;
+      block.insert(block.end(), call.context.mean.begin(), call.context.mean.end());
+      block.insert(block.end(), call.context.inv_std.begin(), call.context.inv_std.end());
+      block.insert(block.end(), call.context.zscale.begin(), call.context.zscale.end());
+      block.insert(block.end(), call.context.zshift.begin(), call.context.zshift.end());
+    }
     struct Pieces {
       double* block;
       Sums* partial;
@@ -227,7 +300,7 @@ struct Cuda {
       return pieces;
     });
     to_device(p.block, block, stream);
-    const double* count = p.block;
+    const double* count = stored ? stored->count() : p.block;
     const double* mean = count + stats;
     const double* inv_std = mean + stats;
     const double* zscale = inv_std + stats;
