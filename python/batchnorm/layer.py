@@ -201,8 +201,8 @@ class BatchNormalization:
         if fused not in (None, True, False):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
-        if adjustment is not None and virtual_batch_size is not None:
-            raise ValueError("adjustment cannot be combined with virtual_batch_size")
+        if adjustment is not None:  # the core's rule, checked now rather than at the call
+            _core.validate(self._options.core, with_adjustment=True)
         if adjustment is not None and not callable(adjustment):
             raise TypeError("adjustment must be a callable taking the input shape")
         self.adjustment = adjustment

@@ -112,8 +112,9 @@ void bind_operations(nb::module_& m) {
   BATCHNORM_SCALAR_OPTIONS(BATCHNORM_BIND_OPTION)
 #undef BATCHNORM_BIND_OPTION
 
-  m.def("validate", &validate, nb::arg("options"),
-        "Raises ValueError naming the first option outside its range.");
+  m.def("validate", &validate, nb::arg("options"), nb::arg("with_adjustment") = false,
+        "Raises ValueError naming the first option outside its range (with_adjustment: the "
+        "calls will pass Keras' adjustment).");
   nb::class_<WeightSchema>(m, "WeightSchema",
                            "The weights of a layer with given options for inputs of a shape.")
       .def_ro("axes", &WeightSchema::axes)

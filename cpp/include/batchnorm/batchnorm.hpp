@@ -82,9 +82,10 @@ struct Options {
 };
 
 // Checks every option against its range and throws std::invalid_argument naming the first one
-// outside it. The one home of these rules: the entry points and both layer classes (C++ and
-// Python) call it, so each rule and message exists once.
-void validate(const Options& options);
+// outside it; `with_adjustment`: the calls will pass an Adjustment (which ghost batches exclude).
+// The one home of these rules: the entry points and both layer classes (C++ and Python) call
+// it, so each rule and message exists once.
+void validate(const Options& options, bool with_adjustment = false);
 
 // What a layer with `options` holds for inputs of `input_shape` (the batch size and other
 // non-feature sizes are not used and may be -1): the resolved feature axes (ascending), their

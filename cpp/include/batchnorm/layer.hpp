@@ -203,9 +203,6 @@ class BatchNormalization {
     }
     if (training && options_.trainable) {
       const bool adjusted = adjustment_scale || adjustment_bias;
-      if (adjusted && options_.virtual_batch_size > 0) {
-        fail("adjustment cannot be combined with virtual_batch_size");
-      }
       Adjustment adjustment{adjustment_scale, adjustment_bias};
       TrainingContext context;
       train_forward(x, y, mask, kernel_options_, weights(), adjusted ? &adjustment : nullptr, true,

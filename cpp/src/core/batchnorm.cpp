@@ -123,7 +123,7 @@ void check_aligned(const char* op, const char* name, const void* data, DType dty
   }
 }
 
-void validate_options(const char* op, const Options& o) {
+void validate_options(const char* op, const Options& o, bool adjustment = false) {
   if (o.axes.empty()) fail(op, "axes must not be empty");
   if (!(o.momentum >= 0.0 && o.momentum <= 1.0)) {
     fail(op, "momentum must be in [0, 1], got " + number(o.momentum));
@@ -145,6 +145,9 @@ void validate_options(const char* op, const Options& o) {
                  std::to_string(o.virtual_batch_size));
   }
   for (int axis : o.axes) check_ghost_axes(op, axis == 0 ? 1u : 0u, o.virtual_batch_size);
+  if (adjustment && o.virtual_batch_size > 0) {
+    fail(op, "adjustment cannot be combined with virtual_batch_size");
+  }
 }
 
 // Everything a call needs, checked once.
@@ -282,7 +285,9 @@ DType weight_dtype(DType data) {
   return weights;
 }
 
-void validate(const Options& options) { validate_options("validate", options); }
+void validate(const Options& options, bool with_adjustment) {
+  validate_options("validate", options, with_adjustment);
+}
 
 WeightSchema weight_schema(const Options& options, const std::vector<std::int64_t>& input_shape) {
   const char* op = "weight_schema";
@@ -373,6 +378,7 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
                    bool update_moving, TrainingContext& context, const Communicator* communicator) {
   const char* op = "train_forward";
+  validate_options(op, options, adjustment != nullptr);
   const Checked c = check_common(op, x, options, weights, true);
   check_like(op, "output", y, x);
   check_mask(op, mask, x);
