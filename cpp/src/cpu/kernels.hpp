@@ -31,9 +31,9 @@ using Index = std::int64_t;
 // Row-mode merges take this many features per job.
 inline constexpr Index kMergeColumns = 256;
 // A pass gets one thread per this many elements, so a call below twice this runs on the calling
-// thread and no team is started or left spinning for it. Measured on 2 cores: one thread is
-// faster for (64, 256) (16K elements), two are faster from about 50K elements ((16, 7, 7, 64),
-// (128, 1024), (32, 64, 8, 8)).
+// thread and no team is started or left spinning for it, and a mid-sized call does not wake every
+// core of a large machine. On 2 cores, two threads beat one from about 50K elements
+// ((16, 7, 7, 64), (128, 1024), (32, 64, 8, 8)).
 inline constexpr Index kElementsPerThread = Index{1} << 14;
 // Outputs at least this large are written with non-temporal stores: they would not stay in cache
 // anyway, and bypassing it saves the read-for-ownership and keeps the input cached.
@@ -45,19 +45,16 @@ inline std::atomic<int> calls_in_flight{0};
 inline thread_local int call_threads = 1;
 
 // Held for the duration of a call: concurrent calls (from several Python threads, say) split the
-// cores between them instead of each starting a full team. A call's share is fixed when it starts;
-// one that started alone keeps its full team, so N calls use at most about twice the cores.
+// cores between them instead of each starting a full team. A call's share is fixed when it starts
+// (one that started alone keeps its full team), so N calls use at most max_threads times
+// 1 + 1/2 + ... + 1/N threads: about twice the cores for four calls, not four times.
 class CallShare {
  public:
   CallShare() {
     const int calls = calls_in_flight.fetch_add(1, std::memory_order_relaxed) + 1;
-    saved_ = call_threads;
     call_threads = std::max(1, max_threads() / calls);
   }
-  ~CallShare() {
-    call_threads = saved_;
-    calls_in_flight.fetch_sub(1, std::memory_order_relaxed);
-  }
+  ~CallShare() { calls_in_flight.fetch_sub(1, std::memory_order_relaxed); }
   CallShare(const CallShare&) = delete;
   CallShare& operator=(const CallShare&) = delete;
 
@@ -69,7 +66,6 @@ class CallShare {
     return 1;
 #endif
   }
-  int saved_;
 };
 
 // Threads for a pass over `elements`: one per kElementsPerThread, at most the call's share.
