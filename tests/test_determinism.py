@@ -14,8 +14,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 batchnorm = pytest.importorskip("batchnorm")
@@ -118,3 +120,29 @@ def test_statistics_identical_on_every_instruction_set(one_thread, isa):
     for case, results in one_thread.items():
         for name in _REDUCED:
             assert other[case][name] == results[name], f"{case}: {name} differs with {isa}"
+
+
+def test_concurrent_calls_match_a_lone_call():
+    # Calls from several Python threads at once share the cores (each gets fewer threads than a
+    # lone call): their results must still be bitwise those of a call made alone.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((32, 64, 24, 24)).astype(np.float32) * 3.0 + 5.0
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+
+    def train(results, i):
+        layer = batchnorm.BatchNormalization(axis=1)
+        for _ in range(5):
+            y = layer(x, training=True)
+            dx = layer.backward(dy)
+        results[i] = (y, dx)
+
+    alone = {}
+    train(alone, 0)
+    together = {}
+    threads = [threading.Thread(target=train, args=(together, i)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for y, dx in together.values():
+        assert np.array_equal(y, alone[0][0]) and np.array_equal(dx, alone[0][1])

@@ -42,6 +42,7 @@ struct Cpu {
   template <class T>
   static void run(const TrainForward<T>& call) {
     using Acc = compute_t<T>;
+    const cpu::CallShare share;
     TrainingContext& context = call.context;
     const std::int64_t groups = call.stats_plan.groups, features = call.stats_plan.features;
     const std::int64_t stats = groups * features;
@@ -81,6 +82,7 @@ struct Cpu {
   template <class T>
   static void run(const InferForward<T>& call) {
     using Acc = compute_t<T>;
+    const cpu::CallShare share;
     CoefficientBuffers<Acc> k(call.plan.features);
     for (std::int64_t c = 0; c < call.plan.features; ++c) {
       inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view());
@@ -91,6 +93,7 @@ struct Cpu {
   template <class T>
   static void run(const TrainBackward<T>& call) {
     using Acc = compute_t<T>;
+    const cpu::CallShare share;
     const TrainingContext& context = call.context;
     const std::int64_t groups = context.groups, features = context.features;
     const auto stats = static_cast<std::size_t>(groups * features);
@@ -135,6 +138,7 @@ struct Cpu {
   template <class T>
   static void run(const InferBackward<T>& call) {
     using Acc = compute_t<T>;
+    const cpu::CallShare share;
     const std::int64_t features = call.sums_plan.features;
     const auto n = static_cast<std::size_t>(features);
     std::vector<double> moving_mean(n), sum_dy(n), sum_dy_centered(n);

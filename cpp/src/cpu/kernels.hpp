@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -29,18 +30,47 @@ using Index = std::int64_t;
 
 // Row-mode merges take this many features per job.
 inline constexpr Index kMergeColumns = 256;
-// Calls smaller than this run on the calling thread: waking the team costs more than they do.
-inline constexpr Index kParallelElements = Index{1} << 15;
+// A pass gets one thread per this many elements, so a call below twice this runs on the calling
+// thread and no team is started or left spinning for it, and a mid-sized call does not wake every
+// core of a large machine. On 2 cores, two threads beat one from about 50K elements
+// ((16, 7, 7, 64), (128, 1024), (32, 64, 8, 8)).
+inline constexpr Index kElementsPerThread = Index{1} << 14;
 // Outputs at least this large are written with non-temporal stores: they would not stay in cache
 // anyway, and bypassing it saves the read-for-ownership and keeps the input cached.
 inline constexpr Index kStreamBytes = Index{16} << 20;
 
-inline int thread_count() {
+// Calls of the CPU backend running now, in any thread of the process.
+inline std::atomic<int> calls_in_flight{0};
+// The threads the calling thread's current call may use: its share of the cores.
+inline thread_local int call_threads = 1;
+
+// Held for the duration of a call: concurrent calls (from several Python threads, say) split the
+// cores between them instead of each starting a full team. A call's share is fixed when it starts
+// (one that started alone keeps its full team), so N calls use at most max_threads times
+// 1 + 1/2 + ... + 1/N threads: about twice the cores for four calls, not four times.
+class CallShare {
+ public:
+  CallShare() {
+    const int calls = calls_in_flight.fetch_add(1, std::memory_order_relaxed) + 1;
+    call_threads = std::max(1, max_threads() / calls);
+  }
+  ~CallShare() { calls_in_flight.fetch_sub(1, std::memory_order_relaxed); }
+  CallShare(const CallShare&) = delete;
+  CallShare& operator=(const CallShare&) = delete;
+
+ private:
+  static int max_threads() {
 #if defined(_OPENMP)
-  return omp_get_max_threads();
+    return omp_get_max_threads();
 #else
-  return 1;
+    return 1;
 #endif
+  }
+};
+
+// Threads for a pass over `elements`: one per kElementsPerThread, at most the call's share.
+inline int team_size(Index elements) {
+  return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, call_threads));
 }
 
 // Geometry shared by the passes: which chunks exist and how work items map onto them.
@@ -167,11 +197,11 @@ inline std::vector<Block> blocks_of(const Plan& plan, Index stats, Index per_blo
 // applies (back-to-back runs), else blocks of statistics by chunks of units. Calls
 // run(first statistic, items, first unit, end unit) for each piece of work, in parallel.
 template <class Run>
-void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces& rp, bool parallel,
+void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces& rp, int threads,
                           Run&& run) {
   if (rp.pieces > 0) {
     const ItemBlock row = whole_row(plan, rp.width);
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
       const Index first = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
       run(first, row, u0, std::min(geo.units, u0 + rp.units_per_piece));
@@ -181,7 +211,7 @@ void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces
   const Index chunks = geo.chunks();
   const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (Index item = 0; item < work; ++item) {
     const Block& b = blocks[size(item / chunks)];
     const Index chunk = item % chunks;
@@ -196,13 +226,13 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
-  const bool parallel = geo.elements() >= kParallelElements;
+  const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index features = geo.inner;
     std::vector<double> part_count(size(geo.items()));
     std::vector<double> part_mean(size(geo.items() * features));
     std::vector<double> part_m2(size(geo.items() * features));
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
       std::vector<double> scratch(size(3 * features));
 #pragma omp for schedule(dynamic)
@@ -256,7 +286,7 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   std::vector<Moments> partial(size(stats * chunks));  // [chunk][statistic]
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(dynamic)
     for (Index item = 0; item < work; ++item) {
@@ -288,13 +318,13 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
   const Geometry geo(plan);
   const Index chunks = geo.chunks();
   const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
-  const bool parallel = geo.elements() >= kParallelElements;
+  const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index width = geo.inner + 16;
     const std::vector<Acc> m = periodic(shift, geo.outer, geo.inner);
     const std::vector<Acc> a = periodic(scale, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(offset, geo.outer, geo.inner);
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (Index item = 0; item < geo.items(); ++item) {
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
@@ -303,7 +333,7 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
     }
     return;
   }
-  for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), parallel,
+  for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), threads,
                        [&](Index first, const ItemBlock& items, Index u0, Index u1) {
                          kernels.plane_affine(plan, in + stat_offset(plan, first, 0),
                                               out + stat_offset(plan, first, 1), items,
@@ -319,11 +349,11 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
-  const bool parallel = geo.elements() >= kParallelElements;
+  const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index width = geo.inner;
     std::vector<double> partial(size(2 * geo.items() * width));  // [outer][chunk][sum][feature]
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(dynamic)
       for (Index item = 0; item < geo.items(); ++item) {
@@ -351,7 +381,7 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   std::vector<double> partial(size(2 * stats * chunks));  // [chunk][statistic][sum]
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(dynamic)
     for (Index item = 0; item < work; ++item) {
@@ -383,14 +413,14 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
   const Geometry geo(plan);
   const Index chunks = geo.chunks();
   const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
-  const bool parallel = geo.elements() >= kParallelElements;
+  const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index width = geo.inner + 16;
     const std::vector<Acc> m = periodic(k.shift, geo.outer, geo.inner);
     const std::vector<Acc> a = periodic(k.scale, geo.outer, geo.inner);
     const std::vector<Acc> s = periodic(k.slope, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(k.offset, geo.outer, geo.inner);
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (Index item = 0; item < geo.items(); ++item) {
       const Index o = item / chunks, chunk = item % chunks;
       const Index at = o * width;
@@ -403,7 +433,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
     return;
   }
   // Masked passes keep the blocks: the mask's runs are not back to back with the data's.
-  for_each_plane_piece(plan, geo, mask ? RowPieces{} : row_pieces(plan, geo, 3), parallel,
+  for_each_plane_piece(plan, geo, mask ? RowPieces{} : row_pieces(plan, geo, 3), threads,
                        [&](Index i, const ItemBlock& items, Index u0, Index u1) {
                          kernels.plane_dx(
                              plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
@@ -418,9 +448,8 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
 // Whether the fused passes apply: plane layouts, and enough feature blocks to share among the
 // threads evenly (each thread finishes whole blocks). The choice never changes a result: a fused
 // pass computes exactly what the separate passes compute.
-inline bool fusable(const Plan& first, const Plan& second, Index feature_blocks) {
+inline bool fusable(const Plan& first, const Plan& second, Index feature_blocks, int threads) {
   if (first.row || second.row) return false;
-  const Index threads = thread_count();
   return feature_blocks >= threads &&
          (feature_blocks % threads == 0 || feature_blocks >= 4 * threads);
 }
@@ -440,11 +469,11 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
   const Index features = stats_plan.features, groups = stats_plan.groups;
   const Index per_block = items_per_block(sg);
   const Index feature_blocks = (features + per_block - 1) / per_block;
-  if (!fusable(stats_plan, apply_plan, feature_blocks)) return false;
+  const int threads = team_size(sg.elements());
+  if (!fusable(stats_plan, apply_plan, feature_blocks, threads)) return false;
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index chunks = sg.chunks();
   const bool stream = ag.elements() * Index{sizeof(T)} >= kStreamBytes;
-  const bool parallel = sg.elements() >= kParallelElements;
   std::vector<Acc> shift(size(groups * features)), scale(shift.size()), slope(shift.size()),
       offset(shift.size());
   const detail::Coefficients<Acc> coefficients{shift.data(), scale.data(), slope.data(),
@@ -452,7 +481,7 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
   const detail::GroupStats group_stats{
       context.count.data(),   context.mean.data(),   var,
       context.inv_std.data(), context.zscale.data(), context.zshift.data()};
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (Index fb = 0; fb < feature_blocks; ++fb) {
     const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
     for (Index g = 0; g < groups; ++g) {
@@ -506,18 +535,18 @@ bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, con
   const Index features = sums_plan.features, stats = groups * features;
   const Index per_block = items_per_block(sg);
   const Index feature_blocks = (features + per_block - 1) / per_block;
-  if (!fusable(sums_plan, dx_plan, feature_blocks)) return false;
+  const int threads = team_size(sg.elements());
+  if (!fusable(sums_plan, dx_plan, feature_blocks, threads)) return false;
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index chunks = sg.chunks();
   const bool stream = dg.elements() * Index{sizeof(T)} >= kStreamBytes;
-  const bool parallel = sg.elements() >= kParallelElements;
   std::vector<double> sum_dy(size(stats)), sum_dyx(size(stats));
   std::vector<Acc> k_shift(size(stats)), k_scale(size(stats)), k_slope(size(stats)),
       k_offset(size(stats));
   const detail::Coefficients<Acc> out{k_shift.data(), k_scale.data(), k_slope.data(),
                                       k_offset.data()};
   const detail::BackwardSums sums{sum_dy.data(), sum_dyx.data()};
-#pragma omp parallel for schedule(dynamic) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (Index fb = 0; fb < feature_blocks; ++fb) {
     const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
     for (Index g = 0; g < groups; ++g) {
