@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -206,6 +207,31 @@ def test_no_growth_over_many_calls() -> None:
     info = batchnorm.buffer_cache_info()
     assert info["cached_bytes"] == settled["cached_bytes"]
     assert info["misses"] == settled["misses"]  # every later call reused a freed buffer
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_resident_memory_stays_flat() -> None:
+    torch = pytest.importorskip("torch")
+    x = data()
+    for array in (x, torch.from_numpy(x)):
+        layer = batchnorm.BatchNormalization(axis=1)
+        for _ in range(5):
+            y = layer(array, training=True)
+            dx = layer.backward(array)
+        start = resident_bytes()
+        for _ in range(100):
+            y = layer(array, training=True)
+            dx = layer.backward(array)
+        del y, dx
+        assert resident_bytes() - start < x.nbytes
 
 
 def test_dense_strides() -> None:

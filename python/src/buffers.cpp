@@ -29,9 +29,14 @@ namespace nb = nanobind;
 
 namespace {
 
-// Buffers are multiples of the x86-64 huge page and aligned to it, so that the kernel can back
-// them with huge pages (one fault per 2 MiB on a miss) and every vector store is aligned.
-constexpr std::size_t kGranule = std::size_t{2} << 20;
+// Large buffers are multiples of the x86-64 huge page and aligned to it, so that the kernel can
+// back them with huge pages (one fault per 2 MiB on a miss). Below kHugeFrom that rounding would
+// waste more than an eighth of the buffer: those are multiples of 64 KiB, aligned to 64 bytes
+// (every vector store aligned) like all buffers.
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+constexpr std::size_t kHugeFrom = std::size_t{16} << 20;
+constexpr std::size_t kSmallGranule = std::size_t{64} << 10;
+constexpr std::size_t kAlignment = 64;
 
 struct Block {
   void* data;
@@ -44,7 +49,9 @@ struct Block {
 class BufferCache {
  public:
   Block acquire(std::size_t bytes) {
-    const std::size_t rounded = (bytes + kGranule - 1) / kGranule * kGranule;
+    const bool huge = bytes >= kHugeFrom;
+    const std::size_t granule = huge ? kHugePage : kSmallGranule;
+    const std::size_t rounded = (bytes + granule - 1) / granule * granule;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = cached_.rbegin(); it != cached_.rend(); ++it) {
@@ -58,11 +65,11 @@ class BufferCache {
       }
       ++misses_;
     }
-    void* data = std::aligned_alloc(kGranule, rounded);
+    void* data = std::aligned_alloc(huge ? kHugePage : kAlignment, rounded);
     if (data == nullptr) throw std::bad_alloc();
 #if defined(MADV_HUGEPAGE)
     // Advice only: where transparent huge pages are off or unavailable, plain pages are used.
-    madvise(data, rounded, MADV_HUGEPAGE);
+    if (huge) madvise(data, rounded, MADV_HUGEPAGE);
 #endif
     return {data, rounded};
   }
