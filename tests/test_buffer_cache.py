@@ -96,6 +96,14 @@ def test_layout_follows_the_input() -> None:
     assert y.strides == np.empty_like(transposed).strides
 
 
+def test_subclasses_keep_their_type() -> None:
+    x = data().view(np.ma.MaskedArray)
+    before = batchnorm.buffer_cache_info()["misses"]
+    y = batchnorm.BatchNormalization(axis=1)(x)
+    assert type(y) is np.ma.MaskedArray
+    assert batchnorm.buffer_cache_info()["misses"] == before
+
+
 def test_backward_dx_comes_from_the_cache() -> None:
     x, dy = data(), data(seed=1)
     layer = batchnorm.BatchNormalization(axis=1)

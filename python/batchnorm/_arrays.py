@@ -86,7 +86,8 @@ class Framework:
         return array if array.flags.aligned else array.copy()
 
     def empty_like(self, array: Any) -> Any:
-        if array.nbytes < CACHED_BYTES:
+        # Subclasses (memmap, masked arrays) keep np.empty_like, which preserves them.
+        if array.nbytes < CACHED_BYTES or type(array) is not np.ndarray:
             return np.empty_like(array)
         shape = array.shape
         if array.flags.c_contiguous:
@@ -221,7 +222,9 @@ class TorchFramework(Framework):
         return array.to(getattr(self.torch, dtype.name))
 
     def empty_like(self, array: Any) -> Any:
-        if array.device.type != "cpu" or array.nbytes < CACHED_BYTES:
+        # Tensor subclasses keep torch.empty_like, which preserves them.
+        cached = type(array) is self.torch.Tensor and array.device.type == "cpu"
+        if not cached or array.nbytes < CACHED_BYTES:
             return self.torch.empty_like(array)
         shape = tuple(array.shape)
         strides = list(array.stride())
