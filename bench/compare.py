@@ -7,8 +7,9 @@ machines are shared and noisy: ratios measured together hold, absolute times dri
     python bench/compare.py --device cuda --png compare-cuda.png   # CUDA builds of both
 
 Each library gets its best layout: PyTorch sees channels-last data as an NCHW tensor in
-channels_last memory format and (B, T, C) sequences as (B*T, C); batchnorm writes into
-preallocated outputs (`out=`), the others allocate theirs, as their APIs do. The backward column
+channels_last memory format and (B, T, C) sequences as (B*T, C). Every library allocates its
+outputs, as users call it ("batchnorm"); batchnorm writing into preallocated outputs (`out=`) is
+timed in the same rounds beside it ("out=", batchnorm_out in the CSV). The backward column
 times what autograd runs after functional.batch_norm, given the saved statistics
 (_batch_norm_impl_index_backward: native_batch_norm_backward on the CPU, cuDNN's backward on CUDA
 wherever cuDNN ran the forward).
@@ -102,23 +103,32 @@ def feature_axis(layout: str) -> int:
 
 
 def ours(x: Any, dy: Any, layout: str) -> dict[str, Callable[[], Any]]:
+    """batchnorm as users call it: every call returns a new result."""
+    layer = batchnorm.BatchNormalization(axis=feature_axis(layout), momentum=MOMENTUM)
+    if not isinstance(x, np.ndarray):  # a torch CUDA tensor: the weights move to its device
+        layer.to(str(x.device))
+    layer(x, training=True)  # builds the weights; backward needs a training call
+    return {
+        "train": lambda: layer(x, training=True),
+        "infer": lambda: layer(x),
+        "backward": lambda: layer.backward(dy),
+    }
+
+
+def ours_into(x: Any, dy: Any, layout: str) -> dict[str, Callable[[], Any]]:
+    """batchnorm writing into preallocated `out=` arrays (no allocation at all)."""
     layer = batchnorm.BatchNormalization(axis=feature_axis(layout), momentum=MOMENTUM)
     if isinstance(x, np.ndarray):
         y, dx = np.empty_like(x), np.empty_like(x)
     else:  # a torch CUDA tensor: weights and outputs live on its device, as the data does
         layer.to(str(x.device))
         y, dx = x.new_empty(x.shape), x.new_empty(x.shape)
-    layer(x, training=True, out=y)  # builds the weights; backward needs a training call
-
-    def backward() -> None:
-        layer.backward(dy, out=dx)
-
-    calls = {
+    layer(x, training=True, out=y)
+    return {
         "train": lambda: layer(x, training=True, out=y),
         "infer": lambda: layer(x, out=y),
-        "backward": backward,
+        "backward": lambda: layer.backward(dy, out=dx),
     }
-    return calls
 
 
 def torch_library(threads: int) -> Callable[..., dict[str, Callable[[], Any]]] | None:
@@ -427,7 +437,10 @@ def main() -> None:
     torch = cuda_torch() if cuda else None
 
     wanted = set(args.libraries.split(","))
-    libraries: dict[str, Callable[..., dict[str, Callable[[], Any]]]] = {"batchnorm": ours}
+    libraries: dict[str, Callable[..., dict[str, Callable[[], Any]]]] = {
+        "batchnorm": ours,
+        "batchnorm_out": ours_into,
+    }
     if "torch" in wanted and (torch_make := torch_library(args.threads)):
         libraries["torch"] = torch_make
     if not cuda:  # NumPy and TensorFlow (CPU builds) compute on the host
@@ -435,7 +448,7 @@ def main() -> None:
             libraries["tensorflow"] = tf_make
         if "numpy" in wanted:
             libraries["numpy"] = numpy_library
-    others = [name for name in libraries if name != "batchnorm"]
+    others = [name for name in libraries if name not in ("batchnorm", "batchnorm_out")]
     if args.memory_of is not None:
         memory_child(args, libraries, modes)
         return
@@ -446,7 +459,7 @@ def main() -> None:
         parser.error(f"no case label contains {args.cases!r}")
 
     scaled = f", batch x{args.batch_scale}" if args.batch_scale != 1 else ""
-    header = f"{'case':24} {'mode':8} {'batchnorm':>10}"
+    header = f"{'case':24} {'mode':8} {'batchnorm':>10} {'out=':>8}"
     if cuda:
         where = torch.cuda.get_device_name(0)
         print(
@@ -465,7 +478,7 @@ def main() -> None:
             f" {args.reps} interleaved rounds; median ms, ratio = other / batchnorm,"
             " peak = resident growth during a call (MiB)"
         )
-    header += f" {'peak':>6}"
+    header += f" {'peak':>6} {'out=':>6}"
     for name in others:
         header += f" {name:>10} {'ratio':>6} {'peak':>6}"
     print(header)
@@ -496,13 +509,13 @@ def main() -> None:
                 **{f"{name}_peak_mib": peaks[name] for name in libraries},
                 **{f"{name}_ratio": medians[name] / medians["batchnorm"] for name in others},
             }
-            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.3f}"
+            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.3f} {row['batchnorm_out_ms']:8.3f}"
             if cuda:
                 row.update(bandwidth(mode, x.nbytes, times))
                 line += f" {row['batchnorm_gbps']:7.0f} {row['copy_gbps']:7.0f}"
                 line += f" {row['batchnorm_percent_of_copy']:5.0f}%"
             rows.append(row)
-            line += f" {_mib(peaks['batchnorm'])}"
+            line += f" {_mib(peaks['batchnorm'])} {_mib(peaks['batchnorm_out'])}"
             for name in others:
                 line += (
                     f" {row[f'{name}_ms']:10.3f} {row[f'{name}_ratio']:5.1f}x {_mib(peaks[name])}"

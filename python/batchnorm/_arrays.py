@@ -20,6 +20,11 @@ from . import _core
 from ._dtypes import is_bfloat16, numpy_dtype
 
 _REAL_PREFIXES = ("float", "int", "uint", "bool", "bfloat16")
+# Results of at least this many bytes come from the extension's buffer cache (`empty_like`).
+# Below it the C library's allocator reuses resident memory of its own and the cache saves nothing
+# (an inference of 256 KiB took as long either way); at 1 MiB a cached result already halves the
+# cost of a call that allocates, and the gain grows with the size.
+CACHED_BYTES = 1 << 20
 _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
 _NUMPY_DTYPE_NAMES: dict[np.dtype, str] = {}
@@ -82,7 +87,12 @@ class Framework:
         return array if array.flags.aligned else array.copy()
 
     def empty_like(self, array: Any) -> Any:
-        return np.empty_like(array)
+        # Subclasses (memmap, masked arrays) keep np.empty_like, which preserves them.
+        if array.nbytes < CACHED_BYTES or type(array) is not np.ndarray:
+            return np.empty_like(array)
+        strides = dense_strides(array.shape, array.strides)
+        result = _core.cached_numpy(array.shape, strides, self.dtype_name(array))
+        return result.view(array.dtype) if is_bfloat16(array.dtype) else result
 
     def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
         return np.empty(shape, numpy_dtype(name))
@@ -125,6 +135,20 @@ class Framework:
 
     def to_numpy(self, array: Any) -> np.ndarray:
         return np.asarray(array)
+
+
+def dense_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[int]:
+    """Element strides of a dense array of `shape` whose axes are laid out in the order of
+    `strides` (any unit; largest first, ties kept in axis order): the layout `np.empty_like` and
+    `torch.empty_like` give, so that a cached result has the input's memory layout and the
+    kernels walk both alike."""
+    order = sorted(range(len(shape)), key=lambda axis: -abs(strides[axis]))
+    result = [0] * len(shape)
+    step = 1
+    for axis in reversed(order):
+        result[axis] = step
+        step *= max(shape[axis], 1)
+    return result
 
 
 def _bounds(pointer: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int):
@@ -195,7 +219,13 @@ class TorchFramework(Framework):
         return array.to(getattr(self.torch, dtype.name))
 
     def empty_like(self, array: Any) -> Any:
-        return self.torch.empty_like(array)
+        # Tensor subclasses keep torch.empty_like, which preserves them.
+        cached = type(array) is self.torch.Tensor and array.device.type == "cpu"
+        if not cached or array.nbytes < CACHED_BYTES:
+            return self.torch.empty_like(array)
+        shape = tuple(array.shape)
+        strides = dense_strides(shape, array.stride())
+        return _core.cached_torch(shape, strides, self.dtype_name(array))
 
     def empty(self, shape: tuple[int, ...], name: str, device: Device) -> Any:
         return self.torch.empty(shape, dtype=getattr(self.torch, name), device=str(device))

@@ -8,5 +8,6 @@ namespace batchnorm::python {
 void bind_operations(nanobind::module_& m);
 void bind_communicator(nanobind::module_& m);
 void bind_cuda(nanobind::module_& m);
+void bind_buffers(nanobind::module_& m);
 
 }  // namespace batchnorm::python

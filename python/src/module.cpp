@@ -15,4 +15,5 @@ NB_MODULE(_core, m) {
   batchnorm::python::bind_communicator(m);
   batchnorm::python::bind_operations(m);
   batchnorm::python::bind_cuda(m);
+  batchnorm::python::bind_buffers(m);
 }
