@@ -1,5 +1,5 @@
 """`python -m batchnorm --cmake-dir | --include-dir`: where the installed wheel keeps its C++
-package (headers, static library, batchnormConfig.cmake), for C++ projects to build against it,
+package (headers, shared library, batchnormConfig.cmake), for C++ projects to build against it,
 as `python -m nanobind --cmake_dir` does:
 
     cmake -S . -B build -Dbatchnorm_DIR="$(python -m batchnorm --cmake-dir)"
