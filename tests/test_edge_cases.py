@@ -67,12 +67,6 @@ def test_float64_numpy_input_under_16_bit_policies(policy: str) -> None:
     )
 
 
-def _trained_layer(x: np.ndarray, **kwargs: Any) -> batchnorm.BatchNormalization:
-    layer = batchnorm.BatchNormalization(**kwargs)
-    layer(x, training=True, mask=kwargs.pop("mask", None))
-    return layer
-
-
 def test_backward_out_overlapping_dy_is_refused() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(64, 3)).astype(np.float32)

@@ -139,3 +139,23 @@ def test_bindings_take_named_keyword_arguments() -> None:
     y = np.empty_like(x)
     _core.infer_forward(x=x, y=y, options=options.core, **weights)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
+
+
+def test_absent_weights_may_be_none_or_missing() -> None:
+    """gamma/beta left out, or given as None, give no gradient for them in either mode."""
+    options = F.Options(center=False, scale=False)
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(16, 4))
+    for weights in (
+        F.initial_weights(options, x.shape, dtype="float64"),
+        {**F.initial_weights(options, x.shape, dtype="float64"), "gamma": None, "beta": None},
+    ):
+        for training in (True, False):
+            y, context = F.forward(x, weights, options, training=training)
+            dx, dgamma, dbeta = F.backward(np.ones_like(x), context)
+            assert dgamma is None and dbeta is None
+            if training:  # dx of a normalization without gamma sums to zero per feature
+                np.testing.assert_allclose(dx.sum(axis=0), 0.0, atol=1e-12)
+            else:  # dy / sqrt(moving_variance + epsilon), the training call having moved it
+                want = 1.0 / np.sqrt(weights["moving_variance"] + 1e-3)
+                np.testing.assert_allclose(dx, np.broadcast_to(want, dx.shape), rtol=1e-12)
+            assert y.shape == dx.shape == x.shape

@@ -31,7 +31,6 @@ import numpy as np
 
 from . import _core
 from ._arrays import (
-    CPU,
     Device,
     check_no_overlap,
     check_numeric,
@@ -332,6 +331,10 @@ def _on_stream(framework: Any, device: Device, arrays: list[Any]) -> None:
         _core.set_cuda_stream(framework.stream(device))
 
 
+# What an inference backward reads of the forward call's weights (a copy keeps them).
+_READ_BY_INFERENCE_BACKWARD = ("gamma", "moving_mean", "moving_variance")
+
+
 def _weights_device(weights: Mapping[str, Any]) -> Device:
     return vector_device(weights["moving_mean"])
 
@@ -371,7 +374,7 @@ def forward(
             y=y_view,
             mask=mask_view,
             options=options.core,
-            **_kernel_weights(weights),
+            **weights,
             adjust_scale=None if adjustment is None else adjustment[0],
             adjust_bias=None if adjustment is None else adjustment[1],
             update_moving=update_moving,
@@ -384,12 +387,15 @@ def forward(
             kept["gamma"] = copy_vector(weights["gamma"])
     else:
         statistics = None
-        _core.infer_forward(x=x_view, y=y_view, options=options.core, **_kernel_weights(weights))
-        # The inference backward reads gamma and the moving statistics of this call.
+        _core.infer_forward(x=x_view, y=y_view, options=options.core, **weights)
+        # The inference backward reads the values of gamma and the moving statistics as they are
+        # now; of beta only whether it exists (it decides whether dbeta is computed).
         kept = {
-            name: (copy_vector(value) if value is not None else None)
+            name: copy_vector(value)
+            if value is not None and name in _READ_BY_INFERENCE_BACKWARD
+            else value
             for name, value in weights.items()
-            if name in ("gamma", "beta", "moving_mean", "moving_variance")
+            if name in _READ_BY_INFERENCE_BACKWARD or name == "beta"
         }
     context = Context(training, x, mask_view, options, kept, statistics, communicator)
     return _deliver(y, out, device), context
@@ -431,7 +437,7 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             **views,
             mask=context.mask,
             options=options.core,
-            **_kernel_weights(context.weights),
+            **context.weights,
             context=context.statistics,
             dgamma=dgamma,
             dbeta=dbeta,
@@ -441,7 +447,7 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
         _core.infer_backward(
             **views,
             options=options.core,
-            **_kernel_weights(context.weights),
+            **context.weights,
             dgamma=dgamma,
             dbeta=dbeta,
         )
@@ -452,10 +458,4 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     return _deliver(dx, out, device), finish(dgamma), finish(dbeta)
 
 
-def _kernel_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
-    """The weight vectors as the kernels take them: NumPy bfloat16 never occurs here (weights
-    are float32/float64), so every vector passes as it is."""
-    return {name: value for name, value in weights.items() if value is not None}
-
-
-__all__ = ["CPU", "Context", "Options", "backward", "forward", "initial_weights", "prepare_mask"]
+__all__ = ["Context", "Options", "backward", "forward", "initial_weights", "prepare_mask"]

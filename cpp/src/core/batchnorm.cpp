@@ -178,8 +178,8 @@ void check_like(const char* op, const char* name, const TensorRef& t, const Tens
 }
 
 Checked check_common(const char* op, const TensorRef& x, const Options& o, const Weights& w,
-                     bool training) {
-  validate_options(op, o);
+                     bool training, bool adjustment = false) {
+  validate_options(op, o, adjustment);
   Checked c;
   c.feature_axes = resolve_axes(op, x.rank, o.axes);
   if (x.dtype == DType::boolean) fail(op, "input dtype bool is not a floating-point type");
@@ -378,8 +378,7 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
                    bool update_moving, TrainingContext& context, const Communicator* communicator) {
   const char* op = "train_forward";
-  validate_options(op, options, adjustment != nullptr);
-  const Checked c = check_common(op, x, options, weights, true);
+  const Checked c = check_common(op, x, options, weights, true, adjustment != nullptr);
   check_like(op, "output", y, x);
   check_mask(op, mask, x);
   if (communicator && communicator->size > 1 && !communicator->allgather) {
