@@ -9,10 +9,11 @@ machines are shared and noisy: ratios measured together hold, absolute times dri
 Each library gets its best layout: PyTorch sees channels-last data as an NCHW tensor in
 channels_last memory format and (B, T, C) sequences as (B*T, C). Every library allocates its
 outputs, as users call it ("batchnorm"); batchnorm writing into preallocated outputs (`out=`) is
-timed in the same rounds beside it ("out=", batchnorm_out in the CSV). The backward column
-times what autograd runs after functional.batch_norm, given the saved statistics
-(_batch_norm_impl_index_backward: native_batch_norm_backward on the CPU, cuDNN's backward on CUDA
-wherever cuDNN ran the forward).
+timed in the same rounds beside it ("out=", batchnorm_out in the CSV). The PyTorch backward
+column is what a PyTorch user runs: torch.autograd.grad through functional.batch_norm (the
+autograd engine, then native_batch_norm_backward on the CPU or cuDNN's backward on CUDA) on a graph
+built once. A call shorter than a millisecond is repeated within its round and timed as the mean
+of the repeats, so that small cases measure the calls rather than the timer.
 Peak memory is the growth of the resident set during one call, measured in a separate process per
 case (the resident high-water mark of /proc/self/status, reset through /proc/self/clear_refs)
 under a fixed malloc mmap threshold, so that freed buffers leave the resident set at once; the
@@ -73,7 +74,11 @@ CASES = [
     ((256, 2048, 7, 7), "nhwc", "NHWC"),
     ((65536, 512), "last", ""),
     ((64, 128, 1024), "last", ""),
+    # Small calls, where per-call overhead decides: (N, C), (N, C) wide, NCHW, channels-last.
     ((64, 256), "last", "small"),
+    ((128, 1024), "last", "small"),
+    ((32, 64, 8, 8), "nchw", "NCHW small"),
+    ((16, 64, 7, 7), "nhwc", "NHWC small"),
 ]
 MODES = ("train", "infer", "backward")
 # The byte model: passes over the data a call needs at least (a copy needs 2).
@@ -152,13 +157,16 @@ def torch_library(threads: int) -> Callable[..., dict[str, Callable[[], Any]]] |
         c = tx.shape[1]
         weight, bias = torch.ones(c, device=tx.device), torch.zeros(c, device=tx.device)
         mean, var = torch.zeros(c, device=tx.device), torch.ones(c, device=tx.device)
-        # The training forward functional.batch_norm runs, keeping what its backward needs: the
-        # saved statistics, cuDNN's reserve space and which implementation ran (1 is cuDNN).
-        _, save_mean, save_invstd, reserve, implementation = torch.ops.aten._batch_norm_impl_index(
-            tx, weight, bias, mean, var, True, 1 - MOMENTUM, EPSILON, torch.backends.cudnn.enabled
+        # The backward a PyTorch user runs: autograd through functional.batch_norm, from a
+        # graph built once (retain_graph keeps it for the next round).
+        x_leaf = tx.detach().requires_grad_(True)
+        weight_leaf, bias_leaf = (
+            weight.clone().requires_grad_(True),
+            bias.clone().requires_grad_(True),
         )
-        if tx.is_cuda and implementation != 1:  # the CUDA columns claim cuDNN: say where not
-            print(f"note: PyTorch runs {tuple(tx.shape)} without cuDNN (impl. {implementation})")
+        graph_output = functional.batch_norm(
+            x_leaf, mean.clone(), var.clone(), weight_leaf, bias_leaf, True, 1 - MOMENTUM, EPSILON
+        )
         return {
             "train": lambda: functional.batch_norm(
                 tx, mean, var, weight, bias, True, 1 - MOMENTUM, EPSILON
@@ -166,19 +174,8 @@ def torch_library(threads: int) -> Callable[..., dict[str, Callable[[], Any]]] |
             "infer": lambda: functional.batch_norm(
                 tx, mean, var, weight, bias, False, 1 - MOMENTUM, EPSILON
             ),
-            "backward": lambda: torch.ops.aten._batch_norm_impl_index_backward(
-                implementation,
-                tx,
-                tdy,
-                weight,
-                mean,
-                var,
-                save_mean,
-                save_invstd,
-                True,
-                EPSILON,
-                [True] * 3,
-                reserve,
+            "backward": lambda: torch.autograd.grad(
+                graph_output, (x_leaf, weight_leaf, bias_leaf), tdy, retain_graph=True
             ),
         }
 
@@ -334,6 +331,18 @@ def wall_seconds(call: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def repeated(call: Callable[[], Any], repeats: int) -> Callable[[], None]:
+    def calls() -> None:
+        for _ in range(repeats):
+            call()
+
+    return calls
+
+
+# A round of a small call lasts at least this long (see the module docstring).
+ROUND_SECONDS = 1e-3
+
+
 def cuda_seconds(torch: Any) -> Callable[[Callable[[], Any]], float]:
     """Times a call with CUDA events on the current stream (where both libraries queue their
     kernels), starting on an idle device so that the events bracket this call's work alone."""
@@ -354,15 +363,20 @@ def cuda_seconds(torch: Any) -> Callable[[Callable[[], Any]], float]:
 def interleaved(
     calls: dict[str, Callable[[], Any]], reps: int, seconds: Callable[[Callable[[], Any]], float]
 ) -> dict[str, list[float]]:
-    """Times every library's call once per round, rotating the order from round to round."""
+    """Times every library's call once per round, rotating the order from round to round; on
+    the host a call shorter than ROUND_SECONDS runs that long per round (the mean is kept)."""
     names = list(calls)
+    repeats = dict.fromkeys(names, 1)
     for name in names:  # warm-up: first-touch of outputs, thread pools, tracing, cuDNN plans
         calls[name]()
-        calls[name]()
+        once = seconds(calls[name])
+        if seconds is wall_seconds:
+            repeats[name] = max(1, int(ROUND_SECONDS / max(once, 1e-7)))
+    timed = {name: repeated(calls[name], repeats[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(seconds(calls[name]))
+            times[name].append(seconds(timed[name]) / repeats[name])
     return times
 
 
@@ -509,7 +523,7 @@ def main() -> None:
                 **{f"{name}_peak_mib": peaks[name] for name in libraries},
                 **{f"{name}_ratio": medians[name] / medians["batchnorm"] for name in others},
             }
-            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.3f} {row['batchnorm_out_ms']:8.3f}"
+            line = f"{label:24} {mode:8} {row['batchnorm_ms']:10.4f} {row['batchnorm_out_ms']:8.4f}"
             if cuda:
                 row.update(bandwidth(mode, x.nbytes, times))
                 line += f" {row['batchnorm_gbps']:7.0f} {row['copy_gbps']:7.0f}"
@@ -518,7 +532,7 @@ def main() -> None:
             line += f" {_mib(peaks['batchnorm'])} {_mib(peaks['batchnorm_out'])}"
             for name in others:
                 line += (
-                    f" {row[f'{name}_ms']:10.3f} {row[f'{name}_ratio']:5.1f}x {_mib(peaks[name])}"
+                    f" {row[f'{name}_ms']:10.4f} {row[f'{name}_ratio']:5.1f}x {_mib(peaks[name])}"
                 )
             print(line, flush=True)
         del per_library, calls

@@ -124,21 +124,67 @@ def test_backward_keeps_the_weights_of_its_call() -> None:
     np.testing.assert_array_equal(dx_again, inference_dx)
 
 
-def test_bindings_take_named_keyword_arguments() -> None:
+def test_bindings_take_named_keyword_arguments_and_bound_weights() -> None:
     from batchnorm import _core
 
     options = F.Options()
     weights = F.initial_weights(options, (4, 3))
     x = np.ones((4, 3), np.float32)
+    bound = F.Weights(**weights)
     with pytest.raises(TypeError):
-        _core.infer_forward(x, np.empty_like(x), options.core)  # positional: refused
+        _core.infer_forward(x, np.empty_like(x), options.core, bound)  # positional: refused
     with pytest.raises(TypeError, match="unexpected keyword argument 'moving_median'"):
-        _core.infer_forward(
-            x=x, y=np.empty_like(x), options=options.core, moving_median=weights["moving_mean"]
-        )
+        F.Weights(moving_median=weights["moving_mean"])
     y = np.empty_like(x)
-    _core.infer_forward(x=x, y=y, options=options.core, **weights)
+    _core.infer_forward(x=x, y=y, options=options.core, weights=bound)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
+    assert bound.features == 3 and bound.dtype == "float32" and bound.names == list(weights)
+
+
+def test_bound_weights_are_checked_when_bound_and_against_each_input() -> None:
+    options = F.Options()
+    weights = F.initial_weights(options, (4, 3))
+    with pytest.raises(ValueError, match="beta: 2 values, but gamma has 3"):
+        F.Weights(**{**weights, "beta": np.zeros(2, np.float32)})
+    with pytest.raises(TypeError, match="beta: dtype float64 differs from gamma's float32"):
+        F.Weights(**{**weights, "beta": np.zeros(3)})
+    with pytest.raises(ValueError, match="contiguous 1-D vector"):
+        F.Weights(gamma=np.ones((3, 1), np.float32))
+    with pytest.raises(ValueError, match="contiguous 1-D vector"):
+        F.Weights(gamma=np.ones(6, np.float32)[::2])
+    bound = F.Weights(**weights)
+    with pytest.raises(ValueError, match="expected a contiguous vector of 4 elements, got 3"):
+        F.forward(np.ones((2, 4), np.float32), bound, options, training=False)
+    with pytest.raises(TypeError, match="expected dtype float64 for float64 data, got float32"):
+        F.forward(np.ones((2, 3)), bound, options, training=False)
+    for training in (True, False):  # a mapping is bound per call, with the same result
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        y_mapping, _ = F.forward(x, F.initial_weights(options, (2, 3)), options, training=training)
+        y_bound, _ = F.forward(
+            x, F.Weights(**F.initial_weights(options, (2, 3))), options, training=training
+        )
+        np.testing.assert_array_equal(y_mapping, y_bound)
+
+
+def test_snapshot_copies_the_named_vectors_only() -> None:
+    options = F.Options()
+    weights = F.initial_weights(options, (4, 3))
+    bound = F.Weights(**weights)
+    kept = bound.snapshot(["gamma", "moving_mean"])
+    assert kept.vector("gamma") is None and kept.vector("beta") is weights["beta"]
+    assert kept.has("gamma") and kept.has("moving_mean")
+    weights["gamma"][:] = 5.0
+    weights["moving_mean"][:] = 7.0
+    weights["beta"][:] = 1.0
+    x = np.zeros((1, 3), np.float32)
+    y = np.empty_like(x)
+    from batchnorm import _core
+
+    _core.infer_forward(x=x, y=y, options=options.core, weights=kept)
+    # gamma 1 and moving mean 0 as copied; beta read from the live vector
+    np.testing.assert_allclose(y, np.ones_like(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="no weight called 'gama'"):
+        bound.snapshot(["gama"])
 
 
 def test_absent_weights_may_be_none_or_missing() -> None:

@@ -8,8 +8,10 @@ last context, the dtype policy.
 
 Weights are a mapping from Keras' weight names (`gamma`, `beta`, `moving_mean`,
 `moving_variance`, and with renorm `moving_stddev`, `renorm_mean`, `renorm_stddev`) to flat,
-contiguous vectors of C values on the data's device, float32 (float64 for float64 data). A
-training forward updates the moving statistics in place.
+contiguous vectors of C values on the data's device, float32 (float64 for float64 data), or
+those vectors bound once with `Weights(**mapping)` — checked when bound instead of on every
+call, which is what a layer calling many times does. A training forward updates the moving
+statistics in place.
 
     >>> import numpy as np
     >>> from batchnorm import functional as F
@@ -31,15 +33,17 @@ import numpy as np
 
 from . import _core
 from ._arrays import (
+    _DLPACK_CPU,
     Device,
+    _dlpack_device,
     check_no_overlap,
     check_numeric,
     copy_vector,
     framework_of,
     read,
-    vector_device,
-    vector_dtype_name,
 )
+
+Weights = _core.Weights
 
 _CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -221,7 +225,7 @@ class Context:
         x: Any,
         mask: Any,
         options: Options,
-        weights: dict[str, Any],
+        weights: Weights,
         statistics: Any,
         communicator: Any,
     ) -> None:
@@ -284,12 +288,11 @@ def _check_device(device: Device, weights_device: Device, what: str) -> None:
         )
 
 
-def _output(x: Any, out: Any, inputs: dict[str, Any]) -> Any:
-    """The array the kernels write: a new one like x from x's own framework, or `out` checked
+def _output(framework: Any, x: Any, out: Any, inputs: dict[str, Any]) -> Any:
+    """The array the kernels write: a new one like x from x's `framework`, or `out` checked
     against x and the call's `inputs` (name -> array or None), which it must not overlap. A
     NumPy `out` that is not aligned to its item size gets an aligned stand-in, copied into it
     by `_deliver`."""
-    framework = framework_of(x)
     if out is None:
         return framework.empty_like(x)
     if framework_of(out) is not framework or (
@@ -315,10 +318,10 @@ def _output(x: Any, out: Any, inputs: dict[str, Any]) -> Any:
     return out
 
 
-def _deliver(result: Any, out: Any, device: Device) -> Any:
+def _deliver(framework: Any, result: Any, out: Any, device: Device) -> Any:
     """What a call returns: `out` when given (filled), else the new result array."""
     if out is None:
-        return framework_of(result).finish(result, device)
+        return framework.finish(result, device)
     if result is not out:  # the aligned stand-in for a misaligned NumPy `out`
         out[...] = result
     return out
@@ -331,17 +334,37 @@ def _on_stream(framework: Any, device: Device, arrays: list[Any]) -> None:
         _core.set_cuda_stream(framework.stream(device))
 
 
-# What an inference backward reads of the forward call's weights (a copy keeps them).
-_READ_BY_INFERENCE_BACKWARD = ("gamma", "moving_mean", "moving_variance")
+# What each backward reads of its forward call's weights (a copy keeps them): the training
+# backward gamma only; the inference backward gamma and the moving statistics (of beta only
+# whether it exists, which decides whether dbeta is computed).
+_READ_BY_TRAINING_BACKWARD = ["gamma"]
+_READ_BY_INFERENCE_BACKWARD = ["gamma", "moving_mean", "moving_variance"]
 
 
-def _weights_device(weights: Mapping[str, Any]) -> Device:
-    return vector_device(weights["moving_mean"])
+def bind(weights: Mapping[str, Any] | Weights) -> Weights:
+    """The weights bound for the kernels: a `Weights` as it is, a mapping bound now."""
+    return weights if isinstance(weights, Weights) else Weights(**weights)
+
+
+def _weights_device(weights: Weights) -> Device:
+    return _dlpack_device(*weights.device)
+
+
+def _snapshot(weights: Weights, names: list[str]) -> Weights:
+    """`weights` with the vectors `names` copied as they are now."""
+    if weights.device[0] != _DLPACK_CPU:  # device memory: copied by the CUDA runtime
+        return Weights(
+            **{
+                name: copy_vector(weights.vector(name)) if name in names else weights.vector(name)
+                for name in weights.names
+            }
+        )
+    return weights.snapshot(names)
 
 
 def forward(
     x: Any,
-    weights: Mapping[str, Any],
+    weights: Mapping[str, Any] | Weights,
     options: Options,
     *,
     training: bool,
@@ -360,10 +383,11 @@ def forward(
     weights' dtype and device; `communicator` a core reduction hook for synchronized
     statistics; `out` an array like x to write into."""
     framework = framework_of(x)
+    weights = bind(weights)
     device = _weights_device(weights)
     _check_device(framework.device(x), device, "the input")
     mask_view = prepare_mask(mask, x, training, device)
-    y = _output(x, out, {"the input": x, "the mask": mask_view})
+    y = _output(framework, x, out, {"the input": x, "the mask": mask_view})
     x_view = framework.kernel(x)
     y_view = framework.kernel(y)
     _on_stream(framework, device, [x, mask_view] if training else [x])
@@ -374,31 +398,20 @@ def forward(
             y=y_view,
             mask=mask_view,
             options=options.core,
-            **weights,
             adjust_scale=None if adjustment is None else adjustment[0],
             adjust_bias=None if adjustment is None else adjustment[1],
             update_moving=update_moving,
             context=statistics,
             communicator=communicator,
+            weights=weights,
         )
-        # The training backward reads gamma only: keep this call's value.
-        kept = dict(weights)
-        if weights.get("gamma") is not None:
-            kept["gamma"] = copy_vector(weights["gamma"])
+        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD)
     else:
         statistics = None
-        _core.infer_forward(x=x_view, y=y_view, options=options.core, **weights)
-        # The inference backward reads the values of gamma and the moving statistics as they are
-        # now; of beta only whether it exists (it decides whether dbeta is computed).
-        kept = {
-            name: copy_vector(value)
-            if value is not None and name in _READ_BY_INFERENCE_BACKWARD
-            else value
-            for name, value in weights.items()
-            if name in _READ_BY_INFERENCE_BACKWARD or name == "beta"
-        }
+        _core.infer_forward(x=x_view, y=y_view, options=options.core, weights=weights)
+        kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD)
     context = Context(training, x, mask_view, options, kept, statistics, communicator)
-    return _deliver(y, out, device), context
+    return _deliver(framework, y, out, device), context
 
 
 def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, Any]:
@@ -418,17 +431,15 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     dy_framework = framework_of(dy_array)
     _check_device(dy_framework.device(dy_array), device, "dy")
     dy_array = dy_framework.cast(dy_array, framework.dtype(x))
-    dx = _output(x, out, {"the input": x, "dy": dy_array, "the mask": context.mask})
-    moving_mean = context.weights["moving_mean"]
-    features = moving_mean.shape[0]
-    weight_dtype = vector_dtype_name(moving_mean)
+    dx = _output(framework, x, out, {"the input": x, "dy": dy_array, "the mask": context.mask})
+    weights = context.weights
     options = context.options
 
     def gradient(present: bool) -> Any:
-        return framework.empty((features,), weight_dtype, device) if present else None
+        return framework.empty((weights.features,), weights.dtype, device) if present else None
 
-    dgamma = gradient(context.weights.get("gamma") is not None)
-    dbeta = gradient(context.weights.get("beta") is not None)
+    dgamma = gradient(weights.has("gamma"))
+    dbeta = gradient(weights.has("beta"))
     _on_stream(framework, device, [x, dy_array])
     views = {"dy": dy_framework.kernel(dy_array), "x": framework.kernel(x)}
     views["dx"] = framework.kernel(dx)
@@ -437,7 +448,7 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             **views,
             mask=context.mask,
             options=options.core,
-            **context.weights,
+            weights=weights,
             context=context.statistics,
             dgamma=dgamma,
             dbeta=dbeta,
@@ -447,7 +458,7 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
         _core.infer_backward(
             **views,
             options=options.core,
-            **context.weights,
+            weights=weights,
             dgamma=dgamma,
             dbeta=dbeta,
         )
@@ -455,7 +466,16 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     def finish(vector: Any) -> Any:
         return None if vector is None else framework.finish(vector, device)
 
-    return _deliver(dx, out, device), finish(dgamma), finish(dbeta)
+    return _deliver(framework, dx, out, device), finish(dgamma), finish(dbeta)
 
 
-__all__ = ["Context", "Options", "backward", "forward", "initial_weights", "prepare_mask"]
+__all__ = [
+    "Context",
+    "Options",
+    "Weights",
+    "backward",
+    "bind",
+    "forward",
+    "initial_weights",
+    "prepare_mask",
+]

@@ -230,6 +230,8 @@ class BatchNormalization:
         self._feature_shape: tuple[int, ...] = ()
         self._param_shape: tuple[int, ...] = ()
         self._variables: dict[str, Variable] = {}
+        # The variables' storage bound for the kernels; bound again when the storage changes.
+        self._bound: functional.Weights | None = None
         # The last call's context (what backward differentiates), and weak references to the
         # outputs of training calls not differentiated yet: two of them alive at a backward
         # mean the layer was used twice in one computation (see _context_for_backward).
@@ -428,6 +430,7 @@ class BatchNormalization:
         self._feature_shape = tuple(schema.feature_shape)
         self._param_shape = param_shape
         self._variables = variables
+        self._bound = None
         self._build_input_shape = tuple(None if d is None else int(d) for d in shape)
         self.built = True
 
@@ -453,6 +456,7 @@ class BatchNormalization:
         for variable in self._variables.values():
             variable._move(target)
         self._device = target
+        self._bound = None
         self._last = None  # the last input lives on the old device
         self._undifferentiated.clear()
         return self
@@ -490,9 +494,13 @@ class BatchNormalization:
             variable.assign(array)
 
     # ---- calls -------------------------------------------------------------------------------
-    def _weight_vectors(self) -> dict[str, Any]:
-        # Read each call: layer.to() replaces the storage of every variable.
-        return {name: variable._storage for name, variable in self._variables.items()}
+    def _bound_weights(self) -> functional.Weights:
+        # Bound at the first call after build() or to(), which replace the variables' storage.
+        if self._bound is None:
+            self._bound = functional.Weights(
+                **{name: variable._storage for name, variable in self._variables.items()}
+            )
+        return self._bound
 
     def _prepare_input(self, inputs: Any) -> Any:
         if (
@@ -591,7 +599,7 @@ class BatchNormalization:
         train = bool(training) and self._trainable
         y, context = functional.forward(
             x,
-            self._weight_vectors(),
+            self._bound_weights(),
             self._options,
             training=train,
             mask=mask,

@@ -6,6 +6,7 @@
 namespace batchnorm::python {
 
 void bind_operations(nanobind::module_& m);
+void bind_weights(nanobind::module_& m);
 void bind_communicator(nanobind::module_& m);
 void bind_cuda(nanobind::module_& m);
 void bind_buffers(nanobind::module_& m);

@@ -8,25 +8,11 @@
 
 #include "bindings.hpp"
 #include "tensors.hpp"
+#include "weights.hpp"
 
 namespace batchnorm::python {
 
 namespace {
-
-// The per-feature weight vectors of a call, from its keyword arguments by Keras' names (absent
-// or None where the layer has no such weight; the core reports a missing required one).
-Weights resolve_weights(const nb::kwargs& kwargs, const TensorRef& x, std::int64_t features) {
-  Weights w;
-  w.dtype = weight_dtype(x.dtype);
-  w.device = x.device;
-  for (auto [key, value] : kwargs) {
-    const std::string name = nb::cast<std::string>(key);
-    void** slot = weight_slot(w, name);
-    if (!slot) throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
-    *slot = weight_pointer(value, features, w.dtype, x.device, name.c_str());
-  }
-  return w;
-}
 
 std::int64_t features_of(const TensorRef& x, const Options& options) {
   return feature_count(std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank),
@@ -38,16 +24,18 @@ std::optional<TensorRef> mask_of(const std::optional<InputArray>& array) {
   return to_mask(*array);
 }
 
-void train_forward_binding(const InputArray& x_array, const OutputArray& y_array,
+void train_forward_binding(nb::handle x_array, nb::handle y_array,
                            const std::optional<InputArray>& mask_array, const Options& options,
                            const nb::object& adjust_scale, const nb::object& adjust_bias,
                            bool update_moving, TrainingContext& context,
-                           const Communicator* communicator, const nb::kwargs& weight_kwargs) {
-  const TensorRef x = to_tensor(x_array, "x");
-  const TensorRef y = to_tensor(y_array, "y");
+                           const Communicator* communicator, const BoundWeights& bound) {
+  const ArrayArgument x_argument(x_array, "x", ArrayArgument::Access::read);
+  const TensorRef& x = x_argument.tensor();
+  const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
+  const TensorRef& y = y_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = resolve_weights(weight_kwargs, x, features);
+  const Weights& weights = bound.for_input(x, features);
   Adjustment adjustment;
   adjustment.scale =
       weight_pointer(adjust_scale, features, weights.dtype, x.device, "adjustment scale");
@@ -59,27 +47,31 @@ void train_forward_binding(const InputArray& x_array, const OutputArray& y_array
                 update_moving, context, communicator);
 }
 
-void infer_forward_binding(const InputArray& x_array, const OutputArray& y_array,
-                           const Options& options, const nb::kwargs& weight_kwargs) {
-  const TensorRef x = to_tensor(x_array, "x");
-  const TensorRef y = to_tensor(y_array, "y");
-  const Weights weights = resolve_weights(weight_kwargs, x, features_of(x, options));
+void infer_forward_binding(nb::handle x_array, nb::handle y_array, const Options& options,
+                           const BoundWeights& bound) {
+  const ArrayArgument x_argument(x_array, "x", ArrayArgument::Access::read);
+  const TensorRef& x = x_argument.tensor();
+  const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
+  const TensorRef& y = y_argument.tensor();
+  const Weights& weights = bound.for_input(x, features_of(x, options));
   nb::gil_scoped_release released;
   infer_forward(x, y, options, weights);
 }
 
-void train_backward_binding(const InputArray& dy_array, const InputArray& x_array,
-                            const OutputArray& dx_array,
+void train_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle dx_array,
                             const std::optional<InputArray>& mask_array, const Options& options,
                             const TrainingContext& context, const nb::object& dgamma,
                             const nb::object& dbeta, const Communicator* communicator,
-                            const nb::kwargs& weight_kwargs) {
-  const TensorRef dy = to_tensor(dy_array, "dy");
-  const TensorRef x = to_tensor(x_array, "x");
-  const TensorRef dx = to_tensor(dx_array, "dx");
+                            const BoundWeights& bound) {
+  const ArrayArgument dy_argument(dy_array, "dy", ArrayArgument::Access::read);
+  const TensorRef& dy = dy_argument.tensor();
+  const ArrayArgument x_argument(x_array, "x", ArrayArgument::Access::read);
+  const TensorRef& x = x_argument.tensor();
+  const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
+  const TensorRef& dx = dx_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights weights = resolve_weights(weight_kwargs, x, features);
+  const Weights& weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -87,15 +79,17 @@ void train_backward_binding(const InputArray& dy_array, const InputArray& x_arra
                  dbeta_ptr, communicator);
 }
 
-void infer_backward_binding(const InputArray& dy_array, const InputArray& x_array,
-                            const OutputArray& dx_array, const Options& options,
-                            const nb::object& dgamma, const nb::object& dbeta,
-                            const nb::kwargs& weight_kwargs) {
-  const TensorRef dy = to_tensor(dy_array, "dy");
-  const TensorRef x = to_tensor(x_array, "x");
-  const TensorRef dx = to_tensor(dx_array, "dx");
+void infer_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle dx_array,
+                            const Options& options, const nb::object& dgamma,
+                            const nb::object& dbeta, const BoundWeights& bound) {
+  const ArrayArgument dy_argument(dy_array, "dy", ArrayArgument::Access::read);
+  const TensorRef& dy = dy_argument.tensor();
+  const ArrayArgument x_argument(x_array, "x", ArrayArgument::Access::read);
+  const TensorRef& x = x_argument.tensor();
+  const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
+  const TensorRef& dx = dx_argument.tensor();
   const std::int64_t features = features_of(x, options);
-  const Weights weights = resolve_weights(weight_kwargs, x, features);
+  const Weights& weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -134,8 +128,8 @@ void bind_operations(nb::module_& m) {
       .def_ro("groups", &TrainingContext::groups)
       .def_ro("features", &TrainingContext::features);
 
-  // Keyword-only: a call names every array, and the weights by Keras' names (gamma=...,
-  // moving_mean=..., ...; absent ones omitted or None). Each array's dtype is its own.
+  // Keyword-only: a call names every array. The weights come bound in a Weights object (by
+  // Keras' names, checked when bound); each array's dtype is its own.
   m.def("train_forward", &train_forward_binding, nb::kw_only(), nb::arg("x"),
         nb::arg("y").noconvert(), nb::arg("mask").none() = nb::none(), nb::arg("options"),
         nb::arg("adjust_scale").none() = nb::none(), nb::arg("adjust_bias").none() = nb::none(),
@@ -144,14 +138,14 @@ void bind_operations(nb::module_& m) {
         nb::sig("def train_forward(*, x: object, y: object, mask: object | None = None, "
                 "options: Options, adjust_scale: object | None = None, adjust_bias: object | "
                 "None = None, update_moving: bool = True, context: TrainingContext, "
-                "communicator: Communicator | None = None, **weights: object) -> None"),
+                "communicator: Communicator | None = None, weights: Weights) -> None"),
         "Training forward pass: y from the batch statistics of x (over the mask's true "
         "positions), the statistics kept in `context`, and the moving statistics updated in "
         "place when update_moving. With a communicator of size > 1 the statistics are those of "
         "every process's batch.");
   m.def("infer_forward", &infer_forward_binding, nb::kw_only(), nb::arg("x"),
         nb::arg("y").noconvert(), nb::arg("options"), nb::arg("weights"),
-        nb::sig("def infer_forward(*, x: object, y: object, options: Options, **weights: object) "
+        nb::sig("def infer_forward(*, x: object, y: object, options: Options, weights: Weights) "
                 "-> None"),
         "Inference forward pass with the moving statistics.");
   m.def("train_backward", &train_backward_binding, nb::kw_only(), nb::arg("dy"), nb::arg("x"),
@@ -162,14 +156,14 @@ void bind_operations(nb::module_& m) {
         nb::sig("def train_backward(*, dy: object, x: object, dx: object, mask: object | None = "
                 "None, options: Options, context: TrainingContext, dgamma: object | None = None, "
                 "dbeta: object | None = None, communicator: Communicator | None = None, "
-                "**weights: object) -> None"),
+                "weights: Weights) -> None"),
         "Backward of train_forward with its context (and mask): writes dx, dgamma and dbeta "
         "(synchronized as the forward was).");
   m.def("infer_backward", &infer_backward_binding, nb::kw_only(), nb::arg("dy"), nb::arg("x"),
         nb::arg("dx").noconvert(), nb::arg("options"), nb::arg("dgamma").none() = nb::none(),
         nb::arg("dbeta").none() = nb::none(), nb::arg("weights"),
         nb::sig("def infer_backward(*, dy: object, x: object, dx: object, options: Options, "
-                "dgamma: object | None = None, dbeta: object | None = None, **weights: object) "
+                "dgamma: object | None = None, dbeta: object | None = None, weights: Weights) "
                 "-> None"),
         "Backward of infer_forward: writes dx, dgamma and dbeta.");
   m.def("cuda_available", &cuda_available,

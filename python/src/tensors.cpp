@@ -77,7 +77,83 @@ TensorRef convert(const Array& a, const char* name, Kind kind = Kind::data) {
 
 }  // namespace
 
-TensorRef to_tensor(const InputArray& array, const char* name) { return convert(array, name); }
+namespace {
+
+// The element types NumPy's buffer protocol names with one struct character (native byte order).
+DType buffer_dtype(const char* format, bool* known) {
+  if (*format == '@' || *format == '=' || *format == '<')
+    ++format;  // ('<': the hosts built for are little-endian)
+  *known = format[0] != '\0' && format[1] == '\0';
+  switch (*known ? format[0] : '\0') {
+    case 'e':
+      return DType::float16;
+    case 'f':
+      return DType::float32;
+    case 'd':
+      return DType::float64;
+    case 'H':  // ml_dtypes' bfloat16 viewed as uint16 (see tensors.hpp)
+      return DType::bfloat16;
+    default:
+      *known = false;
+      return DType::float32;
+  }
+}
+
+PyTypeObject* numpy_array_type() {
+  static PyTypeObject* const type = reinterpret_cast<PyTypeObject*>(
+      nb::object(nb::module_::import_("numpy").attr("ndarray")).release().ptr());
+  return type;
+}
+
+}  // namespace
+
+ArrayArgument::ArrayArgument(nb::handle object, const char* name, Access access) {
+  if (Py_TYPE(object.ptr()) == numpy_array_type() && read_buffer(object, access)) return;
+  if (access == Access::write) {
+    if (!nb::try_cast(object, output_)) {
+      throw nb::type_error(
+          (std::string(name) + ": expected a writable array (NumPy or DLPack)").c_str());
+    }
+    tensor_ = convert(output_, name);
+  } else {
+    if (!nb::try_cast(object, input_)) {
+      throw nb::type_error((std::string(name) + ": expected an array (NumPy or DLPack)").c_str());
+    }
+    tensor_ = convert(input_, name);
+  }
+}
+
+bool ArrayArgument::read_buffer(nb::handle object, Access access) {
+  const int flags = PyBUF_RECORDS_RO | (access == Access::write ? PyBUF_WRITABLE : 0);
+  if (PyObject_GetBuffer(object.ptr(), &buffer_, flags) != 0) {
+    PyErr_Clear();  // the DLPack import decides, and words the error if there is one
+    return false;
+  }
+  bool known = false;
+  const DType dtype = buffer_dtype(buffer_.format, &known);
+  bool described = known && buffer_.ndim <= kMaxRank;
+  for (int i = 0; described && i < buffer_.ndim; ++i) {
+    described = buffer_.strides[i] % buffer_.itemsize == 0;
+  }
+  if (!described) {
+    PyBuffer_Release(&buffer_);
+    return false;
+  }
+  holds_buffer_ = true;
+  tensor_.data = buffer_.buf;
+  tensor_.dtype = dtype;
+  tensor_.rank = buffer_.ndim;
+  for (int i = 0; i < buffer_.ndim; ++i) {
+    tensor_.shape[i] = buffer_.shape[i];
+    tensor_.strides[i] = buffer_.strides[i] / buffer_.itemsize;
+  }
+  tensor_.device = Device{DeviceType::cpu, 0};
+  return true;
+}
+
+ArrayArgument::~ArrayArgument() {
+  if (holds_buffer_) PyBuffer_Release(&buffer_);
+}
 
 TensorRef to_tensor(const OutputArray& array, const char* name) { return convert(array, name); }
 
@@ -94,12 +170,8 @@ TensorRef to_mask(const InputArray& array) {
 void* weight_pointer(const nb::handle& handle, std::int64_t n, DType dtype, const Device& device,
                      const char* name) {
   if (handle.is_none()) return nullptr;
-  OutputArray array;
-  if (!nb::try_cast(handle, array)) {
-    throw nb::type_error(
-        (std::string(name) + ": expected a writable array (NumPy or DLPack)").c_str());
-  }
-  const TensorRef t = convert(array, name);
+  // The caller holds the array for the call: its data outlives the argument's read.
+  const TensorRef t = ArrayArgument(handle, name, ArrayArgument::Access::write).tensor();
   if (t.rank != 1 || t.shape[0] != n || (n > 1 && t.strides[0] != 1)) {
     throw nb::value_error(
         (std::string(name) + ": expected a contiguous vector of " + std::to_string(n) + " elements")
