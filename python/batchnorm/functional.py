@@ -24,6 +24,8 @@ statistics in place.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -132,8 +134,9 @@ class Options:
     (`TypeError`), ranges by the core (`ValueError`: one set of rules for every language); the
     value is then frozen — `replace` makes a changed, again validated, copy."""
 
-    __slots__ = ("_values", "core")
+    __slots__ = ("_values", "core", "json")
     core: Any  # the validated _core.Options the kernels read
+    json: str  # every option as one JSON string: `Options.from_json(options.json)` rebuilds them
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(FIELDS)
@@ -158,6 +161,8 @@ class Options:
         _core.validate(core)
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "core", core)
+        # Keyed by this string, the options pass where only plain values go (framework ops).
+        object.__setattr__(self, "json", json.dumps(values, sort_keys=True))
 
     def __getattr__(self, name: str) -> Any:
         values = object.__getattribute__(self, "_values")
@@ -168,6 +173,11 @@ class Options:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Options are frozen: use options.replace({name}=...)")
+
+    @staticmethod
+    def from_json(text: str) -> Options:
+        """The options whose `json` is `text` (cached: frameworks look them up per call)."""
+        return _options_from_json(text)
 
     def replace(self, **changes: Any) -> Options:
         """A copy with `changes` applied, validated like a new one."""
@@ -199,6 +209,11 @@ class Options:
 
     def __repr__(self) -> str:
         return "Options(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _options_from_json(text: str) -> Options:
+    return Options(**json.loads(text))
 
 
 def initial_weights(

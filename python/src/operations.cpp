@@ -4,7 +4,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <string>
+#include <utility>
 
 #include "bindings.hpp"
 #include "tensors.hpp"
@@ -35,7 +37,7 @@ void train_forward_binding(nb::handle x_array, nb::handle y_array,
   const TensorRef& y = y_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights& weights = bound.for_input(x, features);
+  const Weights weights = bound.for_input(x, features);
   Adjustment adjustment;
   adjustment.scale =
       weight_pointer(adjust_scale, features, weights.dtype, x.device, "adjustment scale");
@@ -53,7 +55,7 @@ void infer_forward_binding(nb::handle x_array, nb::handle y_array, const Options
   const TensorRef& x = x_argument.tensor();
   const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
   const TensorRef& y = y_argument.tensor();
-  const Weights& weights = bound.for_input(x, features_of(x, options));
+  const Weights weights = bound.for_input(x, features_of(x, options));
   nb::gil_scoped_release released;
   infer_forward(x, y, options, weights);
 }
@@ -71,7 +73,7 @@ void train_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle 
   const TensorRef& dx = dx_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
   const std::int64_t features = features_of(x, options);
-  const Weights& weights = bound.for_input(x, features);
+  const Weights weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
@@ -89,11 +91,55 @@ void infer_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle 
   const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
   const TensorRef& dx = dx_argument.tensor();
   const std::int64_t features = features_of(x, options);
-  const Weights& weights = bound.for_input(x, features);
+  const Weights weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
   nb::gil_scoped_release released;
   infer_backward(dy, x, dx, options, weights, dgamma_ptr, dbeta_ptr);
+}
+
+// The packed form of a training context: [count | mean | inv_std | zscale | zshift], the first
+// three groups * features values each, the last two features each (host float64).
+std::size_t packed_size(std::int64_t groups, std::int64_t features) {
+  return static_cast<std::size_t>(3 * groups * features + 2 * features);
+}
+
+using PackedArray = nb::ndarray<nb::numpy, double, nb::ndim<1>>;
+using PackedInput = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+PackedArray pack_context(TrainingContext& context) {
+  statistics_to_host(context);
+  const std::size_t size = packed_size(context.groups, context.features);
+  auto* values = new double[size];
+  nb::capsule owner(values, [](void* p) noexcept { delete[] static_cast<double*>(p); });
+  double* cursor = values;
+  for (const std::vector<double>* part :
+       {&context.count, &context.mean, &context.inv_std, &context.zscale, &context.zshift}) {
+    cursor = std::copy(part->begin(), part->end(), cursor);
+  }
+  return PackedArray(values, {size}, owner);
+}
+
+TrainingContext unpack_context(const PackedInput& packed, std::int64_t groups,
+                               std::int64_t features, bool has_mask, bool ghost_batches) {
+  if (groups < 0 || features < 0 || packed.shape(0) != packed_size(groups, features)) {
+    throw nb::value_error("unpack: the packed statistics do not fit these groups and features");
+  }
+  TrainingContext context;
+  context.groups = groups;
+  context.features = features;
+  context.has_mask = has_mask;
+  context.ghost_batches = ghost_batches;
+  const double* cursor = packed.data();
+  const auto stats = static_cast<std::ptrdiff_t>(groups * features);
+  for (auto [part, n] : {std::pair{&context.count, stats}, std::pair{&context.mean, stats},
+                         std::pair{&context.inv_std, stats},
+                         std::pair{&context.zscale, static_cast<std::ptrdiff_t>(features)},
+                         std::pair{&context.zshift, static_cast<std::ptrdiff_t>(features)}}) {
+    part->assign(cursor, cursor + n);
+    cursor += n;
+  }
+  return context;
 }
 
 }  // namespace
@@ -126,7 +172,17 @@ void bind_operations(nb::module_& m) {
                               "Statistics a training forward keeps for its backward pass.")
       .def(nb::init<>())
       .def_ro("groups", &TrainingContext::groups)
-      .def_ro("features", &TrainingContext::features);
+      .def_ro("features", &TrainingContext::features)
+      .def_ro("has_mask", &TrainingContext::has_mask)
+      .def_ro("ghost_batches", &TrainingContext::ghost_batches)
+      .def("pack", &pack_context,
+           "The statistics as one new float64 host vector [count | mean | inv_std | zscale | "
+           "zshift] (groups * features values for the first three, features for the others), for "
+           "frameworks that keep a call's state as arrays.")
+      .def_static("unpack", &unpack_context, nb::arg("packed"), nb::arg("groups"),
+                  nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
+                  "A context from the vector pack() made (the backward checks it against its "
+                  "input as any other).");
 
   // Keyword-only: a call names every array. The weights come bound in a Weights object (by
   // Keras' names, checked when bound); each array's dtype is its own.

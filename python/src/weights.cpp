@@ -58,8 +58,13 @@ BoundWeights::BoundWeights(const nb::kwargs& vectors) {
   }
 }
 
-const Weights& BoundWeights::for_input(const TensorRef& x, std::int64_t features) const {
-  if (arrays_.empty()) return weights_;  // the core reports the missing moving statistics
+Weights BoundWeights::for_input(const TensorRef& x, std::int64_t features) const {
+  if (arrays_.empty()) {  // nothing bound: nothing to fit (the core says
+    Weights none;         // which weights the operation needs)
+    none.dtype = weight_dtype(x.dtype);
+    none.device = x.device;
+    return none;
+  }
   const std::string& name = arrays_.front().first;
   const DType expected = weight_dtype(x.dtype);
   if (weights_.dtype != expected) {

@@ -21,7 +21,7 @@ class BoundWeights {
 
   // The pointers for a call on input `x` with `features` features, after checking that the
   // vectors fit it: the dtype x computes in, x's device, one value per feature.
-  const Weights& for_input(const TensorRef& x, std::int64_t features) const;
+  Weights for_input(const TensorRef& x, std::int64_t features) const;
 
   // A copy in which the vectors called `names` are this object's own copies (host memory only),
   // the others shared: what a backward keeps of its forward call's weights.

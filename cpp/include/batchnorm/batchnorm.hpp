@@ -205,7 +205,8 @@ void infer_forward(const TensorRef& x, const TensorRef& y, const Options& option
 
 // Backward of train_forward (renorm r/d and adjustment held constant, as in Keras): writes dx
 // and, where non-null, dgamma/dbeta (weights' dtype, length C). The reductions sum in float64
-// in a fixed order (deterministic); `x` and `mask` must be those of the forward call.
+// in a fixed order (deterministic); `x` and `mask` must be those of the forward call. Of the
+// weights it reads gamma only (and whether beta exists); the moving statistics may be absent.
 void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                     const TensorRef* mask, const Options& options, const Weights& weights,
                     const TrainingContext& context, void* dgamma, void* dbeta,

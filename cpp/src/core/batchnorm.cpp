@@ -177,8 +177,12 @@ void check_like(const char* op, const char* name, const TensorRef& t, const Tens
   if (!same_device(t.device, x.device)) fail(op, std::string(name) + " is on another device");
 }
 
+// What an operation reads of the weights beyond gamma and beta: every one reads the moving
+// statistics but the training backward, and only the training forward reads the renorm weights.
+enum class Reads { moving_statistics, moving_and_renorm, statistics_context };
+
 Checked check_common(const char* op, const TensorRef& x, const Options& o, const Weights& w,
-                     bool training, bool adjustment = false) {
+                     bool training, Reads reads, bool adjustment = false) {
   validate_options(op, o, adjustment);
   Checked c;
   c.feature_axes = resolve_axes(op, x.rank, o.axes);
@@ -195,14 +199,16 @@ Checked check_common(const char* op, const TensorRef& x, const Options& o, const
   }
   if (!same_device(w.device, x.device)) fail(op, "weights and input are on different devices");
   // (With no features at all, empty weight vectors may come without a data pointer.)
-  if ((!w.moving_mean || !w.moving_variance) && c.features != 0) {
+  if (reads != Reads::statistics_context && (!w.moving_mean || !w.moving_variance) &&
+      c.features != 0) {
     fail(op, "moving_mean and moving_variance are required");
   }
   const void* const weight_vectors[] = {w.gamma,           w.beta,          w.moving_mean,
                                         w.moving_variance, w.moving_stddev, w.renorm_mean,
                                         w.renorm_stddev};
   for (const void* vector : weight_vectors) check_aligned(op, "a weight vector", vector, w.dtype);
-  if (training && o.renorm && (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev)) {
+  if (reads == Reads::moving_and_renorm && o.renorm &&
+      (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev)) {
     fail(op, "renorm needs moving_stddev, renorm_mean and renorm_stddev");
   }
   check_ghost_axes(op, c.feature_axes, o.virtual_batch_size);
@@ -378,7 +384,8 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
                    bool update_moving, TrainingContext& context, const Communicator* communicator) {
   const char* op = "train_forward";
-  const Checked c = check_common(op, x, options, weights, true, adjustment != nullptr);
+  const Checked c =
+      check_common(op, x, options, weights, true, Reads::moving_and_renorm, adjustment != nullptr);
   check_like(op, "output", y, x);
   check_mask(op, mask, x);
   if (communicator && communicator->size > 1 && !communicator->allgather) {
@@ -407,7 +414,7 @@ void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask
 void infer_forward(const TensorRef& x, const TensorRef& y, const Options& options,
                    const Weights& weights) {
   const char* op = "infer_forward";
-  const Checked c = check_common(op, x, options, weights, false);
+  const Checked c = check_common(op, x, options, weights, false, Reads::moving_statistics);
   check_like(op, "output", y, x);
   const TensorRef* ops[] = {&x, &y};
   with_element_type(op, x, [&](auto element) {
@@ -424,7 +431,7 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
                     const TrainingContext& context, void* dgamma, void* dbeta,
                     const Communicator* communicator) {
   const char* op = "train_backward";
-  const Checked c = check_common(op, x, options, weights, true);
+  const Checked c = check_common(op, x, options, weights, true, Reads::statistics_context);
   check_like(op, "dy", dy, x);
   check_like(op, "dx", dx, x);
   check_mask(op, mask, x);
@@ -472,7 +479,7 @@ void train_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
 void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx,
                     const Options& options, const Weights& weights, void* dgamma, void* dbeta) {
   const char* op = "infer_backward";
-  const Checked c = check_common(op, x, options, weights, false);
+  const Checked c = check_common(op, x, options, weights, false, Reads::moving_statistics);
   check_like(op, "dy", dy, x);
   check_like(op, "dx", dx, x);
   const TensorRef* sums_ops[] = {&dy, &x};
