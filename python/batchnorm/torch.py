@@ -150,6 +150,27 @@ def _plain(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+def _parameter_gradients(dx_dgamma_dbeta: tuple[Any, Any, Any], context: F.Context) -> Any:
+    """A synchronized backward's dgamma/dbeta are sums over every rank; each rank reports its
+    share (the sum over the group size), as nn.SyncBatchNorm does, so that DDP's averaging of
+    parameter gradients gives those of the mean loss, as for every other parameter."""
+    dx, dgamma, dbeta = dx_dgamma_dbeta
+    communicator = context.communicator
+    if communicator is None:
+        return dx, dgamma, dbeta
+    share = 1.0 / communicator.size
+    return (
+        dx,
+        None if dgamma is None else dgamma.mul_(share),
+        None if dbeta is None else dbeta.mul_(share),
+    )
+
+
+def _or_empty(gradient: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
+    # An op returns tensors only: an absent weight's gradient is an empty one (of its own).
+    return x.new_empty(0, dtype=dtype) if gradient is None else gradient
+
+
 def _pack(context: F.Context) -> Tensor:
     return torch.from_numpy(context.statistics.pack())
 
@@ -205,9 +226,8 @@ def _train_backward_op(
     """(dx, dgamma, dbeta) of a training forward from its packed statistics; dgamma/dbeta are
     empty where the layer has no gamma/beta."""
     context = _training_context(x, mask, gamma, has_beta, saved, key)
-    dx, dgamma, dbeta = F.backward(dy, context)
-    empty = x.new_empty(0, dtype=_weight_dtype(x))
-    return dx, empty if dgamma is None else dgamma, empty if dbeta is None else dbeta
+    dx, dgamma, dbeta = _parameter_gradients(F.backward(dy, context), context)
+    return dx, _or_empty(dgamma, x, _weight_dtype(x)), _or_empty(dbeta, x, _weight_dtype(x))
 
 
 @_train_backward_op.register_fake
@@ -285,8 +305,7 @@ def _infer_backward_op(
     )
     context = F.Context(False, x, None, options, weights, None, None)
     dx, dgamma, dbeta = F.backward(dy, context)
-    empty = x.new_empty(0, dtype=moving_mean.dtype)
-    return dx, empty if dgamma is None else dgamma, empty if dbeta is None else dbeta
+    return dx, _or_empty(dgamma, x, moving_mean.dtype), _or_empty(dbeta, x, moving_mean.dtype)
 
 
 @_infer_backward_op.register_fake
@@ -364,7 +383,7 @@ class _Normalize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
         ctx.saved_tensors  # noqa: B018  (raises if x or gamma was modified in place since)
-        dx, dgamma, dbeta = F.backward(dy, ctx.call.context)
+        dx, dgamma, dbeta = _parameter_gradients(F.backward(dy, ctx.call.context), ctx.call.context)
         needs = ctx.needs_input_grad
         return (
             dx if needs[0] else None,
@@ -518,7 +537,8 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         self._options = keras._options
         names = keras._options.weight_names()
         self._moving_names = [name for name in names if name in _MOVING]
-        factory = {"device": device, "dtype": torch.float32}
+        variable_dtype = torch.float64 if keras._policy.variable == "float64" else torch.float32
+        factory = {"device": device, "dtype": variable_dtype}
         for name in names:
             if name in ("gamma", "beta"):
                 param = nn.UninitializedParameter(requires_grad=keras.trainable, **factory)
@@ -562,8 +582,8 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         self._feature_shape = tuple(keras._feature_shape)
         for name, value in zip(self.options.weight_names(), keras.get_weights()):
             tensor = getattr(self, name)
-            dtype = torch.float64 if value.dtype == np.float64 else torch.float32
-            tensor.materialize((value.size,), dtype=dtype)
+            # In the dtype the tensor was given (float32, or module.double() before the build).
+            tensor.materialize((value.size,))
             with torch.no_grad():
                 tensor.copy_(torch.from_numpy(value.reshape(-1)))
 
@@ -604,6 +624,15 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         if x.shape == self._accepted_shape:
             return
         schema = self.options.schema(list(x.shape))
+        if self._feature_shape is None:  # a state_dict loaded into an unbuilt module
+            loaded = self._buffers["moving_mean"].numel()
+            if schema.features != loaded:
+                raise ValueError(
+                    f"the loaded weights have {loaded} features but the input {tuple(x.shape)} "
+                    f"has {schema.features} on axes {list(schema.axes)}"
+                )
+            self.keras_layer.build(list(x.shape))
+            self._feature_shape = tuple(schema.feature_shape)
         if tuple(schema.feature_shape) != self._feature_shape:
             raise ValueError(
                 f"expected inputs with feature sizes {self._feature_shape} on axes "
