@@ -426,6 +426,27 @@ def test_errors_name_the_problem() -> None:
         module(torch.ones(4, 3), mask=torch.ones(5, dtype=torch.bool))
 
 
+def test_half_precision_models_keep_float32_weights() -> None:
+    """model.half() converts every floating tensor; the module keeps float32 weights, as Keras'
+    mixed policies do, and normalizes the float16 data with them."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), bnt.BatchNormalization(3)).half()
+    bn = model[1]
+    assert model[0].weight.dtype == torch.float16
+    assert bn.gamma.dtype == bn.moving_mean.dtype == torch.float32
+    x = torch.randn(8, 4, dtype=torch.float16)
+    y = model(x)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert bn.gamma.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float16
+    bn.double()
+    assert bn.gamma.dtype == torch.float64
+    bn.to(torch.bfloat16)
+    assert bn.gamma.dtype == torch.float32
+    lazy = bnt.BatchNormalization().half()
+    lazy(torch.randn(8, 5, dtype=torch.float16))
+    assert lazy.gamma.dtype == lazy.moving_variance.dtype == torch.float32
+
+
 def test_zero_copy_on_channels_last_and_strided_inputs() -> None:
     module = bnt.BatchNormalization(axis=1).double()
     x = _data((4, 3, 5, 6), 7).contiguous(memory_format=torch.channels_last)

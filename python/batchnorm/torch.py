@@ -37,6 +37,7 @@ from .layer import BatchNormalization as _KerasLayer
 
 __all__ = ["BatchNormalization", "batch_norm"]
 
+_HALF = (torch.float16, torch.bfloat16)
 _MOVING = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 # ---- options and process groups travel to the custom ops as strings ---------------------------
@@ -574,6 +575,18 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         """Keras' layer config (loadable by Keras and by `from_keras`)."""
         return self.keras_layer.get_config()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> BatchNormalization:
+        # module.half() / .to(torch.bfloat16) convert every floating tensor; Keras' mixed
+        # policies keep the weights of a layer fed 16-bit data in float32, and so do the
+        # kernels: such conversions are undone here (devices move as asked).
+        super()._apply(fn, recurse)
+        for tensors in (self._parameters, self._buffers):
+            for tensor in tensors.values():
+                lazy = isinstance(tensor, nn.parameter.UninitializedTensorMixin)
+                if tensor is not None and not lazy and tensor.dtype in _HALF:
+                    tensor.data = tensor.data.float()
+        return self
+
     # -- building --
     def _build(self, input_shape: Sequence[int]) -> None:
         """Keras' initial weights for inputs of `input_shape`, from the layer's initializers."""
@@ -582,8 +595,11 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         self._feature_shape = tuple(keras._feature_shape)
         for name, value in zip(self.options.weight_names(), keras.get_weights()):
             tensor = getattr(self, name)
-            # In the dtype the tensor was given (float32, or module.double() before the build).
-            tensor.materialize((value.size,))
+            # In the dtype the tensor was given (float32, or module.double() before the build;
+            # float32 for a module made 16-bit, see _apply).
+            tensor.materialize(
+                (value.size,), dtype=torch.float32 if tensor.dtype in _HALF else None
+            )
             with torch.no_grad():
                 tensor.copy_(torch.from_numpy(value.reshape(-1)))
 
