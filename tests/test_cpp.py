@@ -235,11 +235,3 @@ def test_wheel_cpp_package_needs_no_cuda_toolkit(cmake: str, ninja: str, tmp_pat
     assert f"in {cmake_dir}" in configured, configured
     output = _run(tmp_path / "build" / "consumer", env=env)
     assert "consumer: ok" in output
-
-
-def test_main_module_rejects_missing_arguments(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "batchnorm"], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert result.returncode == 2
-    assert "--cmake-dir" in result.stderr

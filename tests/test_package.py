@@ -3,6 +3,7 @@ extension they describe."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -107,3 +108,35 @@ def test_repeated_calls_do_not_grow_the_heap() -> None:
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes kept after 2000 steps"
+
+
+def test_main_module_reports_the_installation(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "batchnorm"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    info = _core.runtime_info()
+    assert result.stdout.startswith(f"batchnorm {batchnorm.__version__}\n")
+    assert f"CPU kernels:      {info['cpu_instruction_set']}" in result.stdout
+    assert f"OpenMP threads:   {info['cpu_threads']} per call" in result.stdout
+    assert "CUDA backend:" in result.stdout and "torch (installed)" in result.stdout
+    assert info["cpu_instruction_set"] in ("baseline", "avx2", "avx512")
+    assert info["cpu_threads"] >= 1 and info["cuda_devices"] >= 0
+    version = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "--version"], capture_output=True, text=True
+    )
+    assert version.stdout.strip() == batchnorm.__version__
+    lowered = subprocess.run(
+        [sys.executable, "-m", "batchnorm"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BATCHNORM_CPU_ISA": "baseline", "OMP_NUM_THREADS": "1"},
+    )
+    assert "CPU kernels:      baseline" in lowered.stdout
+    assert "OpenMP threads:   1 per call (OMP_NUM_THREADS=1)" in lowered.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "--cmake-dir", "--version"],
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 2 and "not allowed with" in wrong.stderr

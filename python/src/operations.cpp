@@ -222,6 +222,20 @@ void bind_operations(nb::module_& m) {
                 "dgamma: object | None = None, dbeta: object | None = None, weights: Weights) "
                 "-> None"),
         "Backward of infer_forward: writes dx, dgamma and dbeta.");
+  m.def(
+      "runtime_info",
+      [] {
+        const RuntimeInfo info = runtime_info();
+        nb::dict result;
+        result["cpu_instruction_set"] = info.cpu_instruction_set;
+        result["cpu_threads"] = info.cpu_threads;
+        result["cuda_built"] = info.cuda_built;
+        result["cuda_devices"] = info.cuda_devices;
+        return result;
+      },
+      nb::sig("def runtime_info() -> dict[str, str | int | bool]"),
+      "What the kernels run with here: the CPU instruction set picked at run time, OpenMP's "
+      "threads per call, whether this build has the CUDA backend and how many devices it sees.");
   m.def("cuda_available", &cuda_available,
         "Whether this build has the CUDA backend and a CUDA device is visible.");
 }

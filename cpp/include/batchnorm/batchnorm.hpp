@@ -221,6 +221,15 @@ void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
 // machine without driver or GPU gives false.
 bool cuda_available();
 
+// What this build and machine give the kernels: for `python -m batchnorm` and bug reports.
+struct RuntimeInfo {
+  std::string cpu_instruction_set;  // baseline, avx2 or avx512: picked at run time
+  int cpu_threads = 1;              // OpenMP's team size for a call (1 without OpenMP)
+  bool cuda_built = false;          // this build carries the CUDA backend
+  int cuda_devices = 0;             // usable CUDA devices (0 without driver or GPU)
+};
+RuntimeInfo runtime_info();
+
 // The CUDA stream (a cudaStream_t; nullptr = the legacy default stream) on which the calling
 // thread's later CUDA calls queue their work, like a framework's "current stream"; each thread
 // has its own. CUDA calls run on the device that holds the weights and return once their work

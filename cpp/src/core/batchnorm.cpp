@@ -11,6 +11,8 @@
 
 #include "core/backend.hpp"
 #include "core/elements.hpp"
+#include "cpu/dispatch.hpp"
+#include "cuda/runtime.hpp"
 
 namespace batchnorm {
 
@@ -497,6 +499,15 @@ void infer_backward(const TensorRef& dy, const TensorRef& x, const TensorRef& dx
 }
 
 bool cuda_available() { return detail::cuda_backend().available(); }
+
+RuntimeInfo runtime_info() {
+  RuntimeInfo info;
+  info.cpu_instruction_set = cpu::isa_name(cpu::active_isa());
+  info.cpu_threads = cpu::max_threads();
+  info.cuda_built = cuda::built();
+  info.cuda_devices = cuda::device_count();
+  return info;
+}
 
 namespace {
 // Per thread, like a framework's "current stream": threads driving different streams do not

@@ -3,6 +3,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace batchnorm::cpu {
 
@@ -68,6 +71,14 @@ const KernelSet& active_kernels() {
     }
   }();
   return set;
+}
+
+int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
 }
 
 }  // namespace batchnorm::cpu

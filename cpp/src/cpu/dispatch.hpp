@@ -27,6 +27,9 @@ const char* isa_name(Isa isa);
 // variable BATCHNORM_CPU_ISA = baseline | avx2 | avx512. Decided once per process.
 Isa active_isa();
 
+// The threads a call may use: OpenMP's maximum team size (1 in builds without OpenMP).
+int max_threads();
+
 // Folded coefficients: forward out = (in - shift) * scale + offset; backward
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)). P is a value (plane mode: one
 // statistic) or an array (row mode: entry i belongs to feature i mod C, for i < C + 16, so a

@@ -59,13 +59,6 @@ class CallShare {
   CallShare& operator=(const CallShare&) = delete;
 
  private:
-  static int max_threads() {
-#if defined(_OPENMP)
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  }
 };
 
 // Threads for a pass over `elements`: one per kElementsPerThread, at most the call's share.

@@ -74,6 +74,8 @@ DeviceScope::DeviceScope(const void* pointer, const char* what) {
 
 DeviceScope::~DeviceScope() { cudaSetDevice(previous_); }
 
+bool built() { return true; }
+
 int device_count() {
   int count = 0;
   // Without a driver this reports cudaErrorInsufficientDriver / cudaErrorNoDevice: no devices.

@@ -11,6 +11,9 @@ namespace batchnorm::cuda {
 // driver is too old or no GPU is present. Never throws.
 int device_count();
 
+// Whether this build carries the CUDA backend (whatever the machine has).
+bool built();
+
 // Device memory on `device` (for the Python layer's weights and for outputs of frameworks that
 // cannot allocate them, such as JAX). `release` finds the owning device itself.
 void* allocate(std::size_t bytes, int device);

@@ -37,6 +37,8 @@ namespace batchnorm::cuda {
 
 int device_count() { return 0; }
 
+bool built() { return false; }
+
 void* allocate(std::size_t, int) { detail::no_cuda(); }
 
 void release(void*) noexcept {}
