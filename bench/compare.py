@@ -412,7 +412,12 @@ def bandwidth(mode: str, nbytes: int, times: dict[str, list[float]]) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Times batchnorm against PyTorch's batch norm, NumPy and TensorFlow (those "
+        "installed) on the README's cases, interleaved in one process, and draws the ratios.",
+        epilog="The module docstring (python -c 'import bench.compare; help(bench.compare)') "
+        "says what each column measures.",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for every library")
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds per case")
     parser.add_argument("--modes", default=",".join(MODES), help="train,infer,backward")
@@ -551,29 +556,63 @@ def _mib(value: float | None) -> str:
 
 
 def chart(rows: list[dict[str, Any]], others: list[str], path: str, setting: str) -> None:
+    """One horizontal bar per case and mode, per compared library: how many times longer the
+    other library takes than batchnorm, on a log axis, drawn from 1x (same speed) — to the right
+    where batchnorm is faster, to the left where it is slower — with the factor written on it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         print("matplotlib is not installed: no chart written")
         return
-    labels = [f"{r['case']}\n{r['mode']}" for r in rows]
-    positions = np.arange(len(rows))
-    width = 0.8 / max(len(others), 1)
-    fig, axes = plt.subplots(figsize=(max(10, 0.55 * len(rows)), 5))
-    for i, name in enumerate(others):
-        ratios = [r[f"{name}_ratio"] for r in rows]
-        axes.bar(positions + (i - (len(others) - 1) / 2) * width, ratios, width, label=name)
-    axes.axhline(1.0, color="black", linewidth=0.8)
-    axes.set_yscale("log")
-    axes.set_ylabel("time relative to batchnorm (higher: batchnorm faster)")
-    axes.set_title(f"{setting}, median of interleaved rounds")
-    axes.set_xticks(positions, labels, rotation=90, fontsize=7)
-    axes.legend()
+    labels = [f"{r['case']}  {r['mode']}" for r in rows]
+    positions = np.arange(len(rows))[::-1]  # the first case on top
+    ratios = {name: np.array([r[f"{name}_ratio"] for r in rows]) for name in others}
+    every = np.concatenate(list(ratios.values())) if ratios else np.ones(1)
+    low = 2.0 ** np.floor(np.log2(min(every.min(), 1.0) / 1.5))
+    high = 2.0 ** np.ceil(np.log2(max(every.max(), 1.0) * 1.5))
+    ticks = [2.0**k for k in range(int(np.log2(low)), int(np.log2(high)) + 1)]
+
+    def factor(value: float, _: Any = None) -> str:
+        return f"{value:g}x" if value >= 1 else f"1/{1 / value:g}x"
+
+    fig, panels = plt.subplots(
+        1,
+        max(len(others), 1),
+        figsize=(4.5 * max(len(others), 1) + 3, 0.32 * len(rows) + 1.6),
+        sharey=True,
+        squeeze=False,
+    )
+    for panel, name in zip(panels[0], others):
+        values = ratios[name]
+        colors = ["#2a9d4b" if v >= 1 else "#d1495b" for v in values]
+        panel.barh(positions, values - 1, left=1, height=0.7, color=colors)
+        panel.axvline(1.0, color="black", linewidth=1)
+        panel.set_xscale("log")
+        panel.set_xlim(low, high)
+        panel.xaxis.set_major_locator(FixedLocator(ticks))
+        panel.xaxis.set_minor_locator(NullLocator())
+        panel.xaxis.set_major_formatter(FuncFormatter(factor))
+        panel.grid(axis="x", color="#dddddd", linewidth=0.6)
+        panel.set_axisbelow(True)
+        for y, v in zip(positions, values):
+            panel.text(
+                v * (1.06 if v >= 1 else 1 / 1.06),
+                y,
+                f"{v:.1f}x" if v >= 1 else f"{v:.2f}x",
+                va="center",
+                ha="left" if v >= 1 else "right",
+                fontsize=8,
+            )
+        panel.set_title(f"{name}: its time / batchnorm's", fontsize=10)
+        panel.set_xlabel("<- batchnorm slower | batchnorm faster ->", fontsize=9)
+    panels[0][0].set_yticks(positions, labels, fontsize=8)
+    fig.suptitle(f"batchnorm against other libraries ({setting}; median of interleaved rounds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     print(f"chart: {path}")
 
 
