@@ -11,7 +11,7 @@ import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 
@@ -31,9 +31,18 @@ from ._arrays import (
 from ._dtypes import Policy, data_dtype, numpy_dtype, policy_from
 from .functional import _number
 
+
+class SupportsDLPack(Protocol):
+    """An array of any framework that exports DLPack: NumPy, PyTorch, JAX, CuPy, ..."""
+
+    def __dlpack_device__(self) -> Any: ...
+
+
+# A call returns an array of its input's own type (a NumPy array for a NumPy input or for a
+# list, a torch.Tensor for a tensor, ...).
+ArrayT = TypeVar("ArrayT", bound=SupportsDLPack)
+
 _layer_ids = itertools.count()
-# Every weight a layer can have (the core's list, renorm on).
-_WEIGHT_NAMES = frozenset(functional.Options(renorm=True).weight_names())
 
 
 class Variable:
@@ -55,6 +64,7 @@ class Variable:
 
     @property
     def trainable(self) -> bool:
+        """False freezes the layer: training calls run in inference mode and update nothing."""
         return self._trainable
 
     @property
@@ -141,12 +151,73 @@ def build_input_shape(build_config: Any) -> tuple[int | None, ...] | None:
     return tuple(None if d is None else int(d) for d in shape)
 
 
+class _Weight:
+    """Keras' `layer.moving_mean`, `layer.gamma`, ...: the layer's Variable of that name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def _variable(self, layer: BatchNormalization) -> Variable | None:
+        variable = layer._variables.get(self.name)
+        if variable is None and not layer.built:
+            raise AttributeError(
+                f"{layer.name}: the layer is not built yet, so it has no weight {self.name!r}; "
+                "call layer.build(input_shape) or call the layer on an input first"
+            )
+        return variable
+
+
+class _Parameter(_Weight):
+    """gamma or beta: None where scale=False / center=False, as Keras keeps them."""
+
+    def __get__(self, layer: BatchNormalization | None, owner: type) -> Variable | None:
+        return None if layer is None else self._variable(layer)
+
+
+class _Statistic(_Weight):
+    """A moving or renorm statistic (the renorm ones exist with renorm=True only)."""
+
+    def __get__(self, layer: BatchNormalization | None, owner: type) -> Variable:
+        variable = None if layer is None else self._variable(layer)
+        if variable is None:
+            raise AttributeError(f"this layer has no {self.name} (it exists with renorm=True)")
+        return variable
+
+
 class BatchNormalization:
     """Keras' BatchNormalization layer, computed by the batchnorm kernels.
 
     Call it on an array (`layer(x, training=True)`), then `layer.backward(dy)` for dx and the
     parameter gradients in `layer.gradients`, and `layer.apply_gradients(lr)` for an SGD step.
+
+    Arguments (Keras' names and defaults):
+
+    - axis: the feature axis, or a list of them (-1: the last, channels-last data).
+    - momentum: the decay of the moving statistics (moving = moving * momentum + batch * (1 -
+      momentum)); epsilon: added to the variance.
+    - center, scale: whether the layer has beta / gamma.
+    - beta_initializer, gamma_initializer, moving_mean_initializer,
+      moving_variance_initializer: Keras initializers (a name, a config dict or an object).
+    - beta_regularizer, gamma_regularizer: Keras regularizers, in `losses` and in
+      `apply_gradients`; beta_constraint, gamma_constraint: applied after each update.
+    - renorm, renorm_clipping ({"rmax", "rmin", "dmax"}), renorm_momentum: batch
+      renormalization.
+    - fused: accepted for Keras compatibility (the kernels are always fused).
+    - trainable: False freezes the layer (inference, no updates), as in Keras.
+    - virtual_batch_size: ghost batches of this many samples.
+    - adjustment: Keras' callable(input_shape) -> (scale, bias) applied in training.
+    - synchronized, communicator: statistics over every process of an MPI communicator
+      (MPI.COMM_WORLD by default).
+    - name, dtype: the layer's name and Keras dtype policy ("float32", "mixed_float16", ...).
     """
+
+    gamma = _Parameter()
+    beta = _Parameter()
+    moving_mean = _Statistic()
+    moving_variance = _Statistic()
+    moving_stddev = _Statistic()
+    renorm_mean = _Statistic()
+    renorm_stddev = _Statistic()
 
     # Keras' flag for layers that accept a `mask` argument (and pass the mask on unchanged).
     supports_masking = True
@@ -178,6 +249,8 @@ class BatchNormalization:
         name: str | None = None,
         dtype: Any = None,
     ) -> None:
+        """A layer with Keras' arguments (see the class docstring); it builds its weights at the
+        first call, or at `build(input_shape)`. Bad arguments raise TypeError/ValueError here."""
         # Types and ranges are checked once, here (ranges by the core); the value is frozen.
         self._options = functional.Options(
             axis=axis,
@@ -264,6 +337,7 @@ class BatchNormalization:
 
     @property
     def momentum(self) -> float:
+        """The decay of the moving statistics (settable; validated)."""
         return self._options.momentum
 
     @momentum.setter
@@ -272,6 +346,7 @@ class BatchNormalization:
 
     @property
     def epsilon(self) -> float:
+        """The small value added to the variance (settable; validated)."""
         return self._options.epsilon
 
     @epsilon.setter
@@ -280,6 +355,7 @@ class BatchNormalization:
 
     @property
     def renorm_momentum(self) -> float:
+        """The decay of renorm's statistics (settable; validated)."""
         return self._options.renorm_momentum
 
     @renorm_momentum.setter
@@ -288,6 +364,7 @@ class BatchNormalization:
 
     @property
     def renorm_clipping(self) -> dict[str, float] | None:
+        """Renorm's {"rmax", "rmin", "dmax"} bounds, or None (settable; validated)."""
         clipping = self._options.renorm_clipping
         return None if clipping is None else dict(clipping)
 
@@ -298,18 +375,22 @@ class BatchNormalization:
     # These decide which weights exist and how they are shaped: fixed at construction.
     @property
     def center(self) -> bool:
+        """Whether the layer has beta (Keras' `center`; fixed at construction)."""
         return self._options.center
 
     @property
     def scale(self) -> bool:
+        """Whether the layer has gamma (Keras' `scale`; fixed at construction)."""
         return self._options.scale
 
     @property
     def renorm(self) -> bool:
+        """Whether batch renormalization is on (fixed at construction)."""
         return self._options.renorm
 
     @property
     def virtual_batch_size(self) -> int | None:
+        """The ghost-batch size, or None."""
         return self._options.virtual_batch_size
 
     @property
@@ -319,10 +400,12 @@ class BatchNormalization:
 
     @property
     def compute_dtype(self) -> str:
+        """The dtype the layer computes and returns (its dtype policy's compute dtype)."""
         return self._policy.compute
 
     @property
     def dtype_policy(self) -> str:
+        """The Keras dtype policy's name ("float32", "mixed_float16", ...)."""
         return self._policy.name
 
     @property
@@ -338,43 +421,33 @@ class BatchNormalization:
 
     @property
     def weights(self) -> list[Variable]:
+        """Every weight, Keras order."""
         return list(self._variables.values())
 
     @property
     def trainable_weights(self) -> list[Variable]:
+        """gamma and beta where they exist, unless the layer is frozen."""
         return [v for v in self._variables.values() if v.trainable]
 
     @property
     def non_trainable_weights(self) -> list[Variable]:
+        """The moving (and renorm) statistics, plus gamma/beta when frozen."""
         return [v for v in self._variables.values() if not v.trainable]
 
     @property
     def variables(self) -> list[Variable]:
+        """Every weight, Keras order (Keras 3's name for `weights`)."""
         return self.weights
 
     @property
     def trainable_variables(self) -> list[Variable]:
+        """Keras 3's name for `trainable_weights`."""
         return self.trainable_weights
 
     @property
     def non_trainable_variables(self) -> list[Variable]:
+        """Keras 3's name for `non_trainable_weights`."""
         return self.non_trainable_weights
-
-    def __getattr__(self, name: str) -> Variable | None:
-        # gamma, beta, moving_mean, ... as attributes, like Keras' layer.moving_mean.
-        variables = self.__dict__.get("_variables", {})
-        if name in variables:
-            return variables[name]
-        if name in _WEIGHT_NAMES:
-            if not self.__dict__.get("built", False):
-                raise AttributeError(
-                    f"{self.__dict__.get('name', type(self).__name__)}: the layer is not built "
-                    f"yet, so it has no weight {name!r}; call layer.build(input_shape) or call "
-                    "the layer on an input first"
-                )
-            if name in ("gamma", "beta"):
-                return None  # scale=False / center=False: Keras keeps layer.gamma / beta None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def losses(self) -> list[float]:
@@ -435,6 +508,7 @@ class BatchNormalization:
         self.built = True
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        """The output's shape for inputs of `input_shape`: the same (normalization keeps it)."""
         return tuple(input_shape)
 
     # ---- device ------------------------------------------------------------------------------
@@ -463,6 +537,7 @@ class BatchNormalization:
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
+        """Host NumPy copies of every weight, in Keras' order and shapes."""
         return [v.numpy() for v in self._variables.values()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
@@ -581,6 +656,24 @@ class BatchNormalization:
             self._sync_resolved = True
         return self._sync_hook
 
+    @overload
+    def __call__(
+        self,
+        inputs: ArrayT,
+        training: bool | None = None,
+        mask: Any = None,
+        out: ArrayT | None = None,
+    ) -> ArrayT: ...
+
+    @overload
+    def __call__(
+        self,
+        inputs: float | Sequence[Any],
+        training: bool | None = None,
+        mask: Any = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray: ...
+
     def __call__(
         self, inputs: Any, training: bool | None = None, mask: Any = None, out: Any = None
     ) -> Any:
@@ -645,7 +738,7 @@ class BatchNormalization:
             )
         return self._last
 
-    def backward(self, dy: Any, out: Any = None) -> Any:
+    def backward(self, dy: ArrayT, out: ArrayT | None = None) -> ArrayT:
         """Gradient of the last call: returns dx in the input's framework and fills `gradients`
         ({"gamma", "beta"}, also in the input's framework and on the layer's device). The call's
         own statistics and weights are used, so a second backward (even after an update of
@@ -691,6 +784,9 @@ class BatchNormalization:
 
     # ---- config ------------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
+        """Keras 3's layer config: every argument (initializers, regularizers and constraints
+        serialized), the dtype policy and the build shape; `from_config` reads it back, as do
+        Keras and `batchnorm.torch.BatchNormalization.from_keras`."""
         if self.adjustment is not None:
             warnings.warn(
                 "adjustment is a Python callable and is not serialized by get_config",
