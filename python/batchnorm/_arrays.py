@@ -304,6 +304,10 @@ class JaxFramework(Framework):
         kind, index = array.__dlpack_device__()
         return _dlpack_device(int(kind), int(index))
 
+    def cast(self, array: Any, dtype: np.dtype) -> Any:
+        # JAX buffers are always aligned (and have no NumPy `flags`).
+        return array if array.dtype == dtype else array.astype(dtype)
+
     def empty_like(self, array: Any) -> Any:
         return self.empty(tuple(array.shape), self.dtype_name(array), self.device(array))
 
@@ -334,6 +338,8 @@ class JaxFramework(Framework):
         for name in ("torch", "cupy"):
             if name in sys.modules or _importable(name):
                 library = sys.modules[name]
+                # The view belongs to the other library, whose `before` does not wait for JAX.
+                array.block_until_ready()
                 return library.broadcast_to(library.from_dlpack(array), shape)
         raise TypeError(
             "mask: a JAX mask on CUDA is viewed through PyTorch or CuPy; install one of them or "
@@ -472,12 +478,25 @@ def device_vector(values: np.ndarray, device: Device) -> Any:
     return vector
 
 
+def stream_vector(values: np.ndarray, device: Device) -> Any:
+    """`device_vector` inside a call, once its stream is set: on CUDA the copy is queued on the
+    call's stream, ordered before the kernels that read it, and the host does not wait."""
+    host = np.ascontiguousarray(values).reshape(-1)
+    if device.type == "cpu":
+        return host.copy()
+    vector = DeviceArray((host.size,), host.dtype.name, device)
+    _core.cuda_copy_on_stream(vector.buffer, host)
+    return vector
+
+
 def copy_vector(vector: Any) -> Any:
-    """An independent copy of a `device_vector`, on its device."""
+    """An independent copy of a `device_vector`, on its device; inside a call, once its stream is
+    set: on CUDA the copy is queued on the call's stream (after the kernels that may update the
+    vector), and the host does not wait."""
     if isinstance(vector, np.ndarray):
         return vector.copy()
     copy = DeviceArray(vector.shape, vector.dtype_name, vector.device)
-    _core.cuda_copy(copy.buffer, vector.buffer)
+    _core.cuda_copy_on_stream(copy.buffer, vector.buffer)
     return copy
 
 

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/config.hpp"
 #include "core/layout.hpp"
@@ -21,18 +22,44 @@ using detail::Plan;
 // Throws std::runtime_error naming `what` and the CUDA error unless `status` is cudaSuccess.
 void check(cudaError_t status, const char* what);
 
-// Makes the device that owns `pointer` current for the scope (restoring the previous one), and
-// rejects pointers that are not device memory with an error naming `what`.
+// Makes the device that owns `pointer` (or `device`) current for the scope, restoring the
+// previous one; rejects pointers that are not device memory with an error naming `what`.
 class DeviceScope {
  public:
   DeviceScope(const void* pointer, const char* what);
+  explicit DeviceScope(int device);
   ~DeviceScope();
   DeviceScope(const DeviceScope&) = delete;
   DeviceScope& operator=(const DeviceScope&) = delete;
 
+  int device() const { return device_; }
+
  private:
+  void enter();
+  int device_ = 0;
   int previous_ = 0;
 };
+
+// An array a call hands to CUDA: `used` is false where nothing of it is read or written (an
+// empty tensor, an absent optional vector), and then its pointer may be anything.
+struct Operand {
+  const void* data;
+  bool used;
+  const char* name;
+};
+
+// Throws std::invalid_argument naming the first used operand that is not memory of `device`
+// (or managed memory): a host pointer tagged as CUDA from C++ would otherwise fault in a kernel
+// and leave the CUDA context unusable.
+void check_operands(int device, std::initializer_list<Operand> operands);
+
+// Throws if an error of earlier CUDA work of this thread is pending, before a call queues its
+// own, so that the error is not reported as the call's.
+void check_earlier_errors();
+
+// Checks a kernel launch on `stream`, naming `what` in the error; debug builds also wait for
+// the kernel, so that an asynchronous fault is reported by the kernel that caused it.
+void launched(const char* what, cudaStream_t stream);
 
 // The stream set by batchnorm::set_cuda_stream for the calling thread.
 cudaStream_t current_stream();
@@ -41,6 +68,10 @@ cudaStream_t current_stream();
 // memory. Unlike the device's default pool (which returns memory to the driver at every
 // synchronization) it keeps what it has grown to, so repeated calls do not map memory again.
 cudaMemPool_t scratch_pool();
+
+// A non-blocking stream of batchnorm's own on the current device, for releasing memory in
+// stream order outside any call; false where it cannot be made.
+bool release_stream(cudaStream_t* stream) noexcept;
 
 inline constexpr int kThreads = 256;
 inline constexpr int kVectorBytes = 16;

@@ -43,6 +43,10 @@ void release(void*) noexcept {}
 
 void copy(void*, const void*, std::size_t) { detail::no_cuda(); }
 
+void copy_on_stream(void*, const void*, std::size_t) { detail::no_cuda(); }
+
+void wait_for_stream(void*, int) { detail::no_cuda(); }
+
 void synchronize(int) { detail::no_cuda(); }
 
 }  // namespace batchnorm::cuda
