@@ -79,8 +79,9 @@ inline constexpr int kVectorBytes = 16;
 // block merge, small enough that a (32, 64, 112, 112) tensor gives over a thousand blocks.
 inline constexpr std::int64_t kChunkElements = 32768;
 
-// How a Plan is cut into blocks. Depends only on the shape and the alignment of the operands,
-// never on the GPU, so the reduction order (and every result bit) is the same on any device.
+// How a Plan is cut into blocks. Depends only on the shape and strides of the operands, never
+// on their alignment or the GPU, so the reduction order (and every result bit) is the same on
+// any device and at any offset of the data.
 //
 // Row mode: per outer stat item a (rows x inner) matrix with contiguous features. A block is
 // a tile of tile_x vectors of `vector` features times tile_y threads over rows, and reduces
@@ -88,7 +89,9 @@ inline constexpr std::int64_t kChunkElements = 32768;
 // `per_chunk` consecutive elements of one statistic.
 struct Geometry {
   bool row = false;
-  int vector = 1;              // elements per load: kVectorBytes / sizeof(T) when aligned, else 1
+  int vector = 1;              // elements a thread takes at a time: kVectorBytes / sizeof(T)
+                               // where shape and strides allow, else 1
+  bool aligned = false;        // every operand (but a mask) on 16 bytes: one vector load per group
   std::int64_t stats = 0;      // statistics (g * C + c)
   std::int64_t inner = 1;      // row mode: features per row
   std::int64_t rows = 0;       // row mode: rows per outer item

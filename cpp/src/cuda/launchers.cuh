@@ -83,9 +83,13 @@ Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* 
   g.stats = plan.stat.total();
   const LoopNest& red = plan.reduced;
   const std::int64_t width = kVectorBytes / static_cast<std::int64_t>(element_bytes);
+  // Whether V elements group into one load depends on the shape and strides only, so that the
+  // order of the sums does too; the operands' alignment only decides whether a group moves as
+  // one 16-byte vector (Geometry::aligned).
   bool vectorize = true;
+  g.aligned = true;
   for (int op = 0; op < plan.operands; ++op) {
-    vectorize = vectorize && (op == mask_operand || aligned(pointers[op]));
+    g.aligned = g.aligned && (op == mask_operand || aligned(pointers[op]));
   }
   if (plan.row) {
     // Features are unit-stride in every data operand (Plan::row), so a vector needs only the
