@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/half.hpp"
 #include "core/layout.hpp"
@@ -31,21 +32,38 @@ struct alignas(sizeof(T) * V) Pack {
 // same either way: the same data at another offset gives the same bits.
 template <class T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* at, bool aligned) {
-  if (V == 1 || aligned) return *reinterpret_cast<const Pack<T, V>*>(at);
-  Pack<T, V> pack;
+  if constexpr (V == 1) {
+    return *reinterpret_cast<const Pack<T, V>*>(at);
+  } else {
+    if (aligned) return *reinterpret_cast<const Pack<T, V>*>(at);
+    Pack<T, V> pack;
 #pragma unroll
-  for (int v = 0; v < V; ++v) pack.v[v] = at[v];
-  return pack;
+    for (int v = 0; v < V; ++v) pack.v[v] = at[v];
+    return pack;
+  }
 }
 
 template <class T, int V>
 __device__ __forceinline__ void store_pack(T* at, const Pack<T, V>& pack, bool aligned) {
-  if (V == 1 || aligned) {
-    *reinterpret_cast<Pack<T, V>*>(at) = pack;
-    return;
-  }
+  if constexpr (V == 1) {
+    *at = pack.v[0];
+  } else if (aligned) {
+    static_assert(sizeof(Pack<T, V>) == 4 * sizeof(unsigned), "a vector is 16 bytes");
+    unsigned words[4];
+    memcpy(words, &pack, sizeof words);
+#if defined(__CUDA_ARCH__)
+    // One 16-byte store, spelled out: left to the compiler, the row kernels' stores of a Pack
+    // came out as V scalar stores.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(words[0]), "r"(words[1]),
+                 "r"(words[2]), "r"(words[3])
+                 : "memory");
+#else
+    memcpy(at, words, sizeof words);
+#endif
+  } else {
 #pragma unroll
-  for (int v = 0; v < V; ++v) at[v] = pack.v[v];
+    for (int v = 0; v < V; ++v) at[v] = pack.v[v];
+  }
 }
 
 // Element offsets of the first Ops operands for the row-major index `index` over the dims
