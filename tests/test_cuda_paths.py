@@ -40,6 +40,10 @@ class Recorder:
     def cuda_empty(self, shape: list[int], dtype: str, device: int) -> Buffer:
         return Buffer(shape, dtype, device)
 
+    def cuda_empty_on_stream(self, shape: list[int], dtype: str, device: int) -> Buffer:
+        self.calls.append(("cuda_empty_on_stream", tuple(shape)))
+        return Buffer(shape, dtype, device)
+
     def __getattr__(self, name: str) -> Any:
         if not name.startswith(("cuda_", "set_cuda_stream")):
             raise AttributeError(name)
@@ -128,15 +132,30 @@ def test_arrays_of_another_framework_are_ordered_before_the_kernels(
 
 
 def test_copies_inside_a_call_are_queued_on_its_stream(core: Recorder) -> None:
+    """A call's own vectors are allocated, copied and (after their uses) freed in the call's
+    stream order: no host wait, where cudaMalloc/cudaFree would wait for the device."""
     gamma = _arrays.DeviceArray((3,), "float32", CUDA0)
+    assert not gamma.ordered and core.calls == []  # a layer's weight: plain device memory
     kept = _arrays.copy_vector(gamma)
-    assert isinstance(kept, _arrays.DeviceArray) and kept is not gamma
-    assert core.calls == [("cuda_copy_on_stream", kept.buffer, gamma.buffer)]
+    assert isinstance(kept, _arrays.DeviceArray) and kept is not gamma and kept.ordered
+    assert core.calls == [
+        ("cuda_empty_on_stream", (3,)),
+        ("cuda_copy_on_stream", kept.buffer, gamma.buffer),
+        ("cuda_used", kept.buffer),
+    ]
     core.calls.clear()
     host = np.arange(3, dtype=np.float32)
     scale = functional._device_adjustment(host, CUDA0)
-    assert isinstance(scale, _arrays.DeviceArray) and scale.shape == (3,)
-    assert [c[0] for c in core.calls] == ["cuda_copy_on_stream"]
-    np.testing.assert_array_equal(core.calls[0][2], host)
+    assert isinstance(scale, _arrays.DeviceArray) and scale.shape == (3,) and scale.ordered
+    assert [c[0] for c in core.calls] == [
+        "cuda_empty_on_stream",
+        "cuda_copy_on_stream",
+        "cuda_used",
+    ]
+    np.testing.assert_array_equal(core.calls[1][2], host)
     assert functional._device_adjustment(host, _arrays.CPU) is host
     assert functional._device_adjustment(scale, CUDA0) is scale
+    core.calls.clear()
+    # A backward records its reads of the call's own vectors, not of the layer's weights.
+    _arrays.mark_used([gamma, kept, None, host])
+    assert core.calls == [("cuda_used", kept.buffer)]

@@ -448,13 +448,19 @@ class DeviceArray:
     object), with the shape, dtype name and device that the extension's bare buffer does not
     carry. It exports DLPack, so the kernels and every framework read it in place."""
 
-    __slots__ = ("buffer", "shape", "dtype_name", "device")
+    __slots__ = ("buffer", "shape", "dtype_name", "device", "ordered")
 
-    def __init__(self, shape: tuple[int, ...], dtype_name: str, device: Device) -> None:
-        self.buffer = _core.cuda_empty(list(shape), dtype_name, device.index)
+    def __init__(
+        self, shape: tuple[int, ...], dtype_name: str, device: Device, ordered: bool = False
+    ) -> None:
+        # `ordered`: a call's own vector, allocated in the call's stream order and freed in
+        # stream order after the work recorded by `mark_used` (no wait on the host).
+        empty = _core.cuda_empty_on_stream if ordered else _core.cuda_empty
+        self.buffer = empty(list(shape), dtype_name, device.index)
         self.shape = tuple(shape)
         self.dtype_name = dtype_name
         self.device = device
+        self.ordered = ordered
 
     @property
     def size(self) -> int:
@@ -484,9 +490,18 @@ def stream_vector(values: np.ndarray, device: Device) -> Any:
     host = np.ascontiguousarray(values).reshape(-1)
     if device.type == "cpu":
         return host.copy()
-    vector = DeviceArray((host.size,), host.dtype.name, device)
+    vector = DeviceArray((host.size,), host.dtype.name, device, ordered=True)
     _core.cuda_copy_on_stream(vector.buffer, host)
+    _core.cuda_used(vector.buffer)
     return vector
+
+
+def mark_used(vectors: Any) -> None:
+    """Records that the work just queued on the call's stream reads these vectors (None and
+    host vectors are skipped): a call's own device vectors are freed only after it."""
+    for vector in vectors:
+        if isinstance(vector, DeviceArray) and vector.ordered:
+            _core.cuda_used(vector.buffer)
 
 
 def copy_vector(vector: Any) -> Any:
@@ -495,8 +510,9 @@ def copy_vector(vector: Any) -> Any:
     vector), and the host does not wait."""
     if isinstance(vector, np.ndarray):
         return vector.copy()
-    copy = DeviceArray(vector.shape, vector.dtype_name, vector.device)
+    copy = DeviceArray(vector.shape, vector.dtype_name, vector.device, ordered=True)
     _core.cuda_copy_on_stream(copy.buffer, vector.buffer)
+    _core.cuda_used(copy.buffer)
     return copy
 
 

@@ -36,6 +36,7 @@ from ._arrays import (
     check_numeric,
     copy_vector,
     framework_of,
+    mark_used,
     read,
     stream_vector,
     vector_device,
@@ -395,6 +396,11 @@ def forward(
             _device_adjustment(adjustment[1], device),
         )
     if training:
+        # The training backward reads gamma only: keep this call's value (copied first, so that
+        # a backward ordered after the forward's statistics is ordered after the copy too).
+        kept = dict(weights)
+        if weights.get("gamma") is not None:
+            kept["gamma"] = copy_vector(weights["gamma"])
         statistics = _core.TrainingContext()
         _core.train_forward(
             x=x_view,
@@ -408,10 +414,8 @@ def forward(
             context=statistics,
             communicator=communicator,
         )
-        # The training backward reads gamma only: keep this call's value.
-        kept = dict(weights)
-        if weights.get("gamma") is not None:
-            kept["gamma"] = copy_vector(weights["gamma"])
+        if adjustment is not None:
+            mark_used(adjustment)
     else:
         statistics = None
         _core.infer_forward(x=x_view, y=y_view, options=options.core, **weights)
@@ -478,6 +482,8 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             dgamma=dgamma,
             dbeta=dbeta,
         )
+
+    mark_used(context.weights.values())
 
     def finish(vector: Any) -> Any:
         return None if vector is None else framework.finish(vector, device)

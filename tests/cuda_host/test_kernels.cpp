@@ -27,6 +27,7 @@
 
 #include "batchnorm/batchnorm.hpp"
 #include "core/half.hpp"
+#include "cuda/runtime.hpp"
 
 namespace {
 
@@ -625,6 +626,31 @@ void check_pointer_validation() {
 
 const char* dtype_label(DType d) { return batchnorm::dtype_name(d); }
 
+bool is_device_memory(const void* pointer) {
+  cudaPointerAttributes attributes{};
+  return cudaPointerGetAttributes(&attributes, pointer) == cudaSuccess &&
+         attributes.type == cudaMemoryTypeDevice;
+}
+
+// A call's own vectors: device memory from the stream-ordered pool, released once, after the
+// uses recorded for it; memory of the plain allocator is left to its own release.
+void check_stream_ordered_memory() {
+  ++checks;
+  void* data = batchnorm::cuda::allocate_on_stream(96, 0);
+  if (!is_device_memory(data)) fail("allocate_on_stream gave no device memory");
+  batchnorm::cuda::used(data);
+  batchnorm::cuda::used(data);
+  batchnorm::cuda::release_after_use(data);
+  if (is_device_memory(data)) fail("release_after_use did not free its memory");
+  batchnorm::cuda::release_after_use(data);  // a second release finds nothing to free
+  void* plain = batchnorm::cuda::allocate(96, 0);
+  batchnorm::cuda::used(plain);
+  batchnorm::cuda::release_after_use(plain);
+  if (!is_device_memory(plain)) fail("release_after_use freed memory it did not allocate");
+  batchnorm::cuda::release(plain);
+  if (is_device_memory(plain)) fail("release did not free its memory");
+}
+
 // The same data one element past a 16-byte boundary (every operand read and written by scalar
 // accesses instead of vectors) gives bitwise the same results: the order of the sums does not
 // depend on alignment.
@@ -685,6 +711,7 @@ int main(int argc, char** argv) {
   }
   if (only.empty()) {
     check_pointer_validation();
+    check_stream_ordered_memory();
     check_offset_independence(all);
   }
   std::printf("%d runs, %d checks, %d failures\n", runs, checks, failures);

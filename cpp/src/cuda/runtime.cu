@@ -10,6 +10,8 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "batchnorm/batchnorm.hpp"
 #include "cuda/launch.hpp"
@@ -175,6 +177,88 @@ void release(void* data) noexcept {
   cudaSetDevice(device);
   cudaFree(data);
   cudaSetDevice(previous);
+  cudaGetLastError();
+}
+
+namespace {
+
+// The stream-ordered allocations of allocate_on_stream: their device and one event per queued
+// use (recorded on the stream of that use), which the release waits for.
+struct Uses {
+  int device = 0;
+  std::vector<cudaEvent_t> events;
+};
+
+// Never destroyed: Python may free its arrays after static destructors have run.
+struct UseRegistry {
+  std::mutex mutex;
+  std::map<void*, Uses> entries;
+};
+
+UseRegistry& registry() {
+  static UseRegistry* made = new UseRegistry;
+  return *made;
+}
+
+}  // namespace
+
+void* allocate_on_stream(std::size_t bytes, int device) {
+  const DeviceScope scope(device);
+  void* data = nullptr;
+  check(cudaMallocFromPoolAsync(&data, bytes > 0 ? bytes : 1, scratch_pool(), current_stream()),
+        "allocating device memory");
+  {
+    const std::lock_guard<std::mutex> lock(registry().mutex);
+    registry().entries[data].device = device;
+  }
+  used(data);  // the allocation itself is queued on this stream
+  return data;
+}
+
+void used(void* data) {
+  cudaEvent_t event = nullptr;
+  int device = 0;
+  {
+    const std::lock_guard<std::mutex> lock(registry().mutex);
+    const auto found = registry().entries.find(data);
+    if (found == registry().entries.end()) return;  // allocate()'s: cudaFree waits for the device
+    device = found->second.device;
+  }
+  const DeviceScope scope(device);
+  check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  const cudaError_t status = cudaEventRecord(event, current_stream());
+  if (status != cudaSuccess) {
+    cudaEventDestroy(event);
+    check(status, "recording a use of device memory");
+  }
+  const std::lock_guard<std::mutex> lock(registry().mutex);
+  registry().entries[data].events.push_back(event);
+}
+
+void release_after_use(void* data) noexcept {
+  Uses entry;
+  {
+    const std::lock_guard<std::mutex> lock(registry().mutex);
+    const auto found = registry().entries.find(data);
+    if (found == registry().entries.end()) return;
+    entry = std::move(found->second);
+    registry().entries.erase(found);
+  }
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess) return;
+  if (previous != entry.device) cudaSetDevice(entry.device);
+  cudaStream_t stream = nullptr;
+  const bool ordered = release_stream(&stream);
+  for (cudaEvent_t event : entry.events) {
+    if (ordered) cudaStreamWaitEvent(stream, event, 0);
+    cudaEventDestroy(event);  // freed by CUDA once the wait has passed
+  }
+  if (ordered) {
+    cudaFreeAsync(data, stream);
+  } else {
+    cudaFree(data);
+  }
+  if (previous != entry.device) cudaSetDevice(previous);
   cudaGetLastError();
 }
 

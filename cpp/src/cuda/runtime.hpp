@@ -16,6 +16,15 @@ int device_count();
 void* allocate(std::size_t bytes, int device);
 void release(void* data) noexcept;
 
+// Device memory for a call's own vectors (the gamma a training forward keeps for its backward,
+// the adjustment), allocated in the calling thread's stream order on `device` without waiting
+// on the host. `used` records that work queued now on the calling thread's stream reads or
+// writes it; `release_after_use` frees it in stream order once all that work is done, again
+// without a host wait (cudaFree would wait for the whole device on every training step).
+void* allocate_on_stream(std::size_t bytes, int device);
+void used(void* data);
+void release_after_use(void* data) noexcept;
+
 // Copies between any two of host and device memory and returns once the data has arrived, for
 // copies outside the layer's calls (weights set, read or moved): waits for all work queued on
 // the device first, since kernels of earlier calls on any stream may still read or write these
