@@ -93,8 +93,8 @@ std::vector<double> slice(const std::vector<double>& values, std::size_t first, 
 // A training call's statistics in device memory, [count | mean | inv_std | zscale | zshift],
 // with the events that mark them written and last read. Backward waits for the forward's event
 // on its own stream (which may differ from the forward's). The block comes from the stream-
-// ordered pool, so a training step queues no allocation that waits for the device (a CUDA graph
-// can capture it), and is freed in stream order after the last backward that read it.
+// ordered pool, so a training step queues no allocation that waits for the device, and is freed
+// in stream order after the last backward that read it.
 class CudaStatistics final : public DeviceStatistics {
  public:
   CudaStatistics(std::int64_t stats, std::int64_t features, cudaStream_t stream)
