@@ -304,6 +304,10 @@ class JaxFramework(Framework):
         kind, index = array.__dlpack_device__()
         return _dlpack_device(int(kind), int(index))
 
+    def cast(self, array: Any, dtype: np.dtype) -> Any:
+        # JAX buffers are always aligned (and have no NumPy `flags`).
+        return array if array.dtype == dtype else array.astype(dtype)
+
     def empty_like(self, array: Any) -> Any:
         return self.empty(tuple(array.shape), self.dtype_name(array), self.device(array))
 
@@ -334,6 +338,8 @@ class JaxFramework(Framework):
         for name in ("torch", "cupy"):
             if name in sys.modules or _importable(name):
                 library = sys.modules[name]
+                # The view belongs to the other library, whose `before` does not wait for JAX.
+                array.block_until_ready()
                 return library.broadcast_to(library.from_dlpack(array), shape)
         raise TypeError(
             "mask: a JAX mask on CUDA is viewed through PyTorch or CuPy; install one of them or "
@@ -442,13 +448,19 @@ class DeviceArray:
     object), with the shape, dtype name and device that the extension's bare buffer does not
     carry. It exports DLPack, so the kernels and every framework read it in place."""
 
-    __slots__ = ("buffer", "shape", "dtype_name", "device")
+    __slots__ = ("buffer", "shape", "dtype_name", "device", "ordered")
 
-    def __init__(self, shape: tuple[int, ...], dtype_name: str, device: Device) -> None:
-        self.buffer = _core.cuda_empty(list(shape), dtype_name, device.index)
+    def __init__(
+        self, shape: tuple[int, ...], dtype_name: str, device: Device, ordered: bool = False
+    ) -> None:
+        # `ordered`: a call's own vector, allocated in the call's stream order and freed in
+        # stream order after the work recorded by `mark_used` (no wait on the host).
+        empty = _core.cuda_empty_on_stream if ordered else _core.cuda_empty
+        self.buffer = empty(list(shape), dtype_name, device.index)
         self.shape = tuple(shape)
         self.dtype_name = dtype_name
         self.device = device
+        self.ordered = ordered
 
     @property
     def size(self) -> int:
@@ -472,12 +484,35 @@ def device_vector(values: np.ndarray, device: Device) -> Any:
     return vector
 
 
+def stream_vector(values: np.ndarray, device: Device) -> Any:
+    """`device_vector` inside a call, once its stream is set: on CUDA the copy is queued on the
+    call's stream, ordered before the kernels that read it, and the host does not wait."""
+    host = np.ascontiguousarray(values).reshape(-1)
+    if device.type == "cpu":
+        return host.copy()
+    vector = DeviceArray((host.size,), host.dtype.name, device, ordered=True)
+    _core.cuda_copy_on_stream(vector.buffer, host)
+    _core.cuda_used(vector.buffer)
+    return vector
+
+
+def mark_used(vectors: Any) -> None:
+    """Records that the work just queued on the call's stream reads these vectors (None and
+    host vectors are skipped): a call's own device vectors are freed only after it."""
+    for vector in vectors:
+        if isinstance(vector, DeviceArray) and vector.ordered:
+            _core.cuda_used(vector.buffer)
+
+
 def copy_vector(vector: Any) -> Any:
-    """An independent copy of a `device_vector`, on its device."""
+    """An independent copy of a `device_vector`, on its device; inside a call, once its stream is
+    set: on CUDA the copy is queued on the call's stream (after the kernels that may update the
+    vector), and the host does not wait."""
     if isinstance(vector, np.ndarray):
         return vector.copy()
-    copy = DeviceArray(vector.shape, vector.dtype_name, vector.device)
-    _core.cuda_copy(copy.buffer, vector.buffer)
+    copy = DeviceArray(vector.shape, vector.dtype_name, vector.device, ordered=True)
+    _core.cuda_copy_on_stream(copy.buffer, vector.buffer)
+    _core.cuda_used(copy.buffer)
     return copy
 
 

@@ -42,7 +42,9 @@ from ._arrays import (
     check_numeric,
     copy_vector,
     framework_of,
+    mark_used,
     read,
+    stream_vector,
 )
 
 Weights = _core.Weights
@@ -343,10 +345,30 @@ def _deliver(framework: Any, result: Any, out: Any, device: Device) -> Any:
 
 
 def _on_stream(framework: Any, device: Device, arrays: list[Any]) -> None:
-    """Orders the kernels after the caller's work: on the framework's current CUDA stream."""
-    if device.type == "cuda":
-        framework.before(arrays)
-        _core.set_cuda_stream(framework.stream(device))
+    """Orders the kernels after the caller's work: on x's framework's current CUDA stream, after
+    the work each array's own framework has queued for it (a CuPy mask or a JAX `dy` beside
+    PyTorch tensors is made on another stream, which the kernels' stream waits for)."""
+    if device.type != "cuda":
+        return
+    stream = framework.stream(device)
+    _core.set_cuda_stream(stream)
+    for array in arrays:
+        if array is None:
+            continue
+        owner = framework_of(array)
+        owner.before([array])
+        if owner is not framework:
+            producer = owner.stream(device)
+            if producer != stream:
+                _core.cuda_wait_stream(producer, device.index)
+
+
+def _device_adjustment(vector: Any, device: Device) -> Any:
+    """An adjustment vector on the weights' device: host NumPy values go up in the call's stream
+    order."""
+    if isinstance(vector, np.ndarray) and device.type == "cuda":
+        return stream_vector(vector, device)
+    return vector
 
 
 # What each backward reads of its forward call's weights (a copy keeps them): the training
@@ -395,7 +417,8 @@ def forward(
     training=True uses the batch (or ghost-batch, masked) statistics and, with
     `update_moving`, updates the moving statistics in `weights` in place; training=False uses
     the moving statistics. `adjustment` is Keras' (scale, bias) as per-feature vectors of the
-    weights' dtype and device; `communicator` a core reduction hook for synchronized
+    weights' dtype, on their device or as host NumPy arrays (copied in the call's stream
+    order); `communicator` a core reduction hook for synchronized
     statistics; `out` an array like x to write into."""
     framework = framework_of(x)
     weights = bind(weights)
@@ -406,7 +429,15 @@ def forward(
     x_view = framework.kernel(x)
     y_view = framework.kernel(y)
     _on_stream(framework, device, [x, mask_view] if training else [x])
+    if adjustment is not None:
+        adjustment = (
+            _device_adjustment(adjustment[0], device),
+            _device_adjustment(adjustment[1], device),
+        )
     if training:
+        # The training backward reads gamma only: keep this call's value (copied first, so that
+        # a backward ordered after the forward's statistics is ordered after the copy too).
+        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD)
         statistics = _core.TrainingContext()
         _core.train_forward(
             x=x_view,
@@ -420,7 +451,8 @@ def forward(
             communicator=communicator,
             weights=weights,
         )
-        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD)
+        if adjustment is not None:
+            mark_used(adjustment)
     else:
         statistics = None
         _core.infer_forward(x=x_view, y=y_view, options=options.core, weights=weights)
@@ -477,6 +509,8 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             dgamma=dgamma,
             dbeta=dbeta,
         )
+
+    mark_used(weights.vector(name) for name in weights.names)
 
     def finish(vector: Any) -> Any:
         return None if vector is None else framework.finish(vector, device)

@@ -643,7 +643,8 @@ class BatchNormalization:
                     f"adjustment {label}: shape {array.shape} is not broadcastable to the feature "
                     f"shape {self._param_shape}"
                 ) from None
-            vectors.append(device_vector(np.array(full, dtype=dtype), self._device))
+            # Host values: the call copies them in its stream order (functional.forward).
+            vectors.append(np.array(full, dtype=dtype).reshape(-1))
         return vectors[0], vectors[1]
 
     def _communicator_hook(self) -> Any:

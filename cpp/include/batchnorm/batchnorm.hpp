@@ -233,7 +233,8 @@ RuntimeInfo runtime_info();
 // The CUDA stream (a cudaStream_t; nullptr = the legacy default stream) on which the calling
 // thread's later CUDA calls queue their work, like a framework's "current stream"; each thread
 // has its own. CUDA calls run on the device that holds the weights and return once their work
-// is queued, except train_forward, which waits for the statistics it returns in the context.
+// is queued (the training statistics stay on the device); only calls with a communicator of
+// size > 1 wait on the host, for the statistics they exchange.
 void set_cuda_stream(void* stream);
 void* cuda_stream();
 

@@ -30,6 +30,12 @@ struct bfloat16 {
 };
 
 BATCHNORM_HD inline float to_float(float16 h) {
+#if defined(__CUDA_ARCH__)
+  // GPUs convert in one instruction, exactly as the code below.
+  float value;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(h.bits));
+  return value;
+#else
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
   const std::uint32_t exponent = (h.bits >> 10) & 0x1fu;
   std::uint32_t mantissa = h.bits & 0x3ffu;
@@ -39,10 +45,18 @@ BATCHNORM_HD inline float to_float(float16 h) {
   // Subnormal half: exact in float as mantissa * 2^-24.
   const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
   return sign ? -magnitude : magnitude;
+#endif
 }
 
 // Round-to-nearest-even, with overflow to infinity and NaN kept quiet, as IEEE casts do.
 BATCHNORM_HD inline float16 to_float16(float value) {
+#if defined(__CUDA_ARCH__)
+  // The GPU's conversion rounds alike (to nearest even, overflow to infinity); a NaN becomes
+  // the canonical quiet NaN.
+  float16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(value));
+  return h;
+#else
   const std::uint32_t bits = float_bits(value);
   const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
   const std::uint32_t magnitude = bits & 0x7fffffffu;
@@ -66,6 +80,7 @@ BATCHNORM_HD inline float16 to_float16(float value) {
   rebased >>= 13;
   if (rest > 0x1000u || (rest == 0x1000u && (rebased & 1u))) ++rebased;
   return {static_cast<std::uint16_t>(sign | rebased)};
+#endif
 }
 
 BATCHNORM_HD inline float to_float(bfloat16 b) {
@@ -73,12 +88,19 @@ BATCHNORM_HD inline float to_float(bfloat16 b) {
 }
 
 BATCHNORM_HD inline bfloat16 to_bfloat16(float value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // One instruction from sm_80 on, rounding alike.
+  bfloat16 b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(value));
+  return b;
+#else
   const std::uint32_t bits = float_bits(value);
   if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
     return {static_cast<std::uint16_t>((bits >> 16) | 0x40u)};
   }
   const std::uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
   return {static_cast<std::uint16_t>((bits + rounding) >> 16)};
+#endif
 }
 
 // Uniform load/store between a storage type and the compute type.

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -90,25 +91,27 @@ std::vector<double> slice(const std::vector<double>& values, std::size_t first, 
 }
 
 // A training call's statistics in device memory, [count | mean | inv_std | zscale | zshift],
-// and the event that marks them written. Backward waits for the event on its own stream (which
-// may differ from the forward's); the memory is freed with the last context that holds it
-// (cudaFree waits for the work queued on it).
+// with the events that mark them written and last read. Backward waits for the forward's event
+// on its own stream (which may differ from the forward's). The block comes from the stream-
+// ordered pool, so a training step queues no allocation that waits for the device, and is freed
+// in stream order after the last backward that read it.
 class CudaStatistics final : public DeviceStatistics {
  public:
-  CudaStatistics(std::int64_t stats, std::int64_t features) : stats_(stats), features_(features) {
-    int device = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    data_ = static_cast<double*>(cuda::allocate(size() * sizeof(double), device));
-    const cudaError_t status = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming);
+  CudaStatistics(std::int64_t stats, std::int64_t features, cudaStream_t stream)
+      : stats_(stats), features_(features) {
+    check(cudaGetDevice(&device_), "cudaGetDevice");
+    check(cudaEventCreateWithFlags(&written_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    cudaError_t status = cudaEventCreateWithFlags(&read_, cudaEventDisableTiming);
+    if (status == cudaSuccess) {
+      status = cudaMallocFromPoolAsync(reinterpret_cast<void**>(&data_), size() * sizeof(double),
+                                       cuda::scratch_pool(), stream);
+    }
     if (status != cudaSuccess) {
-      cuda::release(data_);
-      check(status, "cudaEventCreateWithFlags");
+      release();
+      check(status, "allocating the training statistics");
     }
   }
-  ~CudaStatistics() override {
-    cudaEventDestroy(ready_);
-    cuda::release(data_);
-  }
+  ~CudaStatistics() override { release(); }
   CudaStatistics(const CudaStatistics&) = delete;
   CudaStatistics& operator=(const CudaStatistics&) = delete;
 
@@ -118,14 +121,23 @@ class CudaStatistics final : public DeviceStatistics {
   double* count() const { return data_; }
   double* inv_std() const { return data_ + 2 * stats_; }
 
-  void mark_written(cudaStream_t stream) const { check(cudaEventRecord(ready_, stream), "event"); }
-  void wait_on(cudaStream_t stream) const {
-    check(cudaStreamWaitEvent(stream, ready_, 0), "waiting for the training statistics");
+  void mark_written(cudaStream_t stream) const {
+    check(cudaEventRecord(written_, stream), "recording the training statistics");
+  }
+  // Orders a backward on `stream` after the forward and after any earlier backward of this
+  // context (so that the last read is the last one recorded, for the release).
+  void begin_read(cudaStream_t stream) const {
+    check(cudaStreamWaitEvent(stream, written_, 0), "waiting for the training statistics");
+    check(cudaStreamWaitEvent(stream, read_, 0), "waiting for the training statistics");
+  }
+  void end_read(cudaStream_t stream) const {
+    check(cudaEventRecord(read_, stream), "recording the training statistics' use");
   }
 
   void to_host(TrainingContext& context) const override {
+    const cuda::DeviceScope scope(device_);
     std::vector<double> block(size());
-    check(cudaEventSynchronize(ready_), "waiting for the training statistics");
+    check(cudaEventSynchronize(written_), "waiting for the training statistics");
     check(cudaMemcpy(block.data(), data_, block.size() * sizeof(double), cudaMemcpyDeviceToHost),
           "copying the training statistics to the host");
     const auto n = static_cast<std::size_t>(stats_), f = static_cast<std::size_t>(features_);
@@ -137,10 +149,60 @@ class CudaStatistics final : public DeviceStatistics {
   }
 
  private:
+  // Frees the block on a stream of batchnorm's own once the forward that wrote it and the last
+  // backward that read it are done; never waits on the host. Not the legacy stream: a graph
+  // capture in progress on another stream forbids work that synchronizes with it.
+  void release() noexcept {
+    int previous = 0;
+    if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) cudaSetDevice(device_);
+    if (data_) {
+      cudaStream_t stream = nullptr;
+      if (cuda::release_stream(&stream)) {
+        if (written_) cudaStreamWaitEvent(stream, written_, 0);
+        if (read_) cudaStreamWaitEvent(stream, read_, 0);
+        cudaFreeAsync(data_, stream);
+      }
+    }
+    if (written_) cudaEventDestroy(written_);
+    if (read_) cudaEventDestroy(read_);
+    if (previous != device_) cudaSetDevice(previous);
+    cudaGetLastError();
+  }
+
   std::int64_t stats_, features_;
+  int device_ = 0;
   double* data_ = nullptr;
-  cudaEvent_t ready_ = nullptr;
+  cudaEvent_t written_ = nullptr;
+  cudaEvent_t read_ = nullptr;
 };
+
+// Checks a call's arrays before any of its work is queued (cuda::check_operands): the data
+// arrays (`data`, nothing read when the tensor is empty) and the per-feature vectors (absent
+// ones null), all on the device of the weights, current in `scope`.
+template <class W>
+void check_arrays(const cuda::DeviceScope& scope, std::int64_t elements,
+                  std::initializer_list<std::pair<const void*, const char*>> data,
+                  std::int64_t features, const WeightPtrs<W>& w,
+                  std::initializer_list<std::pair<const void*, const char*>> vectors = {}) {
+  cuda::check_earlier_errors();
+  const auto datum = [&](const std::pair<const void*, const char*>& a) {
+    return cuda::Operand{a.first, elements > 0 && a.first != nullptr, a.second};
+  };
+  const auto vector = [&](const void* pointer, const char* name) {
+    return cuda::Operand{pointer, features > 0 && pointer != nullptr, name};
+  };
+  for (const auto& a : data) cuda::check_operands(scope.device(), {datum(a)});
+  cuda::check_operands(
+      scope.device(),
+      {vector(w.gamma, "gamma"), vector(w.beta, "beta"), vector(w.moving_mean, "moving_mean"),
+       vector(w.moving_variance, "moving_variance"), vector(w.moving_stddev, "moving_stddev"),
+       vector(w.renorm_mean, "renorm_mean"), vector(w.renorm_stddev, "renorm_stddev"),
+       vector(w.adjust_scale, "the adjustment scale"),
+       vector(w.adjust_bias, "the adjustment bias")});
+  for (const auto& v : vectors) cuda::check_operands(scope.device(), {vector(v.first, v.second)});
+}
+
+std::int64_t elements(const Plan& plan) { return plan.stat.total() * plan.reduced.total(); }
 
 // The CUDA backend: each operation as kernels queued on the calling thread's stream.
 struct Cuda {
@@ -150,6 +212,9 @@ struct Cuda {
   static void run(const TrainForward<T>& call) {
     using W = compute_t<T>;
     const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    check_arrays(scope, elements(call.apply_plan),
+                 {{call.x, "x"}, {call.y, "y"}, {call.mask, "mask"}}, call.stats_plan.features,
+                 call.weights);
     const cudaStream_t stream = cuda::current_stream();
     const std::int64_t groups = call.stats_plan.groups, features = call.stats_plan.features;
     const std::int64_t stats = groups * features;
@@ -217,7 +282,7 @@ struct Cuda {
 
     // The statistics backward needs stay on the device: two copies in stream order (the block
     // holds the variance between the means and inv_std, which backward does not read).
-    auto kept = std::make_shared<CudaStatistics>(stats, features);
+    auto kept = std::make_shared<CudaStatistics>(stats, features, stream);
     const std::size_t doubles = sizeof(double);
     check(cudaMemcpyAsync(kept->count(), count, static_cast<std::size_t>(2 * stats) * doubles,
                           cudaMemcpyDeviceToDevice, stream),
@@ -242,6 +307,8 @@ struct Cuda {
   static void run(const InferForward<T>& call) {
     using W = compute_t<T>;
     const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    check_arrays(scope, elements(call.plan), {{call.x, "x"}, {call.y, "y"}}, call.plan.features,
+                 call.weights);
     const cudaStream_t stream = cuda::current_stream();
     const void* operands[] = {call.x, call.y};
     const Geometry geo = cuda::make_geometry(call.plan, sizeof(T), operands, -1);
@@ -259,6 +326,10 @@ struct Cuda {
   static void run(const TrainBackward<T>& call) {
     using W = compute_t<T>;
     const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    check_arrays(scope, elements(call.dx_plan),
+                 {{call.dy, "dy"}, {call.x, "x"}, {call.dx, "dx"}, {call.mask, "mask"}},
+                 call.context.features, call.weights,
+                 {{call.dgamma, "dgamma"}, {call.dbeta, "dbeta"}});
     const cudaStream_t stream = cuda::current_stream();
     const std::int64_t groups = call.context.groups, features = call.context.features;
     const std::int64_t stats = groups * features;
@@ -274,7 +345,7 @@ struct Cuda {
     const auto* stored = dynamic_cast<const CudaStatistics*>(call.context.device.get());
     std::vector<double> block;
     if (stored) {
-      stored->wait_on(stream);
+      stored->begin_read(stream);
     } else {
       block = call.context.count;
       block.insert(block.end(), call.context.mean.begin(), call.context.mean.end());
@@ -344,12 +415,16 @@ struct Cuda {
     }
     cuda::launch_backward_dx<T, W>(call.dx_plan, dx_geo, call.dy, call.x, call.mask, call.dx, p.k,
                                    stream);
+    if (stored) stored->end_read(stream);
   }
 
   template <class T>
   static void run(const InferBackward<T>& call) {
     using W = compute_t<T>;
     const cuda::DeviceScope scope(call.weights.moving_mean, "moving_mean");
+    check_arrays(scope, elements(call.dx_plan), {{call.dy, "dy"}, {call.x, "x"}, {call.dx, "dx"}},
+                 call.sums_plan.features, call.weights,
+                 {{call.dgamma, "dgamma"}, {call.dbeta, "dbeta"}});
     const cudaStream_t stream = cuda::current_stream();
     const std::int64_t features = call.sums_plan.features;
     const void* sums_operands[] = {call.dy, call.x};

@@ -1,14 +1,15 @@
 // CUDA kernels of the batchnorm backend, templated on the storage type T and the vector width
-// V (elements per 16-byte load, or 1 for unaligned and strided data). They walk a Plan
-// (core/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions accumulate
-// in float64 per thread from shifted sums, merge in a fixed tree inside the block, and the
-// chunks of a statistic merge in chunk order in a second kernel: no floating-point atomics, so
+// V (elements a thread takes at a time, one 16-byte load where aligned; 1 for strided data). They
+// walk a Plan (core/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions
+// accumulate in float64 per thread from shifted sums, merge in a fixed tree inside the block, and
+// the chunks of a statistic merge in chunk order in a second kernel: no floating-point atomics, so
 // every result is bitwise identical from run to run.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/half.hpp"
 #include "core/layout.hpp"
@@ -26,14 +27,43 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// V consecutive elements: one 16-byte load or store where the operands are `aligned` to 16
+// bytes, else V scalar ones. The grouping into V elements, and so the order of every sum, is the
+// same either way: the same data at another offset gives the same bits.
 template <class T, int V>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* at) {
-  return *reinterpret_cast<const Pack<T, V>*>(at);
+__device__ __forceinline__ Pack<T, V> load_pack(const T* at, bool aligned) {
+  if constexpr (V == 1) {
+    return *reinterpret_cast<const Pack<T, V>*>(at);
+  } else {
+    if (aligned) return *reinterpret_cast<const Pack<T, V>*>(at);
+    Pack<T, V> pack;
+#pragma unroll
+    for (int v = 0; v < V; ++v) pack.v[v] = at[v];
+    return pack;
+  }
 }
 
 template <class T, int V>
-__device__ __forceinline__ void store_pack(T* at, const Pack<T, V>& pack) {
-  *reinterpret_cast<Pack<T, V>*>(at) = pack;
+__device__ __forceinline__ void store_pack(T* at, const Pack<T, V>& pack, bool aligned) {
+  if constexpr (V == 1) {
+    *at = pack.v[0];
+  } else if (aligned) {
+    static_assert(sizeof(Pack<T, V>) == 4 * sizeof(unsigned), "a vector is 16 bytes");
+    unsigned words[4];
+    memcpy(words, &pack, sizeof words);
+#if defined(__CUDA_ARCH__)
+    // One 16-byte store, spelled out: left to the compiler, the row kernels' stores of a Pack
+    // came out as V scalar stores.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(words[0]), "r"(words[1]),
+                 "r"(words[2]), "r"(words[3])
+                 : "memory");
+#else
+    memcpy(at, words, sizeof words);
+#endif
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) at[v] = pack.v[v];
+  }
 }
 
 // Element offsets of the first Ops operands for the row-major index `index` over the dims
@@ -236,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
           std::int64_t at[2];
           offsets_of(plan.reduced, row, plan.reduced.count, at);
           if (mask && !mask[base[1] + at[1]]) return false;
-          p[u] = load_pack<T, V>(column + at[0]);
+          p[u] = load_pack<T, V>(column + at[0], geo.aligned);
           return true;
         },
         [&](int u) {
@@ -287,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
           if (mask && !mask[base[1] + at[1] + i * last.stride[1]]) return false;
           p[u].v[0] = x[base[0] + at[0] + i * last.stride[0]];
         } else {  // vector path: unit stride and no mask (make_geometry guarantees both)
-          p[u] = load_pack<T, V>(x + base[0] + at[0] + i);
+          p[u] = load_pack<T, V>(x + base[0] + at[0] + i, geo.aligned);
         }
         return true;
       },
@@ -353,7 +383,7 @@ __global__ void __launch_bounds__(kThreads)
       [&](int u, std::int64_t row) {
         std::int64_t at[2];
         offsets_of(plan.reduced, row, plan.reduced.count, at);
-        p[u] = load_pack<T, V>(in + at[0]);
+        p[u] = load_pack<T, V>(in + at[0], geo.aligned);
         to[u] = at[1];
         return true;
       },
@@ -363,7 +393,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < V; ++v) {
           q.v[v] = detail::store<T>((detail::load<Acc>(p[u].v[v]) - m[v]) * a[v] + o[v]);
         }
-        store_pack<T, V>(out + to[u], q);
+        store_pack<T, V>(out + to[u], q, geo.aligned);
       });
 }
 
@@ -390,7 +420,7 @@ __global__ void __launch_bounds__(kThreads)
           p[u].v[0] = x[base[0] + at[0] + i * last.stride[0]];
           to[u] = base[1] + at[1] + i * last.stride[1];
         } else {
-          p[u] = load_pack<T, V>(x + base[0] + at[0] + i);
+          p[u] = load_pack<T, V>(x + base[0] + at[0] + i, geo.aligned);
           to[u] = base[1] + at[1] + i;
         }
         return true;
@@ -401,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < V; ++v) {
           q.v[v] = detail::store<T>((detail::load<Acc>(p[u].v[v]) - m) * a + o);
         }
-        store_pack<T, V>(y + to[u], q);
+        store_pack<T, V>(y + to[u], q, geo.aligned);
       });
 }
 
@@ -432,8 +462,8 @@ __global__ void __launch_bounds__(kThreads)
         [&](int u, std::int64_t row) {
           std::int64_t at[2];
           offsets_of(plan.reduced, row, plan.reduced.count, at);
-          pg[u] = load_pack<T, V>(g + at[0]);
-          px[u] = load_pack<T, V>(in + at[1]);
+          pg[u] = load_pack<T, V>(g + at[0], geo.aligned);
+          px[u] = load_pack<T, V>(in + at[1], geo.aligned);
           return true;
         },
         [&](int u) {
@@ -476,8 +506,8 @@ __global__ void __launch_bounds__(kThreads)
           pg[u].v[0] = dy[base[0] + at[0] + i * last.stride[0]];
           px[u].v[0] = x[base[1] + at[1] + i * last.stride[1]];
         } else {
-          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i);
-          px[u] = load_pack<T, V>(x + base[1] + at[1] + i);
+          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i, geo.aligned);
+          px[u] = load_pack<T, V>(x + base[1] + at[1] + i, geo.aligned);
         }
         return true;
       },
@@ -541,8 +571,8 @@ __global__ void __launch_bounds__(kThreads)
         std::int64_t at[4];
         offsets_of(plan.reduced, row, plan.reduced.count, at);
         valid[u] = !mask || mask[base[3] + at[3]];
-        pg[u] = load_pack<T, V>(g + at[0]);
-        if (valid[u]) px[u] = load_pack<T, V>(in + at[1]);
+        pg[u] = load_pack<T, V>(g + at[0], geo.aligned);
+        if (valid[u]) px[u] = load_pack<T, V>(in + at[1], geo.aligned);
         to[u] = at[2];
         return true;
       },
@@ -554,7 +584,7 @@ __global__ void __launch_bounds__(kThreads)
           if (valid[u]) value -= o[v] + (detail::load<Acc>(px[u].v[v]) - m[v]) * slope[v];
           q.v[v] = detail::store<T>(a[v] * value);
         }
-        store_pack<T, V>(out + to[u], q);
+        store_pack<T, V>(out + to[u], q, geo.aligned);
       });
 }
 
@@ -585,8 +615,8 @@ __global__ void __launch_bounds__(kThreads)
           to[u] = base[2] + at[2] + i * last.stride[2];
         } else {  // no mask on the vector path
           valid[u] = true;
-          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i);
-          px[u] = load_pack<T, V>(x + base[1] + at[1] + i);
+          pg[u] = load_pack<T, V>(dy + base[0] + at[0] + i, geo.aligned);
+          px[u] = load_pack<T, V>(x + base[1] + at[1] + i, geo.aligned);
           to[u] = base[2] + at[2] + i;
         }
         return true;
@@ -599,7 +629,7 @@ __global__ void __launch_bounds__(kThreads)
           if (valid[u]) value -= o + (detail::load<Acc>(px[u].v[v]) - m) * slope;
           q.v[v] = detail::store<T>(a * value);
         }
-        store_pack<T, V>(dx + to[u], q);
+        store_pack<T, V>(dx + to[u], q, geo.aligned);
       });
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "core/config.hpp"
 #include "core/layout.hpp"
@@ -21,18 +22,44 @@ using detail::Plan;
 // Throws std::runtime_error naming `what` and the CUDA error unless `status` is cudaSuccess.
 void check(cudaError_t status, const char* what);
 
-// Makes the device that owns `pointer` current for the scope (restoring the previous one), and
-// rejects pointers that are not device memory with an error naming `what`.
+// Makes the device that owns `pointer` (or `device`) current for the scope, restoring the
+// previous one; rejects pointers that are not device memory with an error naming `what`.
 class DeviceScope {
  public:
   DeviceScope(const void* pointer, const char* what);
+  explicit DeviceScope(int device);
   ~DeviceScope();
   DeviceScope(const DeviceScope&) = delete;
   DeviceScope& operator=(const DeviceScope&) = delete;
 
+  int device() const { return device_; }
+
  private:
+  void enter();
+  int device_ = 0;
   int previous_ = 0;
 };
+
+// An array a call hands to CUDA: `used` is false where nothing of it is read or written (an
+// empty tensor, an absent optional vector), and then its pointer may be anything.
+struct Operand {
+  const void* data;
+  bool used;
+  const char* name;
+};
+
+// Throws std::invalid_argument naming the first used operand that is not memory of `device`
+// (or managed memory): a host pointer tagged as CUDA from C++ would otherwise fault in a kernel
+// and leave the CUDA context unusable.
+void check_operands(int device, std::initializer_list<Operand> operands);
+
+// Throws if an error of earlier CUDA work of this thread is pending, before a call queues its
+// own, so that the error is not reported as the call's.
+void check_earlier_errors();
+
+// Checks a kernel launch on `stream`, naming `what` in the error; debug builds also wait for
+// the kernel, so that an asynchronous fault is reported by the kernel that caused it.
+void launched(const char* what, cudaStream_t stream);
 
 // The stream set by batchnorm::set_cuda_stream for the calling thread.
 cudaStream_t current_stream();
@@ -42,14 +69,19 @@ cudaStream_t current_stream();
 // synchronization) it keeps what it has grown to, so repeated calls do not map memory again.
 cudaMemPool_t scratch_pool();
 
+// A non-blocking stream of batchnorm's own on the current device, for releasing memory in
+// stream order outside any call; false where it cannot be made.
+bool release_stream(cudaStream_t* stream) noexcept;
+
 inline constexpr int kThreads = 256;
 inline constexpr int kVectorBytes = 16;
 // Elements one block reduces per statistic chunk: enough per thread (128) to amortize the
 // block merge, small enough that a (32, 64, 112, 112) tensor gives over a thousand blocks.
 inline constexpr std::int64_t kChunkElements = 32768;
 
-// How a Plan is cut into blocks. Depends only on the shape and the alignment of the operands,
-// never on the GPU, so the reduction order (and every result bit) is the same on any device.
+// How a Plan is cut into blocks. Depends only on the shape and strides of the operands, never
+// on their alignment or the GPU, so the reduction order (and every result bit) is the same on
+// any device and at any offset of the data.
 //
 // Row mode: per outer stat item a (rows x inner) matrix with contiguous features. A block is
 // a tile of tile_x vectors of `vector` features times tile_y threads over rows, and reduces
@@ -57,7 +89,9 @@ inline constexpr std::int64_t kChunkElements = 32768;
 // `per_chunk` consecutive elements of one statistic.
 struct Geometry {
   bool row = false;
-  int vector = 1;              // elements per load: kVectorBytes / sizeof(T) when aligned, else 1
+  int vector = 1;              // elements a thread takes at a time: kVectorBytes / sizeof(T)
+                               // where shape and strides allow, else 1
+  bool aligned = false;        // every operand (but a mask) on 16 bytes: one vector load per group
   std::int64_t stats = 0;      // statistics (g * C + c)
   std::int64_t inner = 1;      // row mode: features per row
   std::int64_t rows = 0;       // row mode: rows per outer item

@@ -15,6 +15,16 @@
 
 namespace batchnorm::cuda {
 
+#if defined(__CUDACC__)
+// Queues `kernel` on `stream`: a function rather than the <<<>>> syntax at each launch, so that
+// the tests' host emulation of CUDA (tests/cuda_host) runs these launchers with its own.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   const Args&... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+}
+#endif
+
 namespace {
 
 bool aligned(const void* pointer) {
@@ -73,9 +83,13 @@ Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* 
   g.stats = plan.stat.total();
   const LoopNest& red = plan.reduced;
   const std::int64_t width = kVectorBytes / static_cast<std::int64_t>(element_bytes);
+  // Whether V elements group into one load depends on the shape and strides only, so that the
+  // order of the sums does too; the operands' alignment only decides whether a group moves as
+  // one 16-byte vector (Geometry::aligned).
   bool vectorize = true;
+  g.aligned = true;
   for (int op = 0; op < plan.operands; ++op) {
-    vectorize = vectorize && (op == mask_operand || aligned(pointers[op]));
+    g.aligned = g.aligned && (op == mask_operand || aligned(pointers[op]));
   }
   if (plan.row) {
     // Features are unit-stride in every data operand (Plan::row), so a vector needs only the
@@ -122,14 +136,14 @@ void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std
   with_width<T>(geo, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (geo.row) {
-      row_moments_kernel<T, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, x, mask, partial);
+      launch_kernel(row_moments_kernel<T, V>, grid_of(geo.blocks), block_of(geo), stream, plan, geo,
+                    x, mask, partial);
     } else {
-      plane_moments_kernel<T, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, x, mask, partial);
+      launch_kernel(plane_moments_kernel<T, V>, grid_of(geo.blocks), block_of(geo), stream, plan,
+                    geo, x, mask, partial);
     }
   });
-  check(cudaGetLastError(), "launching the moments kernel");
+  launched("launching the moments kernel", stream);
 }
 
 // Merges the chunks of each statistic in chunk order: count, mean, biased variance.
@@ -137,9 +151,9 @@ void launch_merge_moments(const Moments* partial, std::int64_t stats, std::int64
                           double* count, double* mean, double* var, cudaStream_t stream) {
   if (stats == 0) return;
   constexpr std::int64_t warps = kThreads / 32;
-  merge_moments_kernel<<<grid_of(ceil_div(stats, warps)), kThreads, 0, stream>>>(
-      partial, stats, chunks, count, mean, var);
-  check(cudaGetLastError(), "launching the moments merge kernel");
+  launch_kernel(merge_moments_kernel, grid_of(ceil_div(stats, warps)), kThreads, stream, partial,
+                stats, chunks, count, mean, var);
+  launched("launching the moments merge kernel", stream);
 }
 
 // y = (x - shift) * scale + offset per statistic (operands: x, y).
@@ -150,14 +164,14 @@ void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, cons
   with_width<T>(geo, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (geo.row) {
-      row_affine_kernel<T, Acc, V><<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(
-          plan, geo, x, y, shift, scale, offset);
+      launch_kernel(row_affine_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream, plan,
+                    geo, x, y, shift, scale, offset);
     } else {
-      plane_affine_kernel<T, Acc, V><<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(
-          plan, geo, x, y, shift, scale, offset);
+      launch_kernel(plane_affine_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, x, y, shift, scale, offset);
     }
   });
-  check(cudaGetLastError(), "launching the normalization kernel");
+  launched("launching the normalization kernel", stream);
 }
 
 // Partial sum(dy) and sum(dy * (x - shift)) per (statistic, chunk) (operands: dy, x).
@@ -168,14 +182,14 @@ void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, co
   with_width<T>(geo, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (geo.row) {
-      row_backward_sums_kernel<T, S, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, shift, partial);
+      launch_kernel(row_backward_sums_kernel<T, S, V>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, dy, x, shift, partial);
     } else {
-      plane_backward_sums_kernel<T, S, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, shift, partial);
+      launch_kernel(plane_backward_sums_kernel<T, S, V>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, dy, x, shift, partial);
     }
   });
-  check(cudaGetLastError(), "launching the backward sums kernel");
+  launched("launching the backward sums kernel", stream);
 }
 
 // Adds the chunks of each statistic in chunk order.
@@ -183,9 +197,9 @@ void launch_merge_sums(const Sums* partial, std::int64_t stats, std::int64_t chu
                        double* sum_dy_centered, cudaStream_t stream) {
   if (stats == 0) return;
   constexpr std::int64_t warps = kThreads / 32;
-  merge_sums_kernel<<<grid_of(ceil_div(stats, warps)), kThreads, 0, stream>>>(
-      partial, stats, chunks, sum_dy, sum_dy_centered);
-  check(cudaGetLastError(), "launching the backward sums merge kernel");
+  launch_kernel(merge_sums_kernel, grid_of(ceil_div(stats, warps)), kThreads, stream, partial,
+                stats, chunks, sum_dy, sum_dy_centered);
+  launched("launching the backward sums merge kernel", stream);
 }
 
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask).
@@ -197,14 +211,14 @@ void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, cons
   with_width<T>(geo, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (geo.row) {
-      row_backward_dx_kernel<T, Acc, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, mask, dx, k);
+      launch_kernel(row_backward_dx_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, dy, x, mask, dx, k);
     } else {
-      plane_backward_dx_kernel<T, Acc, V>
-          <<<grid_of(geo.blocks), block_of(geo), 0, stream>>>(plan, geo, dy, x, mask, dx, k);
+      launch_kernel(plane_backward_dx_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, dy, x, mask, dx, k);
     }
   });
-  check(cudaGetLastError(), "launching the dx kernel");
+  launched("launching the dx kernel", stream);
 }
 
 // Per-feature coefficients (one thread per feature, the shared scalar math of core/math.hpp).
@@ -214,9 +228,9 @@ void launch_train_coefficients(std::int64_t features, std::int64_t groups,
                                const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
                                cudaStream_t stream) {
   if (features == 0) return;
-  train_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, groups, scalars, stats, weights, out);
-  check(cudaGetLastError(), "launching the training coefficients kernel");
+  launch_kernel(train_coefficients_kernel<W>, feature_grid(features), kThreads, stream, features,
+                groups, scalars, stats, weights, out);
+  launched("launching the training coefficients kernel", stream);
 }
 
 // train_coefficients in two halves, for synchronized statistics (see core/math.hpp).
@@ -224,9 +238,9 @@ void launch_group_statistics(std::int64_t features, std::int64_t groups, double 
                              const detail::GroupStats& stats, detail::GhostSums* ghost,
                              cudaStream_t stream) {
   if (features == 0) return;
-  group_statistics_kernel<<<feature_grid(features), kThreads, 0, stream>>>(features, groups,
-                                                                           epsilon, stats, ghost);
-  check(cudaGetLastError(), "launching the group statistics kernel");
+  launch_kernel(group_statistics_kernel, feature_grid(features), kThreads, stream, features, groups,
+                epsilon, stats, ghost);
+  launched("launching the group statistics kernel", stream);
 }
 
 template <class W>
@@ -236,9 +250,9 @@ void launch_feature_coefficients(std::int64_t features, std::int64_t groups,
                                  const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
                                  cudaStream_t stream) {
   if (features == 0) return;
-  feature_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, groups, scalars, stats, ghost, weights, out);
-  check(cudaGetLastError(), "launching the feature coefficients kernel");
+  launch_kernel(feature_coefficients_kernel<W>, feature_grid(features), kThreads, stream, features,
+                groups, scalars, stats, ghost, weights, out);
+  launched("launching the feature coefficients kernel", stream);
 }
 
 template <class W>
@@ -246,9 +260,9 @@ void launch_inference_coefficients(std::int64_t features, double epsilon,
                                    const detail::WeightPtrs<W>& weights, const Coefficients<W>& out,
                                    cudaStream_t stream) {
   if (features == 0) return;
-  inference_coefficients_kernel<W>
-      <<<feature_grid(features), kThreads, 0, stream>>>(features, epsilon, weights, out);
-  check(cudaGetLastError(), "launching the inference coefficients kernel");
+  launch_kernel(inference_coefficients_kernel<W>, feature_grid(features), kThreads, stream,
+                features, epsilon, weights, out);
+  launched("launching the inference coefficients kernel", stream);
 }
 
 // Backward coefficients of a training step; shift[g * C + c] is the group mean rounded to W, the
@@ -261,9 +275,10 @@ void launch_train_backward_coefficients(std::int64_t features, std::int64_t grou
                                         const detail::BackwardSums& sums, W* dgamma, W* dbeta,
                                         const Coefficients<W>& out, cudaStream_t stream) {
   if (features == 0) return;
-  train_backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, groups, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma, dbeta, out);
-  check(cudaGetLastError(), "launching the backward coefficients kernel");
+  launch_kernel(train_backward_coefficients_kernel<W>, feature_grid(features), kThreads, stream,
+                features, groups, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma, dbeta,
+                out);
+  launched("launching the backward coefficients kernel", stream);
 }
 
 // launch_train_backward_coefficients in two halves, for synchronized ghost batches: the
@@ -275,9 +290,9 @@ void launch_backward_coefficients(std::int64_t features, std::int64_t groups, co
                                   detail::ParameterSums* totals, const Coefficients<W>& out,
                                   cudaStream_t stream) {
   if (features == 0) return;
-  backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, groups, count, mean, inv_std, zscale, gamma, sums, totals, out);
-  check(cudaGetLastError(), "launching the backward coefficients kernel");
+  launch_kernel(backward_coefficients_kernel<W>, feature_grid(features), kThreads, stream, features,
+                groups, count, mean, inv_std, zscale, gamma, sums, totals, out);
+  launched("launching the backward coefficients kernel", stream);
 }
 
 template <class W>
@@ -285,9 +300,9 @@ void launch_parameter_gradients(std::int64_t features, const double* zscale, con
                                 const detail::ParameterSums* totals, W* dgamma, W* dbeta,
                                 cudaStream_t stream) {
   if (features == 0) return;
-  parameter_gradients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, zscale, zshift, totals, dgamma, dbeta);
-  check(cudaGetLastError(), "launching the parameter gradients kernel");
+  launch_kernel(parameter_gradients_kernel<W>, feature_grid(features), kThreads, stream, features,
+                zscale, zshift, totals, dgamma, dbeta);
+  launched("launching the parameter gradients kernel", stream);
 }
 
 // Backward coefficients of inference; also sets shift[c] to the moving mean.
@@ -297,9 +312,9 @@ void launch_inference_backward_coefficients(std::int64_t features, double epsilo
                                             const detail::BackwardSums& sums, W* dgamma, W* dbeta,
                                             const Coefficients<W>& out, cudaStream_t stream) {
   if (features == 0) return;
-  inference_backward_coefficients_kernel<W><<<feature_grid(features), kThreads, 0, stream>>>(
-      features, epsilon, weights, sums, dgamma, dbeta, out);
-  check(cudaGetLastError(), "launching the inference backward coefficients kernel");
+  launch_kernel(inference_backward_coefficients_kernel<W>, feature_grid(features), kThreads, stream,
+                features, epsilon, weights, sums, dgamma, dbeta, out);
+  launched("launching the inference backward coefficients kernel", stream);
 }
 
 }  // namespace batchnorm::cuda

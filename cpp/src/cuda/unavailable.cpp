@@ -43,7 +43,17 @@ void* allocate(std::size_t, int) { detail::no_cuda(); }
 
 void release(void*) noexcept {}
 
+void* allocate_on_stream(std::size_t, int) { detail::no_cuda(); }
+
+void used(void*) { detail::no_cuda(); }
+
+void release_after_use(void*) noexcept {}
+
 void copy(void*, const void*, std::size_t) { detail::no_cuda(); }
+
+void copy_on_stream(void*, const void*, std::size_t) { detail::no_cuda(); }
+
+void wait_for_stream(void*, int) { detail::no_cuda(); }
 
 void synchronize(int) { detail::no_cuda(); }
 

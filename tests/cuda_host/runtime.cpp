@@ -1,0 +1,2 @@
+// The CUDA backend's runtime services as host C++, on the emulated CUDA runtime.
+#include "cuda/runtime.cu"

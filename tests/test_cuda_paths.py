@@ -1,0 +1,161 @@
+"""The Python side of the CUDA paths, without a GPU: the extension's CUDA services are replaced
+by a recorder, so that what the package asks of them can be checked here. JAX results on CUDA
+(device buffers the kernels write and JAX adopts), the ordering of arrays made by another
+framework on its own stream, and the copies made inside a call (queued on the call's stream,
+never waited for on the host)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchnorm import _arrays, functional
+
+CUDA0 = _arrays.Device("cuda", 0)
+
+
+class Buffer:
+    """Stands in for the extension's device buffer (an nb_ndarray exporting DLPack)."""
+
+    def __init__(self, shape: list[int], dtype: str, device: int) -> None:
+        self.shape, self.dtype_name, self.device = tuple(shape), dtype, device
+
+    def __dlpack__(self, **kwargs: Any) -> tuple[str, Any]:
+        return ("capsule", kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return 2, self.device
+
+
+class Recorder:
+    """The extension's CUDA services, recording each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def cuda_empty(self, shape: list[int], dtype: str, device: int) -> Buffer:
+        return Buffer(shape, dtype, device)
+
+    def cuda_empty_on_stream(self, shape: list[int], dtype: str, device: int) -> Buffer:
+        self.calls.append(("cuda_empty_on_stream", tuple(shape)))
+        return Buffer(shape, dtype, device)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith(("cuda_", "set_cuda_stream")):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+
+class JaxArray:
+    """A JAX array on CUDA device 0: what the adapter reads of one."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str = "float32") -> None:
+        self.shape, self.dtype, self.awaited = shape, np.dtype(dtype), False
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return 2, 0
+
+    def block_until_ready(self) -> JaxArray:
+        self.awaited = True
+        return self
+
+    def astype(self, dtype: Any) -> JaxArray:
+        return JaxArray(self.shape, np.dtype(dtype).name)
+
+
+@pytest.fixture
+def core(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    recorder = Recorder()
+    monkeypatch.setattr(_arrays, "_core", recorder)
+    monkeypatch.setattr(functional, "_core", recorder)
+    return recorder
+
+
+@pytest.fixture
+def jax(monkeypatch: pytest.MonkeyPatch) -> Any:
+    adopted: list[Any] = []
+    module = types.SimpleNamespace(
+        Array=JaxArray,
+        dlpack=types.SimpleNamespace(from_dlpack=lambda a: adopted.append(a) or ("jax", a)),
+        adopted=adopted,
+    )
+    monkeypatch.setitem(sys.modules, "jax", module)
+    monkeypatch.setattr(_arrays, "_cache", {})
+    return module
+
+
+def test_jax_results_on_cuda_are_device_buffers_that_kernels_and_jax_read(
+    core: Recorder, jax: Any
+) -> None:
+    x = JaxArray((4, 3))
+    framework = _arrays.framework_of(x)
+    assert isinstance(framework, _arrays.JaxFramework)
+    y = framework.empty_like(x)
+    assert isinstance(y, _arrays.DeviceArray)
+    assert (y.shape, y.dtype_name, y.device) == ((4, 3), "float32", CUDA0)
+    view = framework.kernel(y)  # what the extension reads through DLPack
+    assert view.__dlpack__(max_version=(1, 0)) == ("capsule", {"max_version": (1, 0)})
+    assert view.__dlpack_device__() == (2, 0)
+    dgamma = framework.empty((3,), "float32", CUDA0)
+    assert isinstance(dgamma, _arrays.DeviceArray) and dgamma.size == 3
+    # Handed to JAX only once the kernels writing it are done (JAX knows nothing of the stream).
+    assert framework.finish(y, CUDA0) == ("jax", y)
+    assert core.calls == [("cuda_synchronize", 0)] and jax.adopted == [y]
+
+
+def test_jax_arrays_cast_without_numpy_flags(jax: Any) -> None:
+    framework = _arrays.framework_of(JaxArray((2,)))
+    x = JaxArray((2, 5), "float32")
+    assert framework.cast(x, np.dtype(np.float32)) is x
+    assert framework.cast(x, np.dtype(np.float64)).dtype == np.float64
+
+
+def test_arrays_of_another_framework_are_ordered_before_the_kernels(
+    core: Recorder, jax: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    torch_framework = _arrays.framework_of(torch.zeros(1))
+    monkeypatch.setattr(type(torch_framework), "stream", lambda self, device: 7)
+    x, dy = torch.zeros(4, 3), JaxArray((4, 3))
+    functional._on_stream(torch_framework, CUDA0, [x, dy, None])
+    # The kernels run on torch's stream, after JAX's work on dy (awaited: JAX has no stream to
+    # wait for) and after the default stream JAX's arrays are read on.
+    assert dy.awaited
+    assert core.calls == [("set_cuda_stream", 7), ("cuda_wait_stream", 0, 0)]
+    core.calls.clear()
+    functional._on_stream(torch_framework, CUDA0, [x, torch.ones(4, 3)])
+    assert core.calls == [("set_cuda_stream", 7)]  # one framework: its stream orders it all
+
+
+def test_copies_inside_a_call_are_queued_on_its_stream(core: Recorder) -> None:
+    """A call's own vectors are allocated, copied and (after their uses) freed in the call's
+    stream order: no host wait, where cudaMalloc/cudaFree would wait for the device."""
+    gamma = _arrays.DeviceArray((3,), "float32", CUDA0)
+    assert not gamma.ordered and core.calls == []  # a layer's weight: plain device memory
+    kept = _arrays.copy_vector(gamma)
+    assert isinstance(kept, _arrays.DeviceArray) and kept is not gamma and kept.ordered
+    assert core.calls == [
+        ("cuda_empty_on_stream", (3,)),
+        ("cuda_copy_on_stream", kept.buffer, gamma.buffer),
+        ("cuda_used", kept.buffer),
+    ]
+    core.calls.clear()
+    host = np.arange(3, dtype=np.float32)
+    scale = functional._device_adjustment(host, CUDA0)
+    assert isinstance(scale, _arrays.DeviceArray) and scale.shape == (3,) and scale.ordered
+    assert [c[0] for c in core.calls] == [
+        "cuda_empty_on_stream",
+        "cuda_copy_on_stream",
+        "cuda_used",
+    ]
+    np.testing.assert_array_equal(core.calls[1][2], host)
+    assert functional._device_adjustment(host, _arrays.CPU) is host
+    assert functional._device_adjustment(scale, CUDA0) is scale
+    core.calls.clear()
+    # A backward records its reads of the call's own vectors, not of the layer's weights.
+    _arrays.mark_used([gamma, kept, None, host])
+    assert core.calls == [("cuda_used", kept.buffer)]
