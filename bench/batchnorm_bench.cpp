@@ -166,7 +166,9 @@ struct Settings {
   std::cerr <<
       R"(usage: batchnorm-bench [options]
 Times batchnorm's C++ API against a copy-bandwidth probe run in the same process. Without
---shape it runs the default suite (the cases of README "Performance").
+--shape it runs the default suite (the cases of README "Performance"), its progress on stderr.
+Each row is printed as soon as it is measured; a "!" after "% probe" marks a row whose probe
+time varied by more than 25% over the rounds, where that ratio is unreliable.
 
   --shape N,C,H,W     tensor shape (with --layout) or the stored shape (with --axis)
   --layout L          nchw: features on axis 1; nhwc: the shape is given as N,C,... and stored
@@ -639,10 +641,16 @@ void copy_probe(const unsigned char* from, unsigned char* to, std::size_t bytes)
 
 // ---- running a case ----------------------------------------------------------------------
 
+// Above this spread of the probe's times ((max - min) / median) a row's "% probe" is flagged.
+constexpr double kSteadyProbeSpread = 0.25;
+
 struct Result {
   std::string label, mode, variant;
   double min_ms = 0, median_ms = 0, gbps = 0, probe_gbps = 0, percent = 0;
   double versus_plain = 0;  // training options: time over a plain training forward's
+  // How much the probe's time varied over the rounds: (max - min) / median. Where it is large the
+  // memory system changed under the run (other processes, frequency) and "% probe" is unreliable.
+  double probe_spread = 0;
   double error = 0;
   std::int64_t heap_bytes = 0;
 };
@@ -915,6 +923,8 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
     res.gbps = passes * static_cast<double>(bytes) / median(times) / 1e9;
     res.probe_gbps = 2.0 * static_cast<double>(bytes) / median(probes) / 1e9;
     res.percent = median(percents);
+    const auto [fastest, slowest] = std::minmax_element(probes.begin(), probes.end());
+    res.probe_spread = (*slowest - *fastest) / median(probes);
     if (plain) res.versus_plain = median(versus);
     res.error = error;
     res.heap_bytes = heap;
@@ -954,17 +964,26 @@ int main(int argc, char** argv) {
              : "parallel non-temporal copy");
   std::printf("%-30s %-8s %-7s %9s %9s %8s %8s %7s %10s %7s\n", "case", "mode", "variant", "min ms",
               "median ms", "GB/s", "probe", "% probe", "heap KiB", "x plain");
+  std::fflush(stdout);  // (through a pipe too: each row appears as it is measured)
   std::vector<Result> all;
+  int unsteady = 0;
   try {
-    for (const Case& c : s.cases) {
+    for (std::size_t i = 0; i < s.cases.size(); ++i) {
+      const Case& c = s.cases[i];
+      if (s.cases.size() > 1) {  // progress on stderr, out of the way of the table and the CSV
+        std::fprintf(stderr, "[%zu/%zu] %s ...\r", i + 1, s.cases.size(), c.label.c_str());
+        std::fflush(stderr);
+      }
       for (const Result& r : run_case(c, s)) {
         const std::string heap =
             kHeapTracked ? std::to_string((r.heap_bytes + 1023) / 1024) : std::string("n/a");
         char versus[16] = "";
         if (r.versus_plain > 0) std::snprintf(versus, sizeof versus, "%.2f", r.versus_plain);
-        std::printf("%-30s %-8s %-7s %9.3f %9.3f %8.1f %8.1f %6.0f%% %10s %7s\n", r.label.c_str(),
+        const bool steady = r.probe_spread <= kSteadyProbeSpread;
+        unsteady += !steady;
+        std::printf("%-30s %-8s %-7s %9.3f %9.3f %8.1f %8.1f %6.0f%%%s %9s %7s\n", r.label.c_str(),
                     r.mode.c_str(), r.variant.c_str(), r.min_ms, r.median_ms, r.gbps, r.probe_gbps,
-                    r.percent, heap.c_str(), versus);
+                    r.percent, steady ? " " : "!", heap.c_str(), versus);
         std::fflush(stdout);
         all.push_back(r);
       }
@@ -973,18 +992,26 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "batchnorm-bench: %s\n", error.what());
     return 1;
   }
+  if (unsteady) {
+    std::printf(
+        "\n! %d row(s): the probe's time varied by more than %.0f%% over the rounds (the memory "
+        "system changed under the run: other processes, frequency), so their %% probe is "
+        "unreliable; rerun on a quieter machine or with more --reps.\n",
+        unsteady, 100 * kSteadyProbeSpread);
+  }
   if (!s.csv.empty()) {
     std::ofstream file;
     if (s.csv != "-") file.open(s.csv);
     std::ostream& out = s.csv == "-" ? std::cout : file;
     out << "case,mode,variant,dtype,threads,isa,min_ms,median_ms,gbps,probe_gbps,percent_of_probe,"
-           "heap_bytes,max_rel_error,versus_plain\n";
+           "heap_bytes,max_rel_error,versus_plain,probe_spread\n";
     for (const Result& r : all) {
       out << '"' << r.label << "\"," << r.mode << ',' << r.variant << ',' << dtype_text(s.dtype)
           << ',' << threads << ',' << batchnorm::cpu::isa_name(batchnorm::cpu::active_isa()) << ','
           << r.min_ms << ',' << r.median_ms << ',' << r.gbps << ',' << r.probe_gbps << ','
           << r.percent << ',' << (kHeapTracked ? std::to_string(r.heap_bytes) : "") << ','
-          << r.error << ',' << (r.versus_plain > 0 ? std::to_string(r.versus_plain) : "") << '\n';
+          << r.error << ',' << (r.versus_plain > 0 ? std::to_string(r.versus_plain) : "") << ','
+          << r.probe_spread << '\n';
     }
   }
   return 0;
