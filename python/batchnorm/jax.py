@@ -89,7 +89,7 @@ def _train_host(key: str, layout: tuple[bool, ...], *arrays: Any) -> tuple[np.nd
         F.Options.from_json(key),
         training=True,
         mask=mask,
-        adjustment=None if scale is None else (scale, bias),
+        adjustment=None if scale is None else (_writable(scale), _writable(bias)),
     )
     # The float64 statistics travel as their bit pattern: JAX has float64 only with x64 enabled.
     return (y, context.statistics.pack().view(np.uint32), *updated)
