@@ -5,8 +5,11 @@ pure-JAX reference batch norm."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,10 @@ jnp = pytest.importorskip("jax.numpy")
 bnj = pytest.importorskip("batchnorm.jax")
 
 pytestmark = pytest.mark.jax
+
+# The pure_callback route is in every build; the XLA FFI route where the handlers were built
+# (BATCHNORM_BUILD_JAX_FFI).
+ROUTES = ["callback"] + (["ffi"] if bnj.ffi_available() else [])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,9 +74,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_matches_the_reference(case: str, jit: bool) -> None:
+def test_training_matches_the_reference(case: str, jit: bool, route: str) -> None:
     config, shape, mask_shape = CASES[case]
     config = dict(config)
     rng = np.random.default_rng(len(case))
@@ -88,7 +96,7 @@ def test_training_matches_the_reference(case: str, jit: bool) -> None:
 
     def loss(x, params):  # noqa: ANN001, ANN202
         y, new_state = bnj.batch_norm(
-            x, params, state, training=True, mask=mask, adjustment=adjustment, **config
+            x, params, state, training=True, mask=mask, adjustment=adjustment, route=route, **config
         )
         return jnp.sum(y * dy), (y, new_state)
 
@@ -110,8 +118,9 @@ def test_training_matches_the_reference(case: str, jit: bool) -> None:
             np.testing.assert_allclose(dparams[name], value.reshape(-1), rtol=1e-9, err_msg=name)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_frozen_inference_uses_and_keeps_the_moving_statistics(jit: bool) -> None:
+def test_frozen_inference_uses_and_keeps_the_moving_statistics(jit: bool, route: str) -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4, 3, 5))
     dy = rng.normal(size=x.shape)
@@ -123,7 +132,7 @@ def test_frozen_inference_uses_and_keeps_the_moving_statistics(jit: bool) -> Non
     params, state = _split(names, weights)
 
     def loss(x, params):  # noqa: ANN001, ANN202
-        y, new_state = bnj.batch_norm(x, params, state, training=False, axis=1)
+        y, new_state = bnj.batch_norm(x, params, state, training=False, axis=1, route=route)
         return jnp.sum(y * dy), new_state
 
     value_and_grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -138,7 +147,8 @@ def test_frozen_inference_uses_and_keeps_the_moving_statistics(jit: bool) -> Non
     np.testing.assert_allclose(dparams["beta"], ref_dbeta, rtol=1e-10)
 
 
-def test_vmap_normalizes_each_member_on_its_own() -> None:
+@pytest.mark.parametrize("route", ROUTES)
+def test_vmap_normalizes_each_member_on_its_own(route: str) -> None:
     rng = np.random.default_rng(4)
     xs = rng.normal(size=(3, 8, 2)) * np.array([1.0, 5.0, 0.1])[:, None, None]
     dys = rng.normal(size=xs.shape)
@@ -147,7 +157,9 @@ def test_vmap_normalizes_each_member_on_its_own() -> None:
 
     def member(x, dy, params):  # noqa: ANN001, ANN202
         def loss(x, params):  # noqa: ANN001, ANN202
-            y, new_state = bnj.batch_norm(x, params, state, training=True, momentum=0.5)
+            y, new_state = bnj.batch_norm(
+                x, params, state, training=True, momentum=0.5, route=route
+            )
             return jnp.sum(y * dy), (y, new_state)
 
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
@@ -167,19 +179,22 @@ def test_vmap_normalizes_each_member_on_its_own() -> None:
         np.testing.assert_allclose(dparams["beta"][i], ref_dbeta, rtol=1e-9)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_low_precision_inputs_keep_their_dtype(dtype: str) -> None:
+def test_low_precision_inputs_keep_their_dtype(dtype: str, route: str) -> None:
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(32, 4)), dtype=dtype)
     f32 = jnp.float32
     params = {"gamma": jnp.ones(4, f32), "beta": jnp.zeros(4, f32)}
     state = {"moving_mean": jnp.zeros(4, f32), "moving_variance": jnp.ones(4, f32)}
-    step = jax.jit(bnj.batch_norm, static_argnames="training")
-    y, new_state = step(x, params, state, training=True)
+    step = jax.jit(bnj.batch_norm, static_argnames=("training", "route"))
+    y, new_state = step(x, params, state, training=True, route=route)
     assert y.dtype == x.dtype and new_state["moving_mean"].dtype == jnp.float32
     dx, dgamma = jax.jit(
         jax.grad(
-            lambda x, p: bnj.batch_norm(x, p, state, training=True)[0].astype(f32)[0].sum(),
+            lambda x, p: (
+                bnj.batch_norm(x, p, state, training=True, route=route)[0].astype(f32)[0].sum()
+            ),
             argnums=(0, 1),
         )
     )(x, params)
@@ -217,6 +232,10 @@ def test_errors_are_clear() -> None:
         bnj.batch_norm(x, params, state, training=True, renorm=True)
     with pytest.raises(ValueError, match="mask: shape"):
         bnj.batch_norm(x, params, state, training=True, mask=jnp.ones((3,), bool))
+    with pytest.raises(ValueError, match="values must be booleans or 0/1"):
+        bnj.batch_norm(x, params, state, training=True, mask=jnp.full((4,), 0.5))
+    with pytest.raises(ValueError, match="route must be one of"):
+        bnj.batch_norm(x, params, state, training=True, route="fast")
     with pytest.raises(ValueError, match="must divide the batch size"):
         bnj.batch_norm(x, params, state, training=True, virtual_batch_size=3)
     with pytest.raises(TypeError, match="training must be a Python bool"):
@@ -242,6 +261,31 @@ def test_batchnorm_imports_without_jax() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["(2,", "3)", "no", "jax"]
+
+
+def test_xla_handlers_built_against_the_installed_package(tmp_path: Path) -> None:
+    """The FFI route as a user of a build without it gets it: the handlers compiled against the
+    C++ package inside the installed wheel and jaxlib's FFI headers, named by
+    BATCHNORM_JAX_FFI_LIBRARY; this module's route tests then run on them."""
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.fail("no C++ compiler (c++) on PATH")
+    package = Path(batchnorm.__file__).parent
+    library = tmp_path / "_jax_ffi.so"
+    source = Path(__file__).resolve().parent.parent / "python" / "src" / "jax_ffi.cpp"
+    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-isystem"]
+    command += [jax.ffi.include_dir(), f"-I{package / 'include'}", str(source), "-o", str(library)]
+    command += [f"-L{package / 'lib'}", "-lbatchnorm", f"-Wl,-rpath,{package / 'lib'}"]
+    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "ffi"],
+        env={**os.environ, "BATCHNORM_JAX_FFI_LIBRARY": str(library)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    passed = int(result.stdout.rsplit(" passed", 1)[0].split()[-1])
+    assert passed == 2 * len(CASES) + 2 + 1 + 3, result.stdout[-2000:]  # every ffi test
 
 
 # ---- the Flax module ---------------------------------------------------------------------------

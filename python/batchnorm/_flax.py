@@ -30,7 +30,7 @@ class BatchNormalization(nnx.Module):
     `nnx.BatchStat`s; each is a flat vector of C values. A call normalizes with the batch
     statistics and updates the moving ones unless `use_running_average` is True (set by
     `model.eval()`, cleared by `model.train()`, or given per call) or the layer is frozen
-    (`trainable=False`, Keras' inference mode for frozen layers).
+    (`trainable=False`, Keras' inference mode for frozen layers). `route` is `batch_norm`'s.
 
     Keras' regularizers and constraints are not applied by this module (an optax transform or a
     loss term does that in JAX): passing one is an error rather than silently ignored."""
@@ -41,6 +41,7 @@ class BatchNormalization(nnx.Module):
         *,
         use_running_average: bool = False,
         param_dtype: Any = jnp.float32,
+        route: str = "auto",
         **keras_arguments: Any,
     ) -> None:
         given = [name for name in _UNSUPPORTED if keras_arguments.get(name) is not None]
@@ -71,6 +72,7 @@ class BatchNormalization(nnx.Module):
         self.weight_shape = tuple(keras._param_shape)
         self.names = tuple(keras._options.weight_names())
         self.use_running_average = use_running_average
+        self.route = route
         self.trainable = keras.trainable
         for name, value in zip(self.names, keras.get_weights()):
             kind = nnx.Param if name in ("gamma", "beta") else nnx.BatchStat
@@ -107,6 +109,7 @@ class BatchNormalization(nnx.Module):
             mask=mask,
             adjustment=adjustment,
             options=self.options,
+            route=self.route,
         )
         if training:
             for name in moving:

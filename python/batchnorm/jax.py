@@ -25,7 +25,11 @@ CPU kernels do the work. Under `jax.vmap` each member of the mapped axis is norm
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,7 +40,7 @@ from . import _core
 from . import functional as F
 from ._arrays import CPU
 
-__all__ = ["BatchNormalization", "batch_norm"]  # noqa: F822 (BatchNormalization: __getattr__)
+__all__ = ["BatchNormalization", "batch_norm", "ffi_available"]  # noqa: F822 (BatchNormalization: __getattr__)
 
 _MOVING = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -140,13 +144,100 @@ def _infer_backward_host(key: str, layout: tuple[bool, ...], *arrays: Any) -> tu
     return _gradients(F.backward(dy, context), mean.dtype)
 
 
-# ---- the traced side: callbacks and their custom VJPs ------------------------------------------
+# ---- the FFI route --------------------------------------------------------------------------
+
+_HANDLERS = {
+    "batchnorm_train_forward": "BatchnormTrainForward",
+    "batchnorm_train_backward": "BatchnormTrainBackward",
+    "batchnorm_infer_forward": "BatchnormInferForward",
+    "batchnorm_infer_backward": "BatchnormInferBackward",
+}
+_ROUTES = ("auto", "ffi", "callback")
 
 
-def _callback(host: Any, key: str, shapes: Any, arrays: Sequence[Any]) -> Any:
+@functools.cache
+def ffi_available() -> bool:
+    """Whether the XLA FFI handlers are here: built into the package (the
+    BATCHNORM_BUILD_JAX_FFI option), or built separately against the installed package and
+    named by the environment variable BATCHNORM_JAX_FFI_LIBRARY. They are registered with JAX
+    on the first call that finds them."""
+    named = os.environ.get("BATCHNORM_JAX_FFI_LIBRARY")
+    libraries = [Path(named)] if named else sorted(Path(__file__).parent.glob("_jax_ffi.*"))
+    if not libraries:
+        return False
+    try:
+        library = ctypes.CDLL(str(libraries[0]))
+    except OSError as error:
+        raise ImportError(f"cannot load the XLA FFI handlers {libraries[0]}: {error}") from error
+    for target, symbol in _HANDLERS.items():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+    return True
+
+
+def _route(route: str) -> str:
+    if route not in _ROUTES:
+        raise ValueError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
+    if route == "ffi" and not ffi_available():
+        raise ValueError(
+            "route='ffi': this build of batchnorm has no XLA FFI handlers; build it with "
+            "-C cmake.define.BATCHNORM_BUILD_JAX_FFI=ON (and jax installed), or use "
+            "route='callback'"
+        )
+    if route == "auto":
+        return "ffi" if ffi_available() else "callback"
+    return route
+
+
+# The core's option fields besides the axes (scalars, each an FFI attribute of its own name).
+_SCALAR_OPTIONS = tuple(n for n in dir(_core.Options) if not n.startswith("_") and n != "axes")
+
+
+@functools.lru_cache(maxsize=256)
+def _attribute_values(text: str) -> tuple[tuple[str, Any], ...]:
+    core = F.Options.from_json(text).core
+    values: list[tuple[str, Any]] = [("axes", np.asarray(core.axes, np.int64))]
+    for name in _SCALAR_OPTIONS:
+        value = getattr(core, name)
+        kind = (
+            bool if isinstance(value, bool) else np.int64 if isinstance(value, int) else np.float64
+        )
+        values.append((name, kind(value)))
+    return tuple(values)
+
+
+def _attributes(text: str) -> dict[str, Any]:
+    """The options as FFI attributes (typed as the handlers read them)."""
+    return dict(_attribute_values(text))
+
+
+# ---- the traced side: kernel calls and their custom VJPs -------------------------------------
+
+
+def _kernel(target: str, host: Any, key: tuple[str, str], shapes: Any, arrays: Sequence[Any]):
+    """The results of one kernel call: through the FFI handler `target` on the CPU when the
+    route says so, else through `host` in a callback. `key` is (options JSON, route)."""
+    text, route = key
     layout = tuple(a is not None for a in arrays)
     present = [a for a in arrays if a is not None]
-    return jax.pure_callback(lambda *a: host(key, layout, *a), shapes, *present, vmap_method=_VMAP)
+
+    def callback(*present: Any) -> Any:
+        return jax.pure_callback(
+            lambda *a: host(text, layout, *a), shapes, *present, vmap_method=_VMAP
+        )
+
+    if route == "callback":
+        return callback(*present)
+    attributes = _attributes(text)
+    # Which optional arrays are present besides gamma and beta (the options say those).
+    attributes.update(has_mask=layout[3], has_adjustment=len(layout) > 4 and layout[4])
+
+    def handler(*present: Any) -> Any:
+        call = jax.ffi.ffi_call(target, shapes, vmap_method=_VMAP)
+        return call(*present, **attributes)
+
+    # The handlers are registered for the CPU; on other platforms the callback route runs.
+    return jax.lax.platform_dependent(*present, cpu=handler, default=callback)
 
 
 def _struct(shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -164,7 +255,7 @@ def _gradient_shapes(x: Any, options: F.Options) -> tuple[jax.ShapeDtypeStruct, 
 
 
 def _train_call(key: str, x: Any, gamma: Any, beta: Any, mask: Any, adjust: Any, moving: Any):
-    options = F.Options.from_json(key)
+    options = F.Options.from_json(key[0])
     features = moving[0].shape[0]
     words = 2 * (3 * _groups(x.shape, options) * features + 2 * features)
     shapes = (
@@ -172,8 +263,12 @@ def _train_call(key: str, x: Any, gamma: Any, beta: Any, mask: Any, adjust: Any,
         _struct((words,), jnp.uint32),
         *(_struct(m.shape, m.dtype) for m in moving),
     )
-    y, saved, *updated = _callback(
-        _train_host, key, shapes, [x, gamma, beta, mask, *adjust, *moving]
+    y, saved, *updated = _kernel(
+        "batchnorm_train_forward",
+        _train_host,
+        key,
+        shapes,
+        [x, gamma, beta, mask, *adjust, *moving],
     )
     return y, saved, tuple(updated)
 
@@ -190,8 +285,9 @@ def _train_forward(key: str, x: Any, gamma: Any, beta: Any, mask: Any, adjust: A
 
 def _train_backward(key: str, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
     x, gamma, mask, saved = residuals
-    options = F.Options.from_json(key)
-    dx, dgamma, dbeta = _callback(
+    options = F.Options.from_json(key[0])
+    dx, dgamma, dbeta = _kernel(
+        "batchnorm_train_backward",
         _train_backward_host,
         key,
         _gradient_shapes(x, options),
@@ -214,7 +310,13 @@ _train.defvjp(_train_forward, _train_backward)
 
 
 def _infer(key: str, x: Any, gamma: Any, beta: Any, mean: Any, variance: Any) -> Any:
-    return _callback(_infer_host, key, _struct(x.shape, x.dtype), [x, gamma, beta, mean, variance])
+    return _kernel(
+        "batchnorm_infer_forward",
+        _infer_host,
+        key,
+        _struct(x.shape, x.dtype),
+        [x, gamma, beta, mean, variance],
+    )
 
 
 def _infer_forward(key: str, x: Any, gamma: Any, beta: Any, mean: Any, variance: Any):
@@ -223,9 +325,13 @@ def _infer_forward(key: str, x: Any, gamma: Any, beta: Any, mean: Any, variance:
 
 def _infer_backward(key: str, residuals: Any, dy: Any) -> tuple[Any, ...]:
     x, gamma, mean, variance = residuals
-    options = F.Options.from_json(key)
-    dx, dgamma, dbeta = _callback(
-        _infer_backward_host, key, _gradient_shapes(x, options), [dy, x, gamma, mean, variance]
+    options = F.Options.from_json(key[0])
+    dx, dgamma, dbeta = _kernel(
+        "batchnorm_infer_backward",
+        _infer_backward_host,
+        key,
+        _gradient_shapes(x, options),
+        [dy, x, gamma, mean, variance],
     )
     # The moving statistics are constants of the inference call, as in Keras.
     return dx, dgamma if options.scale else None, dbeta if options.center else None, None, None
@@ -246,7 +352,8 @@ def _vector(value: Any, name: str, features: int, dtype: np.dtype) -> Any:
 
 
 def _check_mask(mask: Any, x: Any) -> Any:
-    """The mask as an array, its shape checked now (its values are checked by the call)."""
+    """The mask as a boolean array, its shape checked now. A numeric mask must hold 0/1: checked
+    here when its values are known (outside jit), read as "nonzero is valid" when traced."""
     mask = jnp.asarray(mask)
     # prepare_mask checks the shape rules on stand-ins of the right shapes (no data).
     F.prepare_mask(
@@ -255,7 +362,13 @@ def _check_mask(mask: Any, x: Any) -> Any:
         True,
         CPU,
     )
-    return mask
+    if mask.dtype == bool:
+        return mask
+    if not isinstance(mask, jax.core.Tracer):
+        F.prepare_mask(
+            np.asarray(mask), np.broadcast_to(np.zeros((), np.float32), x.shape), True, CPU
+        )
+    return mask != 0
 
 
 def batch_norm(
@@ -267,6 +380,7 @@ def batch_norm(
     mask: Any = None,
     adjustment: tuple[Any, Any] | None = None,
     options: F.Options | None = None,
+    route: str = "auto",
     **keras_options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Keras' batch normalization of `x` -> `(y, new_state)`; pure, so it composes with `jit`,
@@ -286,7 +400,12 @@ def batch_norm(
     `batchnorm.functional.Options` as `options`. `mask` selects the positions the statistics
     use (Keras' rank - 1 form, or x's rank with sizes 1 where it broadcasts); `adjustment` is
     Keras' (scale, bias) pair of per-feature vectors. `training` must be a Python bool (static
-    under `jit`: `static_argnames="training"`)."""
+    under `jit`: `static_argnames="training"`).
+
+    `route` picks how XLA reaches the kernels: "ffi" (the XLA FFI handlers, zero-copy on the
+    CPU; builds made with BATCHNORM_BUILD_JAX_FFI), "callback" (`jax.pure_callback`, every
+    build) or "auto" (the handlers where built). On other platforms than the CPU the callback
+    route runs in either case."""
     if options is None:
         options = F.Options(**keras_options)
     elif keras_options:
@@ -311,7 +430,7 @@ def batch_norm(
     if missing:
         raise ValueError(f"state: missing {missing} (these options need {names})")
     moving = tuple(_vector(state[name], f"state[{name!r}]", features, dtype) for name in names)
-    key = options.json
+    key = (options.json, _route(route))
     if not training:
         y = _infer(key, x, gamma, beta, moving[0], moving[1])
         return y, dict(state)
