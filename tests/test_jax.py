@@ -251,6 +251,20 @@ def test_errors_are_clear() -> None:
         jax.grad(lambda x: layer(x, training=True).sum())(x)
 
 
+def test_eager_layer_takes_jax_arrays_of_its_own_dtype() -> None:
+    layer = batchnorm.BatchNormalization()
+    x = np.random.default_rng(8).normal(size=(6, 3)).astype(np.float32)
+    y = layer(jnp.asarray(x), training=True)  # float32 data in a float32 layer: no cast
+    assert isinstance(y, jax.Array) and y.dtype == jnp.float32
+    expected, _, _ = _reference_call(
+        {},
+        x.astype(np.float64),
+        [np.ones(3), np.zeros(3)] + [np.zeros(3), np.ones(3)],
+        training=True,
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_batchnorm_imports_without_jax() -> None:
     code = (
         "import sys; sys.modules['jax'] = None; import batchnorm, numpy as np; "

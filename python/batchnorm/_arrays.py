@@ -304,6 +304,10 @@ class JaxFramework(Framework):
         kind, index = array.__dlpack_device__()
         return _dlpack_device(int(kind), int(index))
 
+    def cast(self, array: Any, dtype: np.dtype) -> Any:
+        # (JAX buffers are always aligned: no NumPy flags to consult.)
+        return array if array.dtype == dtype else array.astype(dtype)
+
     def empty_like(self, array: Any) -> Any:
         return self.empty(tuple(array.shape), self.dtype_name(array), self.device(array))
 
