@@ -13,14 +13,16 @@
 nothing is written in place. Its gradient is a `jax.custom_vjp` whose backward runs the
 package's backward kernels on the statistics the forward saved (the forward is not run again).
 
-The kernels are reached through `jax.pure_callback`. XLA calls back into Python with its
-buffers, which the kernels read where they lie (NumPy views of the CPU buffers, no copy); the
-kernels write new host arrays, which XLA then copies into its own buffers: one copy of y (of dx
-in the backward) per call, plus a fixed cost per callback (the README's "JAX" section has the
-measured figures). On a GPU, XLA moves the arguments to the host and the results back and the
-CPU kernels do the work. Under `jax.vmap` each member of the mapped axis is normalized on its own
-(its own batch statistics and moving statistics), by one callback per member in a loop
-(`vmap_method="sequential"`).
+XLA reaches the kernels by one of two routes (`route=`). The XLA FFI handlers (an opt-in build,
+`ffi_available()`) are called by XLA with its own CPU buffers: everything is read and written
+where XLA keeps it, with no copy and no Python in the step. `jax.pure_callback` works in every
+build, at the price of copies: JAX hands the callback copies of its arguments (x; dy and x in
+the backward), the kernels write new host arrays, which XLA copies into its own buffers (y; dx),
+and each call pays for the trip through Python. On a GPU, XLA moves the arguments to the host and
+the results back, and the CPU kernels do the work. The README's "JAX"
+section has the measured costs. Under `jax.vmap` each member of the mapped axis is normalized on
+its own (its own batch statistics and moving statistics), the kernels being called once per
+member (`vmap_method="sequential"`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ _VMAP = "sequential"
 # ---- the host side: what the callbacks run ----------------------------------------------------
 # Each callback gets the options as their JSON string (static in the traced program), a layout
 # saying which of its optional arrays are present (pure_callback passes arrays only), and the
-# arrays, read as NumPy views of XLA's buffers.
+# arrays (host copies JAX made for the callback, read as NumPy views).
 
 
 def _expand(layout: tuple[bool, ...], present: Sequence[Any]) -> list[Any]:
