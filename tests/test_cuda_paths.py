@@ -80,6 +80,7 @@ def jax(monkeypatch: pytest.MonkeyPatch) -> Any:
     adopted: list[Any] = []
     module = types.SimpleNamespace(
         Array=JaxArray,
+        core=types.SimpleNamespace(Tracer=type("Tracer", (), {})),  # (what framework_of tests)
         dlpack=types.SimpleNamespace(from_dlpack=lambda a: adopted.append(a) or ("jax", a)),
         adopted=adopted,
     )

@@ -292,7 +292,7 @@ def test_jax_arrays_round_trip() -> None:
 
     x = data((6, 4, 5))
     dy = data((6, 4, 5), mean=0.0)
-    mask = RNG.random((6, 5)) > 0.3
+    mask = RNG.random((6, 1, 5)) > 0.3  # per (sample, position), broadcast over the channels
     ref, lay = pair(axis=1)
     y = lay(jnp.asarray(x), training=True, mask=jnp.asarray(mask))
     assert type(y).__module__.startswith("jax")

@@ -389,6 +389,12 @@ def framework_of(array: Any) -> Framework:
     if "cupy" in modules and isinstance(array, modules["cupy"].ndarray):
         return _library("cupy", CupyFramework)
     if "jax" in modules and isinstance(array, modules["jax"].Array):
+        if isinstance(array, modules["jax"].core.Tracer):
+            raise TypeError(
+                "a JAX tracer reached batchnorm's eager layer, which computes on concrete "
+                "arrays only: under jax.jit, jax.grad or jax.vmap use batchnorm.jax "
+                "(batch_norm, or the Flax module batchnorm.jax.BatchNormalization)"
+            )
         return _library("jax", JaxFramework)
     return _NUMPY
 

@@ -196,6 +196,22 @@ class Options:
         """The weights these options give, in Keras order."""
         return list(_core.weight_names(self.core))
 
+    def input_shape_for(self, feature_shape: Sequence[int]) -> list[int]:
+        """The smallest input shape with `feature_shape` (the feature sizes, in ascending axis
+        order, as `schema(...).feature_shape` gives them) on the feature axes, 1 elsewhere: what
+        a layer given only its feature sizes builds for."""
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        if len(axes) != len(feature_shape):
+            raise ValueError(
+                f"feature shape {tuple(feature_shape)} gives {len(feature_shape)} sizes for the "
+                f"{len(axes)} feature axes {self.axis}"
+            )
+        rank = max(max(a + 1 if a >= 0 else -a for a in axes), 1)
+        shape = [1] * rank
+        for axis, size in zip(sorted(a % rank for a in axes), feature_shape):
+            shape[axis] = int(size)
+        return shape
+
     def schema(self, input_shape: Sequence[int | None]) -> Any:
         """The resolved feature axes, their sizes, the feature count, Keras' weight shape and
         the weight names for inputs of `input_shape` (unknown sizes may be None)."""

@@ -552,7 +552,7 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
                 raise ValueError(
                     f"num_features must be a positive int or a tuple of them, got {num_features!r}"
                 )
-            self._build(_input_shape_for(keras._options, shape))
+            self._build(keras._options.input_shape_for(shape))
 
     # -- Keras' attributes --
     @property
@@ -745,7 +745,7 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         if self.has_uninitialized_params():  # one feature axis of that many features
             if not isinstance(self.options.axis, int) and len(self.options.axis) > 1:
                 raise ValueError("call the module once before set_weights: it has several axes")
-            self._build(_input_shape_for(self.options, (values[0].size,)))
+            self._build(self.options.input_shape_for((values[0].size,)))
         features = getattr(self, names[0]).numel()
         for name, value in zip(names, values):
             if value.size != features:
@@ -795,19 +795,3 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
             f"epsilon={o.epsilon}, center={o.center}, scale={o.scale}, renorm={o.renorm}, "
             f"virtual_batch_size={o.virtual_batch_size}, trainable={self.trainable}"
         )
-
-
-def _input_shape_for(options: F.Options, feature_shape: tuple[int, ...]) -> list[int]:
-    """The smallest input shape with these feature sizes on the feature axes (1 elsewhere)."""
-    axes = [options.axis] if isinstance(options.axis, int) else list(options.axis)
-    if len(axes) != len(feature_shape):
-        raise ValueError(
-            f"num_features {feature_shape} gives {len(feature_shape)} sizes for the "
-            f"{len(axes)} feature axes {options.axis}"
-        )
-    rank = max(max(a + 1 if a >= 0 else -a for a in axes), 1)
-    resolved = [a % rank for a in axes]
-    shape = [1] * rank
-    for axis, size in zip(sorted(resolved), (n for _, n in sorted(zip(resolved, feature_shape)))):
-        shape[axis] = size
-    return shape
