@@ -205,3 +205,14 @@ def test_absent_weights_may_be_none_or_missing() -> None:
                 want = 1.0 / np.sqrt(weights["moving_variance"] + 1e-3)
                 np.testing.assert_allclose(dx, np.broadcast_to(want, dx.shape), rtol=1e-12)
             assert y.shape == dx.shape == x.shape
+
+
+def test_input_shape_for_places_the_feature_sizes_on_the_feature_axes() -> None:
+    assert F.Options(axis=1).input_shape_for((5,)) == [1, 5]
+    assert F.Options(axis=-1).input_shape_for((5,)) == [5]
+    assert F.Options(axis=[3, 1]).input_shape_for((4, 6)) == [1, 4, 1, 6]
+    assert F.Options(axis=[-1, -3]).input_shape_for((2, 3)) == [2, 1, 3]
+    schema = F.Options(axis=[3, 1]).schema([1, 4, 1, 6])
+    assert tuple(schema.feature_shape) == (4, 6)  # the order input_shape_for takes
+    with pytest.raises(ValueError, match="2 feature axes"):
+        F.Options(axis=[1, 2]).input_shape_for((3,))
