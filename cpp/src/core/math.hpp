@@ -50,7 +50,8 @@ BATCHNORM_HD inline Moments moments_from_shifted_sums(double count, double shift
   result.count = count;
   result.mean = shift + mean_offset;
   const double m2 = sum_squares - sum * mean_offset;
-  result.m2 = m2 > 0.0 ? m2 : 0.0;
+  // Rounding may leave a tiny negative m2; a NaN (data with NaN or infinities) must stay NaN.
+  result.m2 = m2 < 0.0 ? 0.0 : m2;
   return result;
 }
 
@@ -161,7 +162,10 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
 
   double r = 1.0, d = 0.0;
   if (s.renorm) {
-    const double renorm_std = fmax(static_cast<double>(w.renorm_stddev[c]), std::sqrt(s.epsilon));
+    // Not fmax: it would turn a NaN renorm_stddev into sqrt(epsilon) and hide it.
+    const double stored_std = static_cast<double>(w.renorm_stddev[c]);
+    const double min_std = std::sqrt(s.epsilon);
+    const double renorm_std = stored_std < min_std ? min_std : stored_std;
     r = clamp(batch_std / renorm_std, s.rmin, s.rmax);
     d = clamp((batch_mean - static_cast<double>(w.renorm_mean[c])) / renorm_std, -s.dmax, s.dmax);
   }
@@ -198,7 +202,9 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
     w.moving_stddev[c] = static_cast<W>(stddev);
     // Keras assigns (not averages) the variance from the averaged stddev, clamped at zero.
     const double stored = static_cast<double>(w.moving_stddev[c]);
-    w.moving_variance[c] = static_cast<W>(fmax(stored * stored - s.epsilon, 0.0));
+    // Clamped at zero, but NaN stays NaN (fmax would make it 0), as Keras' maximum keeps it.
+    const double variance = stored * stored - s.epsilon;
+    w.moving_variance[c] = static_cast<W>(variance < 0.0 ? 0.0 : variance);
   } else {
     w.moving_variance[c] =
         static_cast<W>(static_cast<double>(w.moving_variance[c]) * m + batch_var * (1 - m));
