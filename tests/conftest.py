@@ -25,7 +25,7 @@ if settings is not None:
     # The suite's fuzzing (tests/test_fuzz.py): the same cases on every run, no example database.
     settings.register_profile(
         "batchnorm",
-        max_examples=1200,
+        max_examples=2000,
         derandomize=True,
         database=None,
         deadline=None,
@@ -36,7 +36,7 @@ if settings is not None:
     # cases each run (a failure prints the blob that reproduces it).
     settings.register_profile(
         "long",
-        max_examples=12000,
+        max_examples=25000,
         derandomize=False,
         database=None,
         deadline=None,

@@ -95,13 +95,45 @@ struct GroupStats {
 
 // Folded elementwise coefficients, index g * C + c: out = (in - shift) * scale + offset for the
 // forward; for dx the kernels use dx = scale * (dy - valid * (offset + (x - shift) * slope)).
+//
+// `prescale` (nullable) is for forward scales beyond Acc's range: 1 / sqrt(var + epsilon) of
+// denormal data with a tiny epsilon exceeds float32's largest value although the outputs are of
+// order one. A backend that passes it gets such a scale split into a power of two, prescale[i],
+// and a factor that fits, scale[i], and must compute ((in - shift) * prescale) * scale + offset
+// (in two exact steps); elsewhere prescale[i] is 1. Without it the scale rounds to infinity.
 template <class Acc>
 struct Coefficients {
   Acc* shift;
   Acc* scale;
   Acc* slope;
   Acc* offset;
+  Acc* prescale = nullptr;
 };
+
+// The largest finite value of Acc (float or double).
+template <class Acc>
+BATCHNORM_HD constexpr double largest_finite() {
+  return sizeof(Acc) == sizeof(float) ? 3.4028234663852886e38 : 1.7976931348623157e308;
+}
+
+// Stores a forward scale (split as described at Coefficients where it does not fit Acc) and
+// returns the value the kernels multiply by in effect, for the offset to cancel against.
+template <class Acc>
+BATCHNORM_HD inline double store_scale(Coefficients<Acc> out, std::int64_t i, double scale) {
+  double power = 1.0;
+  if (out.prescale) {
+    if (std::fabs(scale) > largest_finite<Acc>() && std::isfinite(scale)) {
+      // scale / power lies in [1, 2) (larger only past Acc's largest power of two).
+      const int exponent = std::ilogb(scale);
+      const int cap = std::ilogb(largest_finite<Acc>());
+      power = std::ldexp(1.0, exponent < cap ? exponent : cap);
+    }
+    out.prescale[i] = static_cast<Acc>(power);
+  }
+  const Acc stored = static_cast<Acc>(scale / power);
+  out.scale[i] = stored;
+  return power * static_cast<double>(stored);
+}
 
 // Stores shift[i] = the mean rounded to Acc and returns the remainder mean - shift, which the
 // caller folds into offset[i]: x - mean = (x - shift) - remainder. A non-finite mean leaves no
@@ -181,11 +213,9 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t k = g * features + c;
     const double remainder = split_shift(out, k, stats.mean[k]);
-    const Acc scale = static_cast<Acc>(stats.inv_std[k] * zscale * gamma);
-    out.scale[k] = scale;
+    const double scale = store_scale(out, k, stats.inv_std[k] * zscale * gamma);
     // Taken off with the rounded scale the kernels multiply by: the remainder cancels exactly.
-    out.offset[k] =
-        static_cast<Acc>(zshift * gamma + beta - remainder * static_cast<double>(scale));
+    out.offset[k] = static_cast<Acc>(zshift * gamma + beta - remainder * scale);
   }
 
   if (!s.update_moving || ghost.groups == 0.0) return;
@@ -228,7 +258,7 @@ BATCHNORM_HD void inference_feature(std::int64_t c, double epsilon, const Weight
                                     Coefficients<Acc> out) {
   const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
   out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
-  out.scale[c] = static_cast<Acc>(value_or(w.gamma, c, 1.0) * inv_std);
+  store_scale(out, c, value_or(w.gamma, c, 1.0) * inv_std);
   out.offset[c] = static_cast<Acc>(value_or(w.beta, c, 0.0));
 }
 
