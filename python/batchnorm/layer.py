@@ -8,6 +8,7 @@ import inspect
 import itertools
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,66 @@ from .functional import _number
 _layer_ids = itertools.count()
 # Every weight a layer can have (the core's list, renorm on).
 _WEIGHT_NAMES = frozenset(functional.Options(renorm=True).weight_names())
+
+
+class _Access:
+    """Who uses a layer's weights now, across threads (the kernels run without the GIL).
+
+    Readers (inference calls, weight snapshots) run together; a writer (a training call, which
+    updates the moving statistics in place, or a change of the weights) runs alone: readers
+    wait for it and it waits for them, so no snapshot mixes two steps and no inference reads a
+    half-updated statistic. Two training calls of one layer at once raise RuntimeError: the
+    layer keeps one call's context for backward, so their steps could not be told apart.
+    The common path is one acquire and release of a plain lock per call; the condition is only
+    used when someone has to wait."""
+
+    __slots__ = ("_lock", "_condition", "_readers", "_writing", "_training", "_waiting")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
+        self._readers = 0
+        self._writing = False
+        self._training = False
+        self._waiting = 0  # threads waiting in the condition
+
+    def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            self._condition.wait()
+        finally:
+            self._waiting -= 1
+
+    def begin_read(self) -> None:
+        with self._lock:
+            while self._writing:
+                self._wait()
+            self._readers += 1
+
+    def end_read(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._waiting and not self._readers:
+                self._condition.notify_all()
+
+    def begin_write(self, training: bool, name: str) -> None:
+        with self._lock:
+            while self._writing or self._readers:
+                if training and self._training:
+                    raise RuntimeError(
+                        f"{name}: another thread is training this layer; one layer trains in "
+                        "one thread at a time (use a layer per thread, or "
+                        "batchnorm.functional.forward/backward with weights per thread)"
+                    )
+                self._wait()
+            self._writing = True
+            self._training = training
+
+    def end_write(self) -> None:
+        with self._lock:
+            self._writing = self._training = False
+            if self._waiting:
+                self._condition.notify_all()
 
 
 class Variable:
@@ -70,7 +131,18 @@ class Variable:
         return str(self._device)
 
     def numpy(self) -> np.ndarray:
-        """A host copy of the value in the Keras weight shape."""
+        """A host copy of the value in the Keras weight shape (never one mixing two training
+        steps of another thread)."""
+        layer = self._layer()
+        if layer is None:
+            return self._host()
+        layer._access.begin_read()
+        try:
+            return self._host()
+        finally:
+            layer._access.end_read()
+
+    def _host(self) -> np.ndarray:
         return vector_to_host(self._storage).reshape(self._shape)
 
     @property
@@ -108,11 +180,19 @@ class Variable:
                 f"{self.path}: expected {self._size} values (shape {self._shape}), got "
                 f"an array of shape {array.shape}"
             )
-        assign_vector(self._storage, array.reshape(-1))
+        layer = self._layer()
+        if layer is None:
+            assign_vector(self._storage, array.reshape(-1))
+            return
+        layer._access.begin_write(False, layer.name)
+        try:
+            assign_vector(self._storage, array.reshape(-1))
+        finally:
+            layer._access.end_write()
 
     def _move(self, device: Device) -> None:
         if device != self._device:
-            self._storage = device_vector(self.numpy(), device)
+            self._storage = device_vector(self._host(), device)
             self._device = device
 
     def __repr__(self) -> str:
@@ -244,6 +324,7 @@ class BatchNormalization:
         )
         self._device = CPU
         self.gradients: dict[str, Any] = {}
+        self._access = _Access()
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -394,6 +475,15 @@ class BatchNormalization:
         """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
         if self.built:
             return
+        # Threads calling a new layer at once build it once.
+        self._access.begin_write(False, self.name)
+        try:
+            if not self.built:
+                self._build(input_shape)
+        finally:
+            self._access.end_write()
+
+    def _build(self, input_shape: Sequence[int | None]) -> None:
         shape = tuple(input_shape)
         schema = self._options.schema(shape)  # resolves and checks the axes (the core's rules)
         param_shape = tuple(schema.weight_shape)
@@ -450,16 +540,24 @@ class BatchNormalization:
                 f"{_core.cuda_available()}; this build or machine has "
                 f"{_core.cuda_device_count()} CUDA devices)"
             )
-        for variable in self._variables.values():
-            variable._move(target)
-        self._device = target
+        self._access.begin_write(False, self.name)
+        try:
+            for variable in self._variables.values():
+                variable._move(target)
+            self._device = target
+        finally:
+            self._access.end_write()
         self._last = None  # the last input lives on the old device
         self._undifferentiated.clear()
         return self
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
-        return [v.numpy() for v in self._variables.values()]
+        self._access.begin_read()  # one snapshot: all weights from the same step
+        try:
+            return [v._host() for v in self._variables.values()]
+        finally:
+            self._access.end_read()
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
@@ -486,8 +584,12 @@ class BatchNormalization:
                 )
             check_numeric(array, f"weight {variable.name!r}")
             arrays.append(array)
-        for variable, array in zip(expected, arrays):
-            variable.assign(array)
+        self._access.begin_write(False, self.name)  # all weights change together
+        try:
+            for variable, array in zip(expected, arrays):
+                assign_vector(variable._storage, np.asarray(array, variable.dtype).reshape(-1))
+        finally:
+            self._access.end_write()
 
     # ---- calls -------------------------------------------------------------------------------
     def _weight_vectors(self) -> dict[str, Any]:
@@ -589,20 +691,33 @@ class BatchNormalization:
                 )
         x = self._prepare_input(inputs)
         train = bool(training) and self._trainable
-        y, context = functional.forward(
-            x,
-            self._weight_vectors(),
-            self._options,
-            training=train,
-            mask=mask,
-            adjustment=(
-                self._adjustment_vectors(tuple(x.shape))
-                if train and self.adjustment is not None
-                else None
-            ),
-            out=out,
-            communicator=self._communicator_hook() if train else None,
+        adjustment = (
+            self._adjustment_vectors(tuple(x.shape))
+            if train and self.adjustment is not None
+            else None
         )
+        communicator = self._communicator_hook() if train else None
+        access = self._access
+        if train:
+            access.begin_write(True, self.name)
+        else:
+            access.begin_read()
+        try:
+            y, context = functional.forward(
+                x,
+                self._weight_vectors(),
+                self._options,
+                training=train,
+                mask=mask,
+                adjustment=adjustment,
+                out=out,
+                communicator=communicator,
+            )
+        finally:
+            if train:
+                access.end_write()
+            else:
+                access.end_read()
         self._last = context
         if train:
             self._track_training_output(y, context)
@@ -663,6 +778,13 @@ class BatchNormalization:
             raise ValueError(f"{self.name}: apply_gradients needs a backward call first")
         if not self._trainable:
             return
+        self._access.begin_write(False, self.name)
+        try:
+            self._apply_gradients(lr)
+        finally:
+            self._access.end_write()
+
+    def _apply_gradients(self, lr: float) -> None:
         updates = {}
         for key, regularizer, constraint in (
             ("gamma", self.gamma_regularizer, self.gamma_constraint),
@@ -670,7 +792,7 @@ class BatchNormalization:
         ):
             if key not in self._variables:
                 continue
-            value = self._variables[key].numpy()
+            value = self._variables[key]._host()
             step = to_numpy(self.gradients[key]).astype(np.float64)
             if regularizer is not None:
                 step = step + regularizers.gradient(regularizer, value)
@@ -679,7 +801,7 @@ class BatchNormalization:
                 new_value = np.asarray(constraint(new_value), dtype=value.dtype)
             updates[key] = new_value
         for key, value in updates.items():
-            self._variables[key].assign(value)
+            assign_vector(self._variables[key]._storage, value.reshape(-1))
 
     # ---- config ------------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
