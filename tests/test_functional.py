@@ -159,3 +159,15 @@ def test_absent_weights_may_be_none_or_missing() -> None:
                 want = 1.0 / np.sqrt(weights["moving_variance"] + 1e-3)
                 np.testing.assert_allclose(dx, np.broadcast_to(want, dx.shape), rtol=1e-12)
             assert y.shape == dx.shape == x.shape
+
+
+@pytest.mark.torch
+def test_weights_of_another_framework_are_a_clear_type_error() -> None:
+    """PyTorch weights once got "the input is on cpu but the weights are on cpu" (found by the
+    leak test's training script)."""
+    torch = pytest.importorskip("torch")
+    options = F.Options(axis=1)
+    weights = {k: torch.from_numpy(v) for k, v in F.initial_weights(options, (4, 3, 5)).items()}
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(TypeError, match="NumPy vectors.*got Tensor"):
+        F.forward(x, weights, options, training=True)

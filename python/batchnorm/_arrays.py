@@ -483,7 +483,16 @@ def copy_vector(vector: Any) -> Any:
 
 def vector_device(vector: Any) -> Device:
     """Where a `device_vector` lives."""
-    return CPU if isinstance(vector, np.ndarray) else vector.device
+    if isinstance(vector, np.ndarray):
+        return CPU
+    if isinstance(vector, DeviceArray):
+        return vector.device
+    # Anything else (a PyTorch tensor, say) once got "the input is on cpu but the weights are
+    # on cpu" from a comparison of two different device types.
+    raise TypeError(
+        "weights must be NumPy vectors on the CPU (batchnorm.functional.initial_weights) or the "
+        f"CUDA vectors of a layer on CUDA, got {type(vector).__name__}"
+    )
 
 
 def vector_dtype_name(vector: Any) -> str:
