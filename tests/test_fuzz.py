@@ -359,6 +359,18 @@ def test_layer_matches_the_reference_or_refuses(case: Case, data: st.DataObject)
                 assert_close(got, want, sum_tol, f"d{key}")
     assert snapshot(inputs) == inputs_before, "the layer wrote its input or mask"
 
+    # Inputs the built layer cannot take are refused with nothing changed: other feature sizes,
+    # another rank, and a dy that does not match the call's input.
+    before = snapshot(layer.get_weights())
+    wrong = list(case.shape)
+    wrong[reference.axes[0]] += 1
+    for bad in (np.ones(wrong, np.float32), np.ones((*case.shape, 1), np.float32)):
+        with pytest.raises(ValueError):
+            layer(bad, training=case.training)
+    with pytest.raises(ValueError):
+        layer.backward(np.ones(wrong, np.float32))
+    assert snapshot(layer.get_weights()) == before, "a refused call changed the weights"
+
 
 @dataclass
 class OutCase:
