@@ -691,37 +691,41 @@ class BatchNormalization:
                 )
         x = self._prepare_input(inputs)
         train = bool(training) and self._trainable
-        adjustment = (
-            self._adjustment_vectors(tuple(x.shape))
-            if train and self.adjustment is not None
-            else None
+        y, context = self._guarded_forward(
+            train,
+            x,
+            self._weight_vectors(),
+            self._options,
+            training=train,
+            mask=mask,
+            adjustment=(
+                self._adjustment_vectors(tuple(x.shape))
+                if train and self.adjustment is not None
+                else None
+            ),
+            out=out,
+            communicator=self._communicator_hook() if train else None,
         )
-        communicator = self._communicator_hook() if train else None
+        self._last = context
+        if train:
+            self._track_training_output(y, context)
+        return y
+
+    def _guarded_forward(self, train: bool, *args: Any, **kwargs: Any) -> Any:
+        """functional.forward under the layer's thread guard (a training call writes the moving
+        statistics); its arguments, the user's adjustment among them, are evaluated outside."""
         access = self._access
         if train:
             access.begin_write(True, self.name)
         else:
             access.begin_read()
         try:
-            y, context = functional.forward(
-                x,
-                self._weight_vectors(),
-                self._options,
-                training=train,
-                mask=mask,
-                adjustment=adjustment,
-                out=out,
-                communicator=communicator,
-            )
+            return functional.forward(*args, **kwargs)
         finally:
             if train:
                 access.end_write()
             else:
                 access.end_read()
-        self._last = context
-        if train:
-            self._track_training_output(y, context)
-        return y
 
     def _track_training_output(self, y: Any, context: functional.Context) -> None:
         alive = [
