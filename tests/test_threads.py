@@ -76,8 +76,9 @@ for got in results.values():
     assert all(np.array_equal(a, b) for a, b in zip(got, serial))
 
 
-# 3. Snapshots while another thread trains: get_weights() is the state after some step, and each
-# variable's numpy() that variable's value after some step. Many features: the moving statistics
+# 3. Snapshots while another thread trains: get_weights() is the state after some step, each
+# variable's numpy() that variable's value after some step, and an inference call's result the
+# one of some step's statistics. Many features: the moving statistics
 # are updated feature by feature, long enough for an unguarded snapshot to land in between
 # (before the guard, 2-3% of the snapshots mixed two steps).
 x = rng.standard_normal((4, 1 << 16)).astype(np.float32)
@@ -85,15 +86,17 @@ steps = 60
 reference = batchnorm.BatchNormalization(axis=-1, momentum=0.5)
 reference.build(x.shape)
 states = [reference.get_weights()]
+outputs = {reference(x).tobytes()}  # inference with the statistics of each step
 for _ in range(steps):
     reference(x, training=True)  # the moving statistics move on at every step
     states.append(reference.get_weights())
+    outputs.add(reference(x).tobytes())
 known = {b"".join(w.tobytes() for w in state) for state in states}
 known_vectors = [{state[i].tobytes() for state in states} for i in range(len(states[0]))]
 layer = batchnorm.BatchNormalization(axis=-1, momentum=0.5)
 layer.build(x.shape)
 done = threading.Event()
-counts = {"snapshots": 0, "mixed": 0}
+counts = {"snapshots": 0, "mixed": 0, "inferences": 0, "wrong": 0}
 
 
 def trainer():
@@ -111,14 +114,21 @@ def reader():
         counts["mixed"] += sum(v.tobytes() not in k for v, k in zip(vectors, known_vectors))
 
 
+def inferrer():
+    while not done.is_set() and counts["inferences"] < 2000:
+        counts["inferences"] += 1
+        counts["wrong"] += layer(x).tobytes() not in outputs
+
+
 thread = threading.Thread(target=trainer)
-readers = [threading.Thread(target=reader) for _ in range(2)]
+readers = [threading.Thread(target=reader) for _ in range(2)] + [threading.Thread(target=inferrer)]
 for t in [thread, *readers]:
     t.start()
 for t in [thread, *readers]:
     t.join()
 assert counts["mixed"] == 0, f"{counts['mixed']} of {counts['snapshots']} snapshots mix two steps"
 assert counts["snapshots"] > 0
+assert counts["wrong"] == 0, f"{counts['wrong']} of {counts['inferences']} inferences mix two steps"
 assert layer.get_weights()[0].tobytes() == states[-1][0].tobytes()
 
 

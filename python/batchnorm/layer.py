@@ -38,63 +38,48 @@ _WEIGHT_NAMES = frozenset(functional.Options(renorm=True).weight_names())
 
 
 class _Access:
-    """Who uses a layer's weights now, across threads (the kernels run without the GIL).
+    """Who changes a layer's weights now, across threads (the kernels run without the GIL).
 
-    Readers (inference calls, weight snapshots) run together; a writer (a training call, which
-    updates the moving statistics in place, or a change of the weights) runs alone: readers
-    wait for it and it waits for them, so no snapshot mixes two steps and no inference reads a
-    half-updated statistic. Two training calls of one layer at once raise RuntimeError: the
-    layer keeps one call's context for backward, so their steps could not be told apart.
-    The common path is one acquire and release of a plain lock per call; the condition is only
-    used when someone has to wait."""
+    Writers (a training call, which updates the moving statistics in place, or a change of the
+    weights) hold a lock and make `version` odd while they work. Readers (inference calls,
+    weight snapshots) take no lock: they note an even version, read, and read again if the
+    version changed meanwhile, so no snapshot mixes two steps and no inference result comes
+    from a half-updated statistic, at the cost of two attribute reads per call. Two training
+    calls of one layer at once raise RuntimeError: the layer keeps one call's context for
+    backward, so their steps could not be told apart."""
 
-    __slots__ = ("_lock", "_condition", "_readers", "_writing", "_training", "_waiting")
+    __slots__ = ("_lock", "_training", "version")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._condition = threading.Condition(self._lock)
-        self._readers = 0
-        self._writing = False
         self._training = False
-        self._waiting = 0  # threads waiting in the condition
+        self.version = 0
 
-    def _wait(self) -> None:
-        self._waiting += 1
-        try:
-            self._condition.wait()
-        finally:
-            self._waiting -= 1
-
-    def begin_read(self) -> None:
-        with self._lock:
-            while self._writing:
-                self._wait()
-            self._readers += 1
-
-    def end_read(self) -> None:
-        with self._lock:
-            self._readers -= 1
-            if self._waiting and not self._readers:
-                self._condition.notify_all()
+    def stable_version(self) -> int:
+        """The version when no writer is at work (waiting for one that is)."""
+        version = self.version
+        while version & 1:
+            with self._lock:
+                pass
+            version = self.version
+        return version
 
     def begin_write(self, training: bool, name: str) -> None:
-        with self._lock:
-            while self._writing or self._readers:
-                if training and self._training:
-                    raise RuntimeError(
-                        f"{name}: another thread is training this layer; one layer trains in "
-                        "one thread at a time (use a layer per thread, or "
-                        "batchnorm.functional.forward/backward with weights per thread)"
-                    )
-                self._wait()
-            self._writing = True
-            self._training = training
+        if not self._lock.acquire(blocking=False):
+            if training and self._training:
+                raise RuntimeError(
+                    f"{name}: another thread is training this layer; one layer trains in "
+                    "one thread at a time (use a layer per thread, or "
+                    "batchnorm.functional.forward/backward with weights per thread)"
+                )
+            self._lock.acquire()
+        self._training = training
+        self.version += 1
 
     def end_write(self) -> None:
-        with self._lock:
-            self._writing = self._training = False
-            if self._waiting:
-                self._condition.notify_all()
+        self.version += 1
+        self._training = False
+        self._lock.release()
 
 
 class Variable:
@@ -136,11 +121,7 @@ class Variable:
         layer = self._layer()
         if layer is None:
             return self._host()
-        layer._access.begin_read()
-        try:
-            return self._host()
-        finally:
-            layer._access.end_read()
+        return layer._snapshot(self._host)
 
     def _host(self) -> np.ndarray:
         return vector_to_host(self._storage).reshape(self._shape)
@@ -553,11 +534,17 @@ class BatchNormalization:
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
-        self._access.begin_read()  # one snapshot: all weights from the same step
-        try:
-            return [v._host() for v in self._variables.values()]
-        finally:
-            self._access.end_read()
+        # One snapshot: all weights from the same step.
+        return self._snapshot(lambda: [v._host() for v in self._variables.values()])
+
+    def _snapshot(self, read: Callable[[], Any]) -> Any:
+        """`read()` of the weights, again if a writer changed them meanwhile."""
+        access = self._access
+        while True:
+            version = access.stable_version()
+            value = read()
+            if access.version == version:
+                return value
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
@@ -692,7 +679,6 @@ class BatchNormalization:
         x = self._prepare_input(inputs)
         train = bool(training) and self._trainable
         y, context = self._guarded_forward(
-            train,
             x,
             self._weight_vectors(),
             self._options,
@@ -711,21 +697,43 @@ class BatchNormalization:
             self._track_training_output(y, context)
         return y
 
-    def _guarded_forward(self, train: bool, *args: Any, **kwargs: Any) -> Any:
-        """functional.forward under the layer's thread guard (a training call writes the moving
-        statistics); its arguments, the user's adjustment among them, are evaluated outside."""
+    def _guarded_forward(
+        self,
+        x: Any,
+        weights: dict[str, Any],
+        options: functional.Options,
+        *,
+        training: bool,
+        mask: Any,
+        adjustment: Any,
+        out: Any,
+        communicator: Any,
+    ) -> Any:
+        """functional.forward under the layer's thread guard (_Access): a training call as a
+        writer, an inference call as a reader, computed again if a training step of another
+        thread overlapped it. The arguments, the user's adjustment among them, are evaluated
+        by the caller, outside the guard."""
         access = self._access
-        if train:
+        if training:
             access.begin_write(True, self.name)
-        else:
-            access.begin_read()
-        try:
-            return functional.forward(*args, **kwargs)
-        finally:
-            if train:
+            try:
+                return functional.forward(
+                    x,
+                    weights,
+                    options,
+                    training=True,
+                    mask=mask,
+                    adjustment=adjustment,
+                    out=out,
+                    communicator=communicator,
+                )
+            finally:
                 access.end_write()
-            else:
-                access.end_read()
+        while True:
+            version = access.stable_version()
+            result = functional.forward(x, weights, options, training=False, mask=mask, out=out)
+            if access.version == version:
+                return result
 
     def _track_training_output(self, y: Any, context: functional.Context) -> None:
         alive = [
