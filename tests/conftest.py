@@ -4,14 +4,46 @@ pytest import mode), the suite's markers, and the skips every module would other
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only tests/test_fuzz.py needs it, and it comes with the test extra
+    settings = None
+
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # `from reference import ReferenceBN` in every module
+
+
+if settings is not None:
+    _RELAXED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    # The suite's fuzzing (tests/test_fuzz.py): the same cases on every run, no example database.
+    settings.register_profile(
+        "batchnorm",
+        max_examples=2000,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=_RELAXED,
+    )
+    # The long hunt, by hand: `--hypothesis-profile=long` or BATCHNORM_FUZZ=long; new random
+    # cases each run (a failure prints the blob that reproduces it).
+    settings.register_profile(
+        "long",
+        max_examples=25000,
+        derandomize=False,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=_RELAXED,
+    )
+    settings.load_profile(os.environ.get("BATCHNORM_FUZZ", "batchnorm"))
 
 
 def has_module(name: str) -> bool:

@@ -359,7 +359,9 @@ class ReferenceBN:
                 safe = np.where(g["has"], g["count"], 1.0)
                 # With no valid position μ, σ² are the constants 0: no correction at all.
                 corr = np.where(g["has"], (sum_g + xhat * sum_gx) / (safe * s), 0.0)
-                dx[idx] = gg / s - g["w"] * corr
+                # Masked positions feed no statistic: no correction (not 0 * corr, which a NaN
+                # or infinity elsewhere in the feature would make NaN).
+                dx[idx] = gg / s - np.where(g["w"] > 0, corr, 0.0)
             dgamma = (dy * c["z"]).sum(axis=R, keepdims=True)
         dbeta = dy.sum(axis=R, keepdims=True)
         return (

@@ -120,6 +120,50 @@ def test_cpp_unit_tests_pass_under_ctest(cmake: str, cpp_build: Path) -> None:
         assert name in output, output
 
 
+@pytest.fixture(scope="session")
+def sanitized_build(cmake: str, ninja: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C++ tests built with AddressSanitizer and UndefinedBehaviorSanitizer (library and
+    tests instrumented, -O0: see BATCHNORM_SANITIZE in CMakeLists.txt)."""
+    build = tmp_path_factory.mktemp("sanitized") / "build"
+    _build(
+        cmake,
+        ninja,
+        ROOT,
+        build,
+        "-DBATCHNORM_SANITIZE=address,undefined",
+        "-DBATCHNORM_BUILD_TESTS=ON",
+        "-DBATCHNORM_INSTALL=OFF",
+        "-DBATCHNORM_BUILD_PYTHON=OFF",
+        "-DBATCHNORM_BUILD_BENCH=OFF",
+        "-DBATCHNORM_ENABLE_CUDA=OFF",
+        "-DBATCHNORM_ENABLE_MPI=OFF",
+    )
+    return build
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GCC/Clang sanitizers on Linux")
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_cpp_unit_tests_pass_under_address_and_undefined_behavior_sanitizers(
+    cmake: str, sanitized_build: Path, isa: str
+) -> None:
+    """Every kernel set (an instruction set the CPU lacks falls back to one it has) runs the C++
+    tests with leak checks; any finding makes the test binary exit non-zero."""
+    library = next(sanitized_build.glob("libbatchnorm.so*"))
+    assert "libasan" in _run("ldd", library), "the library is not instrumented"
+    ctest = shutil.which("ctest", path=str(Path(cmake).parent)) or shutil.which("ctest")
+    assert ctest, "ctest not found next to cmake"
+    env = dict(
+        os.environ,
+        BATCHNORM_CPU_ISA=isa,
+        ASAN_OPTIONS="detect_leaks=1:halt_on_error=1",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+    )
+    output = _run(ctest, "--output-on-failure", "--parallel", JOBS, cwd=sanitized_build, env=env)
+    for name in ("cpp.layer", "cpp.functions", "cpp.errors"):
+        assert name in output, output
+    assert "runtime error" not in output and "Sanitizer" not in output, output
+
+
 def test_install_tree_has_headers_library_and_config(install_prefix: Path) -> None:
     headers = install_prefix / "include" / "batchnorm"
     # The public API and nothing else: the private headers stay in cpp/src.

@@ -216,3 +216,19 @@ def test_input_shape_for_places_the_feature_sizes_on_the_feature_axes() -> None:
     assert tuple(schema.feature_shape) == (4, 6)  # the order input_shape_for takes
     with pytest.raises(ValueError, match="2 feature axes"):
         F.Options(axis=[1, 2]).input_shape_for((3,))
+
+
+@pytest.mark.torch
+def test_weights_of_another_framework_are_bound_through_dlpack() -> None:
+    """PyTorch weights once got "the input is on cpu but the weights are on cpu" (found by the
+    leak test's training script); bound through DLPack they work as NumPy ones do (what
+    batchnorm.torch relies on), the moving statistics updated in place."""
+    torch = pytest.importorskip("torch")
+    options = F.Options(axis=1)
+    start = F.initial_weights(options, (4, 3, 5))
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in start.items()}
+    x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+    y_torch, _ = F.forward(torch.from_numpy(x), tensors, options, training=True)
+    y_numpy, _ = F.forward(x, start, options, training=True)
+    np.testing.assert_array_equal(y_torch.numpy(), y_numpy)
+    np.testing.assert_array_equal(tensors["moving_mean"].numpy(), start["moving_mean"])

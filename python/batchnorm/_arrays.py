@@ -522,16 +522,6 @@ def copy_vector(vector: Any) -> Any:
     return copy
 
 
-def vector_device(vector: Any) -> Device:
-    """Where a `device_vector` lives."""
-    return CPU if isinstance(vector, np.ndarray) else vector.device
-
-
-def vector_dtype_name(vector: Any) -> str:
-    """The dtype name of a `device_vector`."""
-    return vector.dtype.name if isinstance(vector, np.ndarray) else vector.dtype_name
-
-
 def vector_to_host(vector: Any) -> np.ndarray:
     """A host copy of a `device_vector`."""
     if isinstance(vector, np.ndarray):

@@ -8,6 +8,7 @@ import inspect
 import itertools
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,51 @@ ArrayT = TypeVar("ArrayT", bound=SupportsDLPack)
 _layer_ids = itertools.count()
 
 
+class _Access:
+    """Who changes a layer's weights now, across threads (the kernels run without the GIL).
+
+    Writers (a training call, which updates the moving statistics in place, or a change of the
+    weights) hold a lock and make `version` odd while they work. Readers (inference calls,
+    weight snapshots) take no lock: they note an even version, read, and read again if the
+    version changed meanwhile, so no snapshot mixes two steps and no inference result comes
+    from a half-updated statistic, at the cost of two attribute reads per call. Two training
+    calls of one layer at once raise RuntimeError: the layer keeps one call's context for
+    backward, so their steps could not be told apart."""
+
+    __slots__ = ("_lock", "_training", "version")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._training = False
+        self.version = 0
+
+    def stable_version(self) -> int:
+        """The version when no writer is at work (waiting for one that is)."""
+        version = self.version
+        while version & 1:
+            with self._lock:
+                pass
+            version = self.version
+        return version
+
+    def begin_write(self, training: bool, name: str) -> None:
+        if not self._lock.acquire(blocking=False):
+            if training and self._training:
+                raise RuntimeError(
+                    f"{name}: another thread is training this layer; one layer trains in "
+                    "one thread at a time (use a layer per thread, or "
+                    "batchnorm.functional.forward/backward with weights per thread)"
+                )
+            self._lock.acquire()
+        self._training = training
+        self.version += 1
+
+    def end_write(self) -> None:
+        self.version += 1
+        self._training = False
+        self._lock.release()
+
+
 class Variable:
     """A layer weight: Keras-shaped to the user, a flat contiguous vector on the layer's device
     to the kernels (a NumPy array on the CPU, a device buffer on CUDA)."""
@@ -80,7 +126,14 @@ class Variable:
         return str(self._device)
 
     def numpy(self) -> np.ndarray:
-        """A host copy of the value in the Keras weight shape."""
+        """A host copy of the value in the Keras weight shape (never one mixing two training
+        steps of another thread)."""
+        layer = self._layer()
+        if layer is None:
+            return self._host()
+        return layer._snapshot(self._host)
+
+    def _host(self) -> np.ndarray:
         return vector_to_host(self._storage).reshape(self._shape)
 
     @property
@@ -118,11 +171,19 @@ class Variable:
                 f"{self.path}: expected {self._size} values (shape {self._shape}), got "
                 f"an array of shape {array.shape}"
             )
-        assign_vector(self._storage, array.reshape(-1))
+        layer = self._layer()
+        if layer is None:
+            assign_vector(self._storage, array.reshape(-1))
+            return
+        layer._access.begin_write(False, layer.name)
+        try:
+            assign_vector(self._storage, array.reshape(-1))
+        finally:
+            layer._access.end_write()
 
     def _move(self, device: Device) -> None:
         if device != self._device:
-            self._storage = device_vector(self.numpy(), device)
+            self._storage = device_vector(self._host(), device)
             self._device = device
 
     def __repr__(self) -> str:
@@ -319,6 +380,7 @@ class BatchNormalization:
         )
         self._device = CPU
         self.gradients: dict[str, Any] = {}
+        self._access = _Access()
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -469,6 +531,15 @@ class BatchNormalization:
         """Creates the weights for inputs of `input_shape` (the batch size may be None)."""
         if self.built:
             return
+        # Threads calling a new layer at once build it once.
+        self._access.begin_write(False, self.name)
+        try:
+            if not self.built:
+                self._build(input_shape)
+        finally:
+            self._access.end_write()
+
+    def _build(self, input_shape: Sequence[int | None]) -> None:
         shape = tuple(input_shape)
         schema = self._options.schema(shape)  # resolves and checks the axes (the core's rules)
         param_shape = tuple(schema.weight_shape)
@@ -527,18 +598,32 @@ class BatchNormalization:
                 f"{_core.cuda_available()}; this build or machine has "
                 f"{_core.cuda_device_count()} CUDA devices)"
             )
-        for variable in self._variables.values():
-            variable._move(target)
-        self._device = target
-        self._bound = None
+        self._access.begin_write(False, self.name)
+        try:
+            for variable in self._variables.values():
+                variable._move(target)
+            self._device = target
+            self._bound = None
+        finally:
+            self._access.end_write()
         self._last = None  # the last input lives on the old device
         self._undifferentiated.clear()
         return self
 
     # ---- weights -----------------------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
-        """Host NumPy copies of every weight, in Keras' order and shapes."""
-        return [v.numpy() for v in self._variables.values()]
+        """Host NumPy copies of every weight, in Keras' order and shapes (all of one training
+        step, whatever other threads do)."""
+        return self._snapshot(lambda: [v._host() for v in self._variables.values()])
+
+    def _snapshot(self, read: Callable[[], Any]) -> Any:
+        """`read()` of the weights, again if a writer changed them meanwhile."""
+        access = self._access
+        while True:
+            version = access.stable_version()
+            value = read()
+            if access.version == version:
+                return value
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
@@ -565,8 +650,12 @@ class BatchNormalization:
                 )
             check_numeric(array, f"weight {variable.name!r}")
             arrays.append(array)
-        for variable, array in zip(expected, arrays):
-            variable.assign(array)
+        self._access.begin_write(False, self.name)  # all weights change together
+        try:
+            for variable, array in zip(expected, arrays):
+                assign_vector(variable._storage, np.asarray(array, variable.dtype).reshape(-1))
+        finally:
+            self._access.end_write()
 
     # ---- calls -------------------------------------------------------------------------------
     def _bound_weights(self) -> functional.Weights:
@@ -691,7 +780,7 @@ class BatchNormalization:
                 )
         x = self._prepare_input(inputs)
         train = bool(training) and self._trainable
-        y, context = functional.forward(
+        y, context = self._guarded_forward(
             x,
             self._bound_weights(),
             self._options,
@@ -709,6 +798,44 @@ class BatchNormalization:
         if train:
             self._track_training_output(y, context)
         return y
+
+    def _guarded_forward(
+        self,
+        x: Any,
+        weights: dict[str, Any],
+        options: functional.Options,
+        *,
+        training: bool,
+        mask: Any,
+        adjustment: Any,
+        out: Any,
+        communicator: Any,
+    ) -> Any:
+        """functional.forward under the layer's thread guard (_Access): a training call as a
+        writer, an inference call as a reader, computed again if a training step of another
+        thread overlapped it. The arguments, the user's adjustment among them, are evaluated
+        by the caller, outside the guard."""
+        access = self._access
+        if training:
+            access.begin_write(True, self.name)
+            try:
+                return functional.forward(
+                    x,
+                    weights,
+                    options,
+                    training=True,
+                    mask=mask,
+                    adjustment=adjustment,
+                    out=out,
+                    communicator=communicator,
+                )
+            finally:
+                access.end_write()
+        while True:
+            version = access.stable_version()
+            result = functional.forward(x, weights, options, training=False, mask=mask, out=out)
+            if access.version == version:
+                return result
 
     def _track_training_output(self, y: Any, context: functional.Context) -> None:
         alive = [
@@ -765,6 +892,13 @@ class BatchNormalization:
             raise ValueError(f"{self.name}: apply_gradients needs a backward call first")
         if not self._trainable:
             return
+        self._access.begin_write(False, self.name)
+        try:
+            self._apply_gradients(lr)
+        finally:
+            self._access.end_write()
+
+    def _apply_gradients(self, lr: float) -> None:
         updates = {}
         for key, regularizer, constraint in (
             ("gamma", self.gamma_regularizer, self.gamma_constraint),
@@ -772,7 +906,7 @@ class BatchNormalization:
         ):
             if key not in self._variables:
                 continue
-            value = self._variables[key].numpy()
+            value = self._variables[key]._host()
             step = to_numpy(self.gradients[key]).astype(np.float64)
             if regularizer is not None:
                 step = step + regularizers.gradient(regularizer, value)
@@ -781,7 +915,7 @@ class BatchNormalization:
                 new_value = np.asarray(constraint(new_value), dtype=value.dtype)
             updates[key] = new_value
         for key, value in updates.items():
-            self._variables[key].assign(value)
+            assign_vector(self._variables[key]._storage, value.reshape(-1))
 
     # ---- config ------------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

@@ -50,7 +50,8 @@ BATCHNORM_HD inline Moments moments_from_shifted_sums(double count, double shift
   result.count = count;
   result.mean = shift + mean_offset;
   const double m2 = sum_squares - sum * mean_offset;
-  result.m2 = m2 > 0.0 ? m2 : 0.0;
+  // Rounding may leave a tiny negative m2; a NaN (data with NaN or infinities) must stay NaN.
+  result.m2 = m2 < 0.0 ? 0.0 : m2;
   return result;
 }
 
@@ -94,13 +95,45 @@ struct GroupStats {
 
 // Folded elementwise coefficients, index g * C + c: out = (in - shift) * scale + offset for the
 // forward; for dx the kernels use dx = scale * (dy - valid * (offset + (x - shift) * slope)).
+//
+// `prescale` (nullable) is for forward scales beyond Acc's range: 1 / sqrt(var + epsilon) of
+// denormal data with a tiny epsilon exceeds float32's largest value although the outputs are of
+// order one. A backend that passes it gets such a scale split into a power of two, prescale[i],
+// and a factor that fits, scale[i], and must compute ((in - shift) * prescale) * scale + offset
+// (in two exact steps); elsewhere prescale[i] is 1. Without it the scale rounds to infinity.
 template <class Acc>
 struct Coefficients {
   Acc* shift;
   Acc* scale;
   Acc* slope;
   Acc* offset;
+  Acc* prescale = nullptr;
 };
+
+// The largest finite value of Acc (float or double).
+template <class Acc>
+BATCHNORM_HD constexpr double largest_finite() {
+  return sizeof(Acc) == sizeof(float) ? 3.4028234663852886e38 : 1.7976931348623157e308;
+}
+
+// Stores a forward scale (split as described at Coefficients where it does not fit Acc) and
+// returns the value the kernels multiply by in effect, for the offset to cancel against.
+template <class Acc>
+BATCHNORM_HD inline double store_scale(Coefficients<Acc> out, std::int64_t i, double scale) {
+  double power = 1.0;
+  if (out.prescale) {
+    if (std::fabs(scale) > largest_finite<Acc>() && std::isfinite(scale)) {
+      // scale / power lies in [1, 2) (larger only past Acc's largest power of two).
+      const int exponent = std::ilogb(scale);
+      const int cap = std::ilogb(largest_finite<Acc>());
+      power = std::ldexp(1.0, exponent < cap ? exponent : cap);
+    }
+    out.prescale[i] = static_cast<Acc>(power);
+  }
+  const Acc stored = static_cast<Acc>(scale / power);
+  out.scale[i] = stored;
+  return power * static_cast<double>(stored);
+}
 
 // Stores shift[i] = the mean rounded to Acc and returns the remainder mean - shift, which the
 // caller folds into offset[i]: x - mean = (x - shift) - remainder. A non-finite mean leaves no
@@ -161,7 +194,10 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
 
   double r = 1.0, d = 0.0;
   if (s.renorm) {
-    const double renorm_std = fmax(static_cast<double>(w.renorm_stddev[c]), std::sqrt(s.epsilon));
+    // Not fmax: it would turn a NaN renorm_stddev into sqrt(epsilon) and hide it.
+    const double stored_std = static_cast<double>(w.renorm_stddev[c]);
+    const double min_std = std::sqrt(s.epsilon);
+    const double renorm_std = stored_std < min_std ? min_std : stored_std;
     r = clamp(batch_std / renorm_std, s.rmin, s.rmax);
     d = clamp((batch_mean - static_cast<double>(w.renorm_mean[c])) / renorm_std, -s.dmax, s.dmax);
   }
@@ -177,11 +213,9 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t k = g * features + c;
     const double remainder = split_shift(out, k, stats.mean[k]);
-    const Acc scale = static_cast<Acc>(stats.inv_std[k] * zscale * gamma);
-    out.scale[k] = scale;
+    const double scale = store_scale(out, k, stats.inv_std[k] * zscale * gamma);
     // Taken off with the rounded scale the kernels multiply by: the remainder cancels exactly.
-    out.offset[k] =
-        static_cast<Acc>(zshift * gamma + beta - remainder * static_cast<double>(scale));
+    out.offset[k] = static_cast<Acc>(zshift * gamma + beta - remainder * scale);
   }
 
   if (!s.update_moving || ghost.groups == 0.0) return;
@@ -198,7 +232,9 @@ BATCHNORM_HD void feature_coefficients(std::int64_t c, std::int64_t features, st
     w.moving_stddev[c] = static_cast<W>(stddev);
     // Keras assigns (not averages) the variance from the averaged stddev, clamped at zero.
     const double stored = static_cast<double>(w.moving_stddev[c]);
-    w.moving_variance[c] = static_cast<W>(fmax(stored * stored - s.epsilon, 0.0));
+    // Clamped at zero, but NaN stays NaN (fmax would make it 0), as Keras' maximum keeps it.
+    const double variance = stored * stored - s.epsilon;
+    w.moving_variance[c] = static_cast<W>(variance < 0.0 ? 0.0 : variance);
   } else {
     w.moving_variance[c] =
         static_cast<W>(static_cast<double>(w.moving_variance[c]) * m + batch_var * (1 - m));
@@ -222,7 +258,7 @@ BATCHNORM_HD void inference_feature(std::int64_t c, double epsilon, const Weight
                                     Coefficients<Acc> out) {
   const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
   out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
-  out.scale[c] = static_cast<Acc>(value_or(w.gamma, c, 1.0) * inv_std);
+  store_scale(out, c, value_or(w.gamma, c, 1.0) * inv_std);
   out.offset[c] = static_cast<Acc>(value_or(w.beta, c, 0.0));
 }
 

@@ -13,14 +13,50 @@ namespace {
 
 template <class Acc>
 struct CoefficientBuffers {
-  std::vector<Acc> shift, scale, slope, offset;
+  std::vector<Acc> shift, scale, slope, offset, prescale;
   explicit CoefficientBuffers(std::int64_t n)
       : shift(static_cast<std::size_t>(n)),
         scale(static_cast<std::size_t>(n)),
         slope(static_cast<std::size_t>(n)),
-        offset(static_cast<std::size_t>(n)) {}
-  Coefficients<Acc> view() { return {shift.data(), scale.data(), slope.data(), offset.data()}; }
+        offset(static_cast<std::size_t>(n)),
+        prescale(static_cast<std::size_t>(n), Acc(1)) {}
+  Coefficients<Acc> view() {
+    return {shift.data(), scale.data(), slope.data(), offset.data(), prescale.data()};
+  }
+  bool prescaled() const {
+    for (const Acc p : prescale) {
+      if (p != Acc(1)) return true;
+    }
+    return false;
+  }
 };
+
+// The forward's elementwise pass, out = (in - shift) * scale + offset. Where a scale did not fit
+// the compute type (see Coefficients) it runs in two passes: out = (in - shift) * prescale for
+// those statistics (and out = in for the rest, exactly), then out = out * scale + offset in
+// place (the rest: (out - shift) * scale + offset, as in one pass). Powers of two scale exactly.
+template <class T, class Acc>
+void apply_affine(const Plan& plan, const T* in, T* out, const CoefficientBuffers<Acc>& k) {
+  if (!k.prescaled()) {
+    cpu::affine(plan, in, out, k.shift.data(), k.scale.data(), k.offset.data());
+    return;
+  }
+  const std::size_t n = k.shift.size();
+  std::vector<Acc> first_shift(n), zero(n, Acc(0)), second_shift(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool split = k.prescale[i] != Acc(1);
+    first_shift[i] = split ? k.shift[i] : Acc(0);
+    second_shift[i] = split ? Acc(0) : k.shift[i];
+  }
+  cpu::affine(plan, in, out, first_shift.data(), k.prescale.data(), zero.data());
+  // The second pass reads what the first wrote: operand 0 takes the output's strides.
+  Plan in_place = plan;
+  for (LoopNest* nest : {&in_place.stat, &in_place.reduced}) {
+    for (int d = 0; d < nest->count; ++d) nest->dims[d].stride[0] = nest->dims[d].stride[1];
+  }
+  cpu::affine(in_place, static_cast<const T*>(out), out, second_shift.data(), k.scale.data(),
+              k.offset.data());
+}
 
 void reset_context(TrainingContext& context, std::int64_t groups, std::int64_t features,
                    bool has_mask) {
@@ -48,10 +84,13 @@ struct Cpu {
     const std::int64_t stats = groups * features;
     reset_context(context, groups, features, call.mask != nullptr);
     std::vector<double> var(static_cast<std::size_t>(stats));
+    CoefficientBuffers<Acc> k(stats);
     // Within one process, plane layouts finish each feature while its data is in cache.
     if (!synchronizing(call.communicator) &&
         cpu::train_forward_fused(call.stats_plan, call.apply_plan, call.x, call.y, call.mask,
-                                 call.scalars, call.weights, context, var.data())) {
+                                 call.scalars, call.weights, context, var.data(), k.view())) {
+      // Rare (denormal data, tiny epsilon): the fused pass multiplied by the split scales only.
+      if (k.prescaled()) apply_affine(call.apply_plan, call.x, call.y, k);
       return;
     }
     cpu::moments(call.stats_plan, call.x, call.mask, context.count.data(), context.mean.data(),
@@ -62,7 +101,6 @@ struct Cpu {
       synchronize_moments(call.communicator, context.count, context.mean, var);
     }
 
-    CoefficientBuffers<Acc> k(stats);
     const GroupStats group_stats{
         context.count.data(),   context.mean.data(),   var.data(),
         context.inv_std.data(), context.zscale.data(), context.zshift.data()};
@@ -76,7 +114,7 @@ struct Cpu {
       feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats,
                                      ghost[static_cast<std::size_t>(c)], call.weights, k.view());
     }
-    cpu::affine(call.apply_plan, call.x, call.y, k.shift.data(), k.scale.data(), k.offset.data());
+    apply_affine(call.apply_plan, call.x, call.y, k);
   }
 
   template <class T>
@@ -87,7 +125,7 @@ struct Cpu {
     for (std::int64_t c = 0; c < call.plan.features; ++c) {
       inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view());
     }
-    cpu::affine(call.plan, call.x, call.y, k.shift.data(), k.scale.data(), k.offset.data());
+    apply_affine(call.plan, call.x, call.y, k);
   }
 
   template <class T>

@@ -450,13 +450,14 @@ inline bool fusable(const Plan& first, const Plan& second, Index feature_blocks,
 // Training forward on a plane layout, one block of features at a time: the moments of their
 // ghost groups (in the chunks and merge order of `moments`), their coefficients and moving
 // statistics (detail::train_feature), then their output while their data is still in cache.
-// Fills context and var like the separate passes. Returns false (doing nothing) where not
-// fusable.
+// Fills context, var and `coefficients` (groups * features each) like the separate passes.
+// Returns false (doing nothing) where not fusable.
 template <class T>
 bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,
                          const std::uint8_t* mask, const detail::TrainScalars& scalars,
                          const detail::WeightPtrs<detail::compute_t<T>>& weights,
-                         TrainingContext& context, double* var) {
+                         TrainingContext& context, double* var,
+                         const detail::Coefficients<detail::compute_t<T>>& coefficients) {
   using Acc = detail::compute_t<T>;
   const Geometry sg(stats_plan), ag(apply_plan);
   const Index features = stats_plan.features, groups = stats_plan.groups;
@@ -467,10 +468,9 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index chunks = sg.chunks();
   const bool stream = ag.elements() * Index{sizeof(T)} >= kStreamBytes;
-  std::vector<Acc> shift(size(groups * features)), scale(shift.size()), slope(shift.size()),
-      offset(shift.size());
-  const detail::Coefficients<Acc> coefficients{shift.data(), scale.data(), slope.data(),
-                                               offset.data()};
+  const Acc* shift = coefficients.shift;
+  const Acc* scale = coefficients.scale;
+  const Acc* offset = coefficients.offset;
   const detail::GroupStats group_stats{
       context.count.data(),   context.mean.data(),   var,
       context.inv_std.data(), context.zscale.data(), context.zshift.data()};
@@ -504,11 +504,10 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
     for (Index g = 0; g < groups; ++g) {
       for_each_block(apply_plan, g * features + c0, g * features + c1, per_block,
                      [&](Index first, const ItemBlock& items) {
-                       kernels.plane_affine(
-                           apply_plan, x + stat_offset(apply_plan, first, 0),
-                           y + stat_offset(apply_plan, first, 1), items,
-                           {shift.data() + first, scale.data() + first, offset.data() + first}, 0,
-                           ag.units, stream);
+                       kernels.plane_affine(apply_plan, x + stat_offset(apply_plan, first, 0),
+                                            y + stat_offset(apply_plan, first, 1), items,
+                                            {shift + first, scale + first, offset + first}, 0,
+                                            ag.units, stream);
                      });
     }
   }
