@@ -614,3 +614,11 @@ def test_synchronized_without_a_process_group_is_the_single_process_result() -> 
     synced = bnt.BatchNormalization(synchronized=True).double()
     plain = bnt.BatchNormalization().double()
     torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
+
+
+def test_no_features_at_all_with_renorm() -> None:
+    """Found by tests/test_fuzz_torch.py: a feature axis of size 0 gives empty weights, whose
+    tensors have no data pointer; the renorm weights were then reported missing."""
+    module = bnt.BatchNormalization(axis=0, renorm=True)
+    y = module(torch.ones(0, 3))
+    assert y.shape == (0, 3) and module.moving_stddev.shape == (0,)

@@ -107,9 +107,11 @@ BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const
 }
 
 bool BoundWeights::has(const std::string& name) const {
-  Weights weights = weights_;
-  void** slot = weight_slot(weights, name);
-  return slot && *slot;
+  // Bound under that name (an empty vector may have no data pointer, yet the weight exists).
+  for (const auto& [bound, array] : arrays_) {
+    if (bound == name) return true;
+  }
+  return false;
 }
 
 nb::object BoundWeights::vector(const std::string& name) const {

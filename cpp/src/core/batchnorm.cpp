@@ -209,7 +209,7 @@ Checked check_common(const char* op, const TensorRef& x, const Options& o, const
                                         w.moving_variance, w.moving_stddev, w.renorm_mean,
                                         w.renorm_stddev};
   for (const void* vector : weight_vectors) check_aligned(op, "a weight vector", vector, w.dtype);
-  if (reads == Reads::moving_and_renorm && o.renorm &&
+  if (reads == Reads::moving_and_renorm && o.renorm && c.features != 0 &&
       (!w.moving_stddev || !w.renorm_mean || !w.renorm_stddev)) {
     fail(op, "renorm needs moving_stddev, renorm_mean and renorm_stddev");
   }
