@@ -178,3 +178,30 @@ def test_mean_a_million_times_the_spread(dtype: Any, tol: float, shape: Any, axi
     np.testing.assert_allclose(
         layer.backward(dy), reference.backward(dy.astype(np.float64))[0], atol=2 * tol
     )
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 3), -1), ((8, 3, 40, 40), 1)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_inference_dx_does_not_depend_on_x(shape: tuple[int, ...], axis: int, bad: float) -> None:
+    """dx = dy * gamma / sqrt(moving_variance + epsilon) at inference: a NaN or infinity in x
+    made dx NaN at its position (the kernels' zero slope times x - shift); dgamma of its
+    feature, sum(dy * (x - moving_mean)) / std, is rightly non-finite."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=shape).astype(np.float32)
+    index = (2, 1) + (5,) * (len(shape) - 2)
+    x[index] = bad
+    layer, reference = _pair(axis=axis)
+    layer.build(shape)
+    reference.build(shape)
+    weights = [rng.uniform(0.5, 1.5, 3), rng.normal(size=3), rng.normal(size=3), np.full(3, 2.0)]
+    layer.set_weights(weights)
+    reference.set_weights(layer.get_weights())
+    layer(x)
+    reference.forward(x.astype(np.float64))
+    dy = rng.normal(size=shape).astype(np.float32)
+    dx = layer.backward(dy)
+    want_dx, want_dgamma, _ = reference.backward(dy.astype(np.float64))
+    assert np.isfinite(dx).all()
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-6)
+    dgamma = np.asarray(layer.gradients["gamma"]).reshape(-1)
+    assert not np.isfinite(dgamma[1]) and np.isfinite(dgamma[[0, 2]]).all()

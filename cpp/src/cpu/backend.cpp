@@ -2,6 +2,8 @@
 // instruction set picked at run time (cpu/kernels.hpp).
 #include "core/backend.hpp"
 
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "core/synchronize.hpp"
@@ -183,25 +185,40 @@ struct Cpu {
     for (std::size_t c = 0; c < n; ++c) {
       moving_mean[c] = static_cast<double>(call.weights.moving_mean[c]);
     }
+    // The dx kernels multiply x - shift by a zero slope here, so a NaN or infinity in x would
+    // make dx NaN at its position although dx = dy * gamma / std does not depend on x. Such
+    // values also make the feature's sum(dy * (x - mm)) non-finite: then dx is made again from
+    // dy alone (rare; the sum is dgamma's, which rightly stays non-finite).
+    std::atomic<bool> not_finite{false};
     const auto feature_step = [&](std::int64_t c, const BackwardSums& sums,
                                   const Coefficients<Acc>& out) {
       inference_backward_feature<Acc, Acc>(c, call.epsilon, call.weights, sums, call.dgamma,
                                            call.dbeta, out);
+      if (!std::isfinite(sums.dy_centered[c])) not_finite.store(true, std::memory_order_relaxed);
     };
     const auto* no_mask = static_cast<const std::uint8_t*>(nullptr);
-    if (cpu::backward_fused(call.sums_plan, call.dx_plan, call.dy, call.x, call.dx, no_mask,
-                            moving_mean.data(), 1, feature_step)) {
-      return;
+    if (!cpu::backward_fused(call.sums_plan, call.dx_plan, call.dy, call.x, call.dx, no_mask,
+                             moving_mean.data(), 1, feature_step)) {
+      cpu::backward_sums(call.sums_plan, call.dy, call.x, moving_mean.data(), sum_dy.data(),
+                         sum_dy_centered.data());
+      CoefficientBuffers<Acc> k(features);
+      const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
+      for (std::int64_t c = 0; c < features; ++c) feature_step(c, sums, k.view());
+      cpu::backward_dx(call.dx_plan, call.dy, call.x, no_mask, call.dx, k.view());
     }
-    cpu::backward_sums(call.sums_plan, call.dy, call.x, moving_mean.data(), sum_dy.data(),
-                       sum_dy_centered.data());
-    CoefficientBuffers<Acc> k(features);
-    const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
-    for (std::int64_t c = 0; c < features; ++c) {
-      inference_backward_feature<Acc, Acc>(c, call.epsilon, call.weights, sums, call.dgamma,
-                                           call.dbeta, k.view());
+    if (!not_finite.load(std::memory_order_relaxed)) return;
+    // dx = (dy - 0) * scale + 0 through the forward's pass, with dx in operand 1's place.
+    std::vector<Acc> zero(n, Acc(0)), scale(n);
+    for (std::size_t c = 0; c < n; ++c) {
+      const double variance = static_cast<double>(call.weights.moving_variance[c]);
+      const double gamma = value_or(call.weights.gamma, static_cast<std::int64_t>(c), 1.0);
+      scale[c] = static_cast<Acc>(gamma * (1.0 / std::sqrt(variance + call.epsilon)));
     }
-    cpu::backward_dx(call.dx_plan, call.dy, call.x, no_mask, call.dx, k.view());
+    Plan plan = call.dx_plan;
+    for (LoopNest* nest : {&plan.stat, &plan.reduced}) {
+      for (int d = 0; d < nest->count; ++d) nest->dims[d].stride[1] = nest->dims[d].stride[2];
+    }
+    cpu::affine(plan, call.dy, call.dx, zero.data(), scale.data(), zero.data());
   }
 };
 
