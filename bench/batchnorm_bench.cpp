@@ -166,7 +166,7 @@ struct Settings {
   std::cerr <<
       R"(usage: batchnorm-bench [options]
 Times batchnorm's C++ API against a copy-bandwidth probe run in the same process. Without
---shape it runs the default suite (the cases of README "Performance"), its progress on stderr.
+--shape it runs the default suite (the cases of docs/performance.md), its progress on stderr.
 Each row is printed as soon as it is measured; a "!" after "% probe" marks a row whose probe
 time varied by more than 25% over the rounds, where that ratio is unreliable.
 

@@ -1,5 +1,5 @@
 """Side-by-side timing of batchnorm against PyTorch's batch norm, NumPy (and TensorFlow when
-installed) on the cases of README "Performance", in one process with interleaved repetitions (the
+installed) on the cases of docs/performance.md, in one process with interleaved repetitions (the
 machines are shared and noisy: ratios measured together hold, absolute times drift).
 
     pip install . torch==2.13.0 matplotlib   # torch and matplotlib only for this script
@@ -414,7 +414,8 @@ def bandwidth(mode: str, nbytes: int, times: dict[str, list[float]]) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Times batchnorm against PyTorch's batch norm, NumPy and TensorFlow (those "
-        "installed) on the README's cases, interleaved in one process, and draws the ratios.",
+        "installed) on the cases of docs/performance.md, interleaved in one process, and draws "
+        "the ratios.",
         epilog="The module docstring (python -c 'import bench.compare; help(bench.compare)') "
         "says what each column measures.",
     )

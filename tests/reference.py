@@ -5,7 +5,7 @@ test oracle.
 Written for clarity rather than speed: ghost batches are an explicit loop, masks are explicit
 0/1 weights, every formula appears once in its textbook form.
 
-Where Keras leaves room, this reference decides (as the README's "Numerics" section does):
+Where Keras leaves room, this reference decides (as docs/numerics.md does):
 - adjustment terms are broadcast to the Keras weight shape ((C,) for one feature axis), so a
   (C,) pair works for any axis;
 - mask values must be booleans or 0/1 (anything else is an error); a mask of rank ndim - 1 is

@@ -1,6 +1,6 @@
-"""The C++ side, driven from pytest so that the README's one test command covers it: the CTest
+"""The C++ side, driven from pytest so that the README's test command covers it: the CTest
 unit tests (tests/cpp), an install into a temporary prefix with a consumer project built against
-it (tests/consumer), the README's C++ example compiled and run as written, and a build against
+it (tests/consumer), the C++ example of docs/cpp.md compiled and run as written, and a build against
 the C++ package inside the installed wheel (`python -m batchnorm --cmake-dir`). CMake and Ninja
 come from the `test` extra's PyPI packages; only a C++ compiler is expected on the machine."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+CPP_PAGE = ROOT / "docs" / "cpp.md"
 CONSUMER = ROOT / "tests" / "consumer"
 JOBS = str(max(1, min(os.cpu_count() or 1, 8)))
 
@@ -192,21 +192,18 @@ def test_consumer_project_builds_against_the_install_prefix(
     assert "consumer: ok" in output
 
 
-def _readme_cpp_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    match = re.search(r"^## C\+\+ usage\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, "README.md has no '## C++ usage' section"
-    return match.group(1)
+def _cpp_page() -> str:
+    return CPP_PAGE.read_text(encoding="utf-8")
 
 
-def test_readme_cpp_example_builds_and_runs(
+def test_documented_cpp_example_builds_and_runs(
     cmake: str, ninja: str, install_prefix: Path, tmp_path: Path
 ) -> None:
-    """The section's first cpp block, built with its first cmake block, exactly as written."""
-    section = _readme_cpp_section()
+    """The C++ page's first cpp block, built with its first cmake block, exactly as written."""
+    section = _cpp_page()
     program = re.search(r"```cpp\n(.*?)```", section, re.S)
     lists = re.search(r"```cmake\n(.*?)```", section, re.S)
-    assert program and lists, "the C++ usage section needs a ```cpp and a ```cmake block"
+    assert program and lists, "docs/cpp.md needs a ```cpp and a ```cmake block"
     target = re.search(r"add_executable\((\w+)\s+([\w.]+)\)", lists.group(1))
     assert target, "the cmake block must add the example executable"
     source = tmp_path / "example"

@@ -164,7 +164,7 @@ def test_float16_near_its_largest_value() -> None:
 @pytest.mark.parametrize("shape,axis", [((512, 8), -1), ((16, 8, 6, 6), 1)])
 def test_mean_a_million_times_the_spread(dtype: Any, tol: float, shape: Any, axis: int) -> None:
     """|mean| / std = 1e6: variance within 1e-5 relative, y and dx within 1e-4 (float32) of a
-    float64 computation on the same data (README, "Numerics")."""
+    float64 computation on the same data (docs/numerics.md)."""
     rng = np.random.default_rng(5)
     x = (1e6 + rng.normal(size=shape)).astype(dtype)
     layer = batchnorm.BatchNormalization(axis=axis, momentum=0.0, dtype=np.dtype(dtype).name)

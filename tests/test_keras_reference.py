@@ -92,7 +92,7 @@ def _close(what, got, ref, tol):
 
 def _output_dtype_is_specified(meta):
     # A float32 layer fed 16-bit inputs returns float32 in both Keras versions, while this
-    # package keeps the input's 16-bit dtype (README, "Numerics"); values are compared, the
+    # package keeps the input's 16-bit dtype (docs/numerics.md); values are compared, the
     # dtype is not.
     return not (meta.get("input_dtype") and meta["config"].get("dtype") in (None, "float32"))
 

@@ -1,4 +1,4 @@
-"""The thread-safety contract (README, "Threads"), with the kernels running without the GIL:
+"""The thread-safety contract (docs/threads.md), with the kernels running without the GIL:
 concurrent inference on one layer and concurrent training of separate layers give bitwise the
 results of serial calls; a weight snapshot taken while another thread trains the layer is the
 state of one step, never a mix of two; two threads training one layer at once get a

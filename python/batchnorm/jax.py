@@ -19,8 +19,8 @@ where XLA keeps it, with no copy and no Python in the step. `jax.pure_callback` 
 build, at the price of copies: JAX hands the callback copies of its arguments (x; dy and x in
 the backward), the kernels write new host arrays, which XLA copies into its own buffers (y; dx),
 and each call pays for the trip through Python. On a GPU, XLA moves the arguments to the host and
-the results back, and the CPU kernels do the work. The README's "JAX"
-section has the measured costs. Under `jax.vmap` each member of the mapped axis is normalized on
+the results back, and the CPU kernels do the work. docs/jax.md has
+the measured costs. Under `jax.vmap` each member of the mapped axis is normalized on
 its own (its own batch statistics and moving statistics), the kernels being called once per
 member (`vmap_method="sequential"`).
 """
