@@ -275,7 +275,7 @@ __attribute__((always_inline)) inline void prefetch_next_unit(const NestWalker& 
   const char* first = reinterpret_cast<const char*>(base + next.offset[op]);
   for (Index j = 0; j < items.count; ++j) {
     const char* run = first + j * items.step[op] * Index{sizeof(T)};
-    for (Index b = 0; b < run_bytes; b += 64) __builtin_prefetch(run + b, 0, 3);
+    for (Index b = 0; b < run_bytes; b += 64) __builtin_prefetch(run + b, 0, 2);
   }
 }
 
