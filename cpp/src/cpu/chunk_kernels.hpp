@@ -248,8 +248,8 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   Index i = 0;
   if (xs == 1 && !valid) {
     for (; i + kLanes <= n; i += kLanes) {
-      const D d = sub(widen(load(values + i)), shift);
-      sum = add(sum, d);
+      const D d = sub_on_fma(widen(load(values + i)), shift);
+      sum = add_on_fma(sum, d);
       squares = add(squares, mul(d, d));
     }
     count += i;
@@ -336,8 +336,8 @@ void plane_moments_dense(const Plan& plan, const T* x, ItemBlock items, Index u0
       const D m = shift[j];
       D s = sum[j], q = squares[j];
       for (Index i = 0; i < full; i += kLanes) {
-        const D d = sub(widen(load(values + i)), m);
-        s = add(s, d);
+        const D d = sub_on_fma(widen(load(values + i)), m);
+        s = add_on_fma(s, d);
         q = add(q, mul(d, d));
       }
       if (tail) {
@@ -631,8 +631,8 @@ void add_rows(const T* const* rows, int count, Index features, const double* shi
     D total = load(sum + c), total_squares = load(squares + c);
     for (int r = 0; r < count; ++r) {
       prefetch_lanes(rows[r] + c, ahead);
-      const D d = sub(widen(load(rows[r] + c)), s);
-      total = add(total, d);
+      const D d = sub_on_fma(widen(load(rows[r] + c)), s);
+      total = add_on_fma(total, d);
       total_squares = add(total_squares, mul(d, d));
     }
     store(sum + c, total);
