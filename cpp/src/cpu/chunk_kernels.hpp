@@ -170,8 +170,9 @@ void dx_span(const T* dy, const T* x, T* dx, const std::uint8_t* mask, Index n, 
   using A = detail::compute_t<T>;
   const auto apply = [&](Index i, int lanes) {
     if (lanes == kLanes) {
+      // x too where this span does not read it: the x ahead belongs to spans that will.
       prefetch_lanes(dy + i, kSpanPrefetchBytes);
-      if constexpr (kValid != Valid::none) prefetch_lanes(x + i, kSpanPrefetchBytes);
+      prefetch_lanes(x + i, kSpanPrefetchBytes);
     }
     const Vec<A> g = lanes == kLanes ? load(dy + i) : load_first(dy + i, lanes);
     if constexpr (kValid == Valid::none) {
@@ -240,7 +241,7 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   D sum = state.sum, squares = state.squares;
   Index count = 0;
   const auto add_block = [&](D v, Mask m) {
-    const D d = select(m, sub(v, shift));
+    const D d = sub_select(m, v, shift);
     sum = add(sum, d);
     squares = add(squares, mul(d, d));
     count += lanes_set(m);
@@ -258,7 +259,13 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
       add_block(widen(load_first(values + i, tail)), mask_first(tail));
     }
   } else if (xs == 1 && ms == 1) {
-    for (; i + kLanes <= n; i += kLanes) add_block(widen(load(values + i)), mask_bytes(valid + i));
+    for (; i + kLanes <= n; i += kLanes) {
+      // The masked blocks cost more than the hardware prefetchers run ahead: (32, 64, 112, 112)
+      // with an 80% mask went from 1.32x to 1.15x a plain training forward. (Unmasked runs
+      // lost about 10% with it.)
+      prefetch_lanes(values + i, kSpanPrefetchBytes);
+      add_block(widen(load(values + i)), mask_bytes(valid + i));
+    }
     if (i < n) {
       const int tail = static_cast<int>(n - i);
       add_block(widen(load_first(values + i, tail)), mask_bytes_first(valid + i, tail));
@@ -620,6 +627,14 @@ Index row_prefetch_distance(Index features) {
                                  : (bytes > kRowPrefetchMax ? kRowPrefetchMax : bytes);
 }
 
+template <class T>
+__attribute__((always_inline)) inline void prefetch_row(const T* row, Index features,
+                                                        Index distance) {
+  const char* ahead = reinterpret_cast<const char*>(row) + distance;
+  const Index bytes = features * Index{sizeof(T)};
+  for (Index b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 2);
+}
+
 // Adds up to kRowBlock rows into per-feature float64 sums of (x - shift) and its square. The sums
 // of one feature take the rows in order either way; blocking rows only saves accumulator traffic.
 template <class T>
@@ -666,8 +681,14 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
   Index count = 0;
   NestWalker walk(red, red.count, mask ? 2 : 1, u0);
   for (Index u = u0; u < u1; ++u, walk.next()) {
-    if (mask && !mask[walk.offset[1]]) continue;
     const T* row = x + walk.offset[0];
+    if (mask && !mask[walk.offset[1]]) {
+      // add_rows prefetches, for each row it reads, the row `ahead` bytes past it: a skipped row
+      // still prefetches its own, which would otherwise come from memory on demand (each 1% of
+      // rows skipped cost 4% of the time on (32, 112, 112, 64)).
+      prefetch_row(row, features, ahead);
+      continue;
+    }
     if (count++ == 0) {
       // Shift by the chunk's first valid row: sums stay near the data's spread.
       for (Index c = 0; c < features; ++c) {

@@ -87,6 +87,11 @@ inline D select(Mask m, D a) {
   return {_mm512_maskz_mov_pd(static_cast<__mmask8>(m), a.lo),
           _mm512_maskz_mov_pd(static_cast<__mmask8>(m >> 8), a.hi)};
 }
+// select(m, sub(a, b)) in one instruction per half.
+inline D sub_select(Mask m, D a, D b) {
+  return {_mm512_maskz_sub_pd(static_cast<__mmask8>(m), a.lo, b.lo),
+          _mm512_maskz_sub_pd(static_cast<__mmask8>(m >> 8), a.hi, b.hi)};
+}
 
 inline F load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline D load(const double* p) { return {_mm512_loadu_pd(p), _mm512_loadu_pd(p + 8)}; }
@@ -480,6 +485,10 @@ inline void store_first(T* p, const V& a, int n) {
   store(block, a);
   std::memcpy(p, block, sizeof(T) * static_cast<std::size_t>(n));
 }
+#endif
+
+#if !defined(BATCHNORM_CPU_AVX512)
+inline D sub_select(Mask m, D a, D b) { return select(m, sub(a, b)); }
 #endif
 
 template <class A>
