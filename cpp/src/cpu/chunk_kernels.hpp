@@ -109,15 +109,17 @@ __attribute__((always_inline)) inline void prefetch_lanes(const T* p, Index dist
   if constexpr (sizeof(T) * kLanes > 64) __builtin_prefetch(ahead + 64, 0, 2);
 }
 
-// Elementwise spans prefetch their inputs this far ahead, into L2 as the row reductions do: the
-// hardware prefetchers alone left a core's (65536, 512) normalize pass at about two thirds of
-// its copy speed.
+// Row-mode elementwise spans prefetch their inputs this far ahead, into L2 as the row reductions
+// do: the hardware prefetchers alone left a core's (65536, 512) normalize pass at about two thirds
+// of its copy speed. Plane spans do so where a unit's short runs lie back to back (one long
+// span); long runs are left to the hardware (the same prefetch cost the (32, 64, 112, 112) NCHW
+// passes about 10%), and other short runs are fetched a unit ahead.
 inline constexpr Index kSpanPrefetchBytes = Index{16} << 10;
 
 // ---- elementwise spans -------------------------------------------------------------------------
 
-// y = (x - shift) * scale + offset over n contiguous elements.
-template <class T, class Coefficients>
+// y = (x - shift) * scale + offset over n contiguous elements; kPrefetch: prefetch x ahead.
+template <bool kPrefetch, class T, class Coefficients>
 void affine_span(const T* x, T* y, Index n, Coefficients k, bool nontemporal) {
   using A = detail::compute_t<T>;
   const auto apply = [&](Vec<A> v) { return fmadd(sub(v, k.get(0)), k.get(1), k.get(2)); };
@@ -134,12 +136,12 @@ void affine_span(const T* x, T* y, Index n, Coefficients k, bool nontemporal) {
   }
   if (nontemporal) {
     for (; i + kLanes <= n; i += kLanes, k.next_block()) {
-      prefetch_lanes(x + i, kSpanPrefetchBytes);
+      if constexpr (kPrefetch) prefetch_lanes(x + i, kSpanPrefetchBytes);
       stream(y + i, apply(load(x + i)));
     }
   } else {
     for (; i + kLanes <= n; i += kLanes, k.next_block()) {
-      prefetch_lanes(x + i, kSpanPrefetchBytes);
+      if constexpr (kPrefetch) prefetch_lanes(x + i, kSpanPrefetchBytes);
       store(y + i, apply(load(x + i)));
     }
   }
@@ -164,12 +166,12 @@ enum class Valid { all, none, masked };
 
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)) over n contiguous elements; with
 // Valid::masked, `mask` holds one byte per element.
-template <Valid kValid, class T, class Coefficients>
+template <Valid kValid, bool kPrefetch, class T, class Coefficients>
 void dx_span(const T* dy, const T* x, T* dx, const std::uint8_t* mask, Index n, Coefficients k,
              bool nontemporal) {
   using A = detail::compute_t<T>;
   const auto apply = [&](Index i, int lanes) {
-    if (lanes == kLanes) {
+    if (kPrefetch && lanes == kLanes) {
       // x too where this span does not read it: the x ahead belongs to spans that will.
       prefetch_lanes(dy + i, kSpanPrefetchBytes);
       prefetch_lanes(x + i, kSpanPrefetchBytes);
@@ -463,14 +465,22 @@ void plane_affine(const Plan& plan, const T* x, T* y, ItemBlock items,
     const Expanded<A, 3> e({k.shift, k.scale, k.offset}, items.count, n);
     for (Index u = u0; u < u1; ++u, walk.next()) {
       if (prefetch && u + 1 < u1) prefetch_next_unit(walk, x, 0, items, run_bytes);
-      affine_span(x + walk.offset[0], y + walk.offset[1], span,
-                  PeriodicCoefficients<A, 3>(e.rows, 0, span), nontemporal);
+      affine_span<false>(x + walk.offset[0], y + walk.offset[1], span,
+                         PeriodicCoefficients<A, 3>(e.rows, 0, span), nontemporal);
     }
   } else if (kind == Span::segmented) {
-    for (Index u = u0; u < u1; ++u, walk.next()) {
-      affine_span(x + walk.offset[0], y + walk.offset[1], items.count * n,
-                  SegmentedCoefficients<A, 3>({k.shift, k.scale, k.offset}, items.count, n),
-                  nontemporal);
+    // A unit's short runs back to back make one long span, prefetched like a row's.
+    const auto walk_units = [&](auto prefetch_span) {
+      for (Index u = u0; u < u1; ++u, walk.next()) {
+        affine_span<decltype(prefetch_span)::value>(
+            x + walk.offset[0], y + walk.offset[1], items.count * n,
+            SegmentedCoefficients<A, 3>({k.shift, k.scale, k.offset}, items.count, n), nontemporal);
+      }
+    };
+    if (prefetch) {
+      walk_units(std::true_type{});
+    } else {
+      walk_units(std::false_type{});
     }
   } else {
     for (Index u = u0; u < u1; ++u, walk.next()) {
@@ -481,7 +491,7 @@ void plane_affine(const Plan& plan, const T* x, T* y, ItemBlock items,
         const UniformCoefficients<A, 3> coefficients{
             {splat(k.shift[j]), splat(k.scale[j]), splat(k.offset[j])}};
         if (run.stride[0] == 1 && run.stride[1] == 1) {
-          affine_span(in, out, n, coefficients, nontemporal);
+          affine_span<false>(in, out, n, coefficients, nontemporal);
         } else {
           affine_strided(in, run.stride[0], out, run.stride[1], n, coefficients);
         }
@@ -566,18 +576,26 @@ void plane_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8
     const Expanded<A, 4> e({k.shift, k.scale, k.slope, k.offset}, items.count, n);
     for (Index u = u0; u < u1; ++u, walk.next()) {
       if (prefetch && u + 1 < u1) prefetch_next(walk);
-      dx_span<Valid::all>(dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, span,
-                          PeriodicCoefficients<A, 4>(e.rows, 0, span), nontemporal);
+      dx_span<Valid::all, false>(dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask,
+                                 span, PeriodicCoefficients<A, 4>(e.rows, 0, span), nontemporal);
     }
     if (nontemporal) stream_fence();
     return;
   }
   if (kind == Span::segmented) {
-    for (Index u = u0; u < u1; ++u, walk.next()) {
-      dx_span<Valid::all>(
-          dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, items.count * n,
-          SegmentedCoefficients<A, 4>({k.shift, k.scale, k.slope, k.offset}, items.count, n),
-          nontemporal);
+    // As in plane_affine: short runs back to back are prefetched like a row.
+    const auto walk_units = [&](auto prefetch_span) {
+      for (Index u = u0; u < u1; ++u, walk.next()) {
+        dx_span<Valid::all, decltype(prefetch_span)::value>(
+            dy + walk.offset[0], x + walk.offset[1], dx + walk.offset[2], mask, items.count * n,
+            SegmentedCoefficients<A, 4>({k.shift, k.scale, k.slope, k.offset}, items.count, n),
+            nontemporal);
+      }
+    };
+    if (prefetch) {
+      walk_units(std::true_type{});
+    } else {
+      walk_units(std::false_type{});
     }
     if (nontemporal) stream_fence();
     return;
@@ -594,12 +612,12 @@ void plane_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8
           {splat(k.shift[j]), splat(k.scale[j]), splat(k.slope[j]), splat(k.offset[j])}};
       if (contiguous && (!valid || ms == 0)) {
         if (valid && !*valid) {
-          dx_span<Valid::none>(g, v, out, valid, n, coefficients, nontemporal);
+          dx_span<Valid::none, false>(g, v, out, valid, n, coefficients, nontemporal);
         } else {
-          dx_span<Valid::all>(g, v, out, valid, n, coefficients, nontemporal);
+          dx_span<Valid::all, false>(g, v, out, valid, n, coefficients, nontemporal);
         }
       } else if (contiguous && ms == 1) {
-        dx_span<Valid::masked>(g, v, out, valid, n, coefficients, nontemporal);
+        dx_span<Valid::masked, false>(g, v, out, valid, n, coefficients, nontemporal);
       } else {
         dx_strided(g, gs, v, xs, out, ds, valid, ms, n, coefficients);
       }
@@ -802,8 +820,8 @@ void row_affine(const Plan& plan, const T* x, T* y,
   const bool contiguous = inner.stride[0] == features && inner.stride[1] == features;
   const A* const arrays[3] = {k.shift, k.scale, k.offset};
   for_each_row_run(red, 2, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
-    affine_span(x + offsets[0], y + offsets[1], rows * features,
-                PeriodicCoefficients<A, 3>(arrays, 0, features), nontemporal);
+    affine_span<true>(x + offsets[0], y + offsets[1], rows * features,
+                      PeriodicCoefficients<A, 3>(arrays, 0, features), nontemporal);
   });
   if (nontemporal) stream_fence();
 }
@@ -825,9 +843,9 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
         const T* v = x + offsets[1];
         T* out = dx + offsets[2];
         if (mask && !mask[offsets[3]]) {
-          dx_span<Valid::none>(g, v, out, mask, features, coefficients, nontemporal);
+          dx_span<Valid::none, true>(g, v, out, mask, features, coefficients, nontemporal);
         } else {
-          dx_span<Valid::all>(g, v, out, mask, rows * features, coefficients, nontemporal);
+          dx_span<Valid::all, true>(g, v, out, mask, rows * features, coefficients, nontemporal);
         }
       });
   if (nontemporal) stream_fence();
