@@ -50,6 +50,17 @@ inline F fmadd(F a, F b, F c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline D fmadd(D a, D b, D c) {
   return {_mm512_fmadd_pd(a.lo, b.lo, c.lo), _mm512_fmadd_pd(a.hi, b.hi, c.hi)};
 }
+// a + b and a - b, rounded exactly as add and sub round them (a * 1 is exact), but issued to the
+// multiply-add units: reductions that would queue every operation on the adders (Zen 4 has two
+// of each) then spread over both kinds.
+inline D add_on_fma(D a, D b) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  return {_mm512_fmadd_pd(a.lo, one, b.lo), _mm512_fmadd_pd(a.hi, one, b.hi)};
+}
+inline D sub_on_fma(D a, D b) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  return {_mm512_fmsub_pd(a.lo, one, b.lo), _mm512_fmsub_pd(a.hi, one, b.hi)};
+}
 inline D widen(F a) {
   const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1));
   return {_mm512_cvtps_pd(_mm512_castps512_ps256(a.v)), _mm512_cvtps_pd(high)};
@@ -75,6 +86,11 @@ inline D blend(Mask m, D a, D b) {
 inline D select(Mask m, D a) {
   return {_mm512_maskz_mov_pd(static_cast<__mmask8>(m), a.lo),
           _mm512_maskz_mov_pd(static_cast<__mmask8>(m >> 8), a.hi)};
+}
+// select(m, sub(a, b)) in one instruction per half.
+inline D sub_select(Mask m, D a, D b) {
+  return {_mm512_maskz_sub_pd(static_cast<__mmask8>(m), a.lo, b.lo),
+          _mm512_maskz_sub_pd(static_cast<__mmask8>(m >> 8), a.hi, b.hi)};
 }
 
 inline F load(const float* p) { return {_mm512_loadu_ps(p)}; }
@@ -194,6 +210,17 @@ inline F fmadd(F a, F b, F c) {
 inline D fmadd(D a, D b, D c) {
   return {_mm256_fmadd_pd(a.v0, b.v0, c.v0), _mm256_fmadd_pd(a.v1, b.v1, c.v1),
           _mm256_fmadd_pd(a.v2, b.v2, c.v2), _mm256_fmadd_pd(a.v3, b.v3, c.v3)};
+}
+// a + b and a - b on the multiply-add units, rounded as add and sub round them (as for AVX-512).
+inline D add_on_fma(D a, D b) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  return {_mm256_fmadd_pd(a.v0, one, b.v0), _mm256_fmadd_pd(a.v1, one, b.v1),
+          _mm256_fmadd_pd(a.v2, one, b.v2), _mm256_fmadd_pd(a.v3, one, b.v3)};
+}
+inline D sub_on_fma(D a, D b) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  return {_mm256_fmsub_pd(a.v0, one, b.v0), _mm256_fmsub_pd(a.v1, one, b.v1),
+          _mm256_fmsub_pd(a.v2, one, b.v2), _mm256_fmsub_pd(a.v3, one, b.v3)};
 }
 inline D widen(F a) {
   return {_mm256_cvtps_pd(_mm256_castps256_ps128(a.lo)),
@@ -361,6 +388,8 @@ BATCHNORM_CPU_LANEWISE(mul, a.v[i] * b.v[i])
 // Without hardware FMA a fused multiply-add would be a slow library call: multiply, then add.
 inline F fmadd(F a, F b, F c) { return add(mul(a, b), c); }
 inline D fmadd(D a, D b, D c) { return add(mul(a, b), c); }
+inline D add_on_fma(D a, D b) { return add(a, b); }
+inline D sub_on_fma(D a, D b) { return sub(a, b); }
 inline D widen(F a) {
   D r;
   for (int i = 0; i < kLanes; ++i) r.v[i] = static_cast<double>(a.v[i]);
@@ -456,6 +485,10 @@ inline void store_first(T* p, const V& a, int n) {
   store(block, a);
   std::memcpy(p, block, sizeof(T) * static_cast<std::size_t>(n));
 }
+#endif
+
+#if !defined(BATCHNORM_CPU_AVX512)
+inline D sub_select(Mask m, D a, D b) { return select(m, sub(a, b)); }
 #endif
 
 template <class A>
