@@ -556,6 +556,7 @@ _DDP_WORKER = textwrap.dedent(
     np.savez(out, y=y.detach().numpy(), dx=x.grad.numpy(), dgamma=module.gamma.grad.numpy(),
              dbeta=module.beta.grad.numpy(), moving_mean=module.moving_mean.numpy(),
              moving_variance=module.moving_variance.numpy())
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     """
 )

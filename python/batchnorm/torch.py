@@ -21,6 +21,7 @@ float64 data), stored under Keras' names; `get_weights`/`set_weights` use Keras'
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -81,6 +82,14 @@ def _hook_for(key: str, size: int, backend: str) -> Any:
             dist.all_gather(outputs, torch.from_numpy(send), group=group)
 
     return _core.Communicator(size, allgather)
+
+
+@atexit.register
+def _release_communicators() -> None:
+    # The cached hooks hold Python callables into torch.distributed: drop them while the
+    # interpreter and the process groups are still whole, not during teardown.
+    _hook_for.cache_clear()
+    _GROUPS.clear()
 
 
 def _communicator(key: str) -> Any:
