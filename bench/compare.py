@@ -44,17 +44,10 @@ import time
 from functools import partial
 from typing import Any, Callable
 
+if __name__ == "__main__":  # OpenMP reads its settings at start-up: fix them first
+    from _threads import restart_with_threads
 
-def _threads_argument() -> str:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--threads", type=int, default=2)
-    return str(parser.parse_known_args()[0].threads)
-
-
-# OpenMP reads its settings at start-up: fix them, then start over.
-if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != _threads_argument():
-    os.environ["OMP_NUM_THREADS"] = _threads_argument()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    restart_with_threads()
 
 import numpy as np  # noqa: E402
 

@@ -21,22 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
+if __name__ == "__main__":  # OpenMP reads its settings at start-up: fix them first
+    from _threads import restart_with_threads
 
-def _threads_argument() -> str:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--threads", type=int, default=2)
-    return str(parser.parse_known_args()[0].threads)
-
-
-# OpenMP reads its settings at start-up: fix them, then start over. (XLA's CPU thread pool has
-# one thread per core.)
-if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != _threads_argument():
-    os.environ["OMP_NUM_THREADS"] = _threads_argument()
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    restart_with_threads()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
