@@ -232,3 +232,22 @@ def test_weights_of_another_framework_are_bound_through_dlpack() -> None:
     y_numpy, _ = F.forward(x, start, options, training=True)
     np.testing.assert_array_equal(y_torch.numpy(), y_numpy)
     np.testing.assert_array_equal(tensors["moving_mean"].numpy(), start["moving_mean"])
+
+
+def test_a_context_rebuilt_from_packed_statistics_differentiates_its_call() -> None:
+    """What the PyTorch and JAX adapters keep of a training call: its packed statistics."""
+    options = F.Options(axis=1, virtual_batch_size=2)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 3, 5))
+    mask = rng.random((4, 1, 5)) > 0.3
+    weights = F.initial_weights(options, x.shape, dtype="float64")
+    weights["gamma"][:] = [0.5, 2.0, -1.0]
+    _, context = F.forward(x, weights, options, training=True, mask=mask)
+    packed = context.statistics.pack()
+    assert packed.shape == (F.packed_size(options, x.shape),) == (2 * 3 * 3 + 2 * 3,)
+    rebuilt = F.training_context(x, mask, weights, options, packed)
+    dy = rng.normal(size=x.shape)
+    for want, got in zip(F.backward(dy, context), F.backward(dy, rebuilt)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="do not fit"):
+        F.training_context(x, mask, weights, options, packed[:-1])

@@ -271,6 +271,40 @@ class Context:
         self.communicator = communicator
 
 
+def _ghost_groups(options: Options, shape: Sequence[int]) -> int:
+    size = options.virtual_batch_size
+    return shape[0] // size if size and shape[0] else 1
+
+
+def packed_size(options: Options, input_shape: Sequence[int]) -> int:
+    """The length of `context.statistics.pack()` for a training call on `input_shape`."""
+    features = options.schema(list(input_shape)).features
+    return 3 * _ghost_groups(options, input_shape) * features + 2 * features
+
+
+def training_context(
+    x: Any,
+    mask: Any,
+    weights: Mapping[str, Any] | Weights,
+    options: Options,
+    packed: Any,
+    communicator: Any = None,
+) -> Context:
+    """The Context of a training `forward` on `x` (and `mask`, as given to it) rebuilt from its
+    packed statistics (`context.statistics.pack()`, a host float64 vector), for frameworks that
+    keep a call's state as arrays: its `backward` is the original call's. The training backward
+    reads gamma, and of beta only whether it exists."""
+    mask_view = prepare_mask(mask, x, True, framework_of(x).device(x))
+    statistics = _core.TrainingContext.unpack(
+        packed,
+        _ghost_groups(options, x.shape),
+        options.schema(list(x.shape)).features,
+        mask_view is not None,
+        options.virtual_batch_size is not None,
+    )
+    return Context(True, x, mask_view, options, bind(weights), statistics, communicator)
+
+
 def prepare_mask(mask: Any, x: Any, training: bool, device: Device) -> Any:
     """The mask as a boolean view of x's shape (stride 0 where it broadcasts), in the mask's
     own framework; None at inference, where the mask is not used (only its rank is checked).
@@ -542,5 +576,7 @@ __all__ = [
     "bind",
     "forward",
     "initial_weights",
+    "packed_size",
     "prepare_mask",
+    "training_context",
 ]

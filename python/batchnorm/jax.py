@@ -67,11 +67,6 @@ def _writable(vector: Any) -> Any:
     return None if vector is None else np.array(vector)
 
 
-def _groups(shape: Sequence[int], options: F.Options) -> int:
-    size = options.virtual_batch_size
-    return shape[0] // size if size and shape[0] else 1
-
-
 def _weight_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
@@ -105,20 +100,11 @@ def _train_backward_host(key: str, layout: tuple[bool, ...], *arrays: Any) -> tu
     """(dx, dgamma, dbeta) of a training forward, from the statistics it saved."""
     options = F.Options.from_json(key)
     dy, x, gamma, mask, saved = _expand(layout, arrays)
-    features = options.schema(list(x.shape)).features
-    mask_view = F.prepare_mask(mask, x, True, CPU)
-    statistics = _core.TrainingContext.unpack(
-        saved.view(np.float64),
-        _groups(x.shape, options),
-        features,
-        mask_view is not None,
-        options.virtual_batch_size is not None,
-    )
     dtype = _weight_dtype(x.dtype)
     # The training backward reads gamma, and of beta only whether it exists.
-    beta = np.empty(features, dtype) if options.center else None
-    weights = F.Weights(gamma=_writable(gamma), beta=beta)
-    context = F.Context(True, x, mask_view, options, weights, statistics, None)
+    beta = np.empty(options.schema(list(x.shape)).features, dtype) if options.center else None
+    weights = {"gamma": _writable(gamma), "beta": beta}
+    context = F.training_context(x, mask, weights, options, saved.view(np.float64))
     return _gradients(F.backward(dy, context), dtype)
 
 
@@ -258,8 +244,7 @@ def _gradient_shapes(x: Any, options: F.Options) -> tuple[jax.ShapeDtypeStruct, 
 
 def _train_call(key: str, x: Any, gamma: Any, beta: Any, mask: Any, adjust: Any, moving: Any):
     options = F.Options.from_json(key[0])
-    features = moving[0].shape[0]
-    words = 2 * (3 * _groups(x.shape, options) * features + 2 * features)
+    words = 2 * F.packed_size(options, x.shape)  # float64 statistics as uint32 pairs
     shapes = (
         _struct(x.shape, x.dtype),
         _struct((words,), jnp.uint32),

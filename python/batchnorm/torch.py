@@ -114,42 +114,24 @@ def _weights(
 
 
 def _feature_count(x: Tensor, options: F.Options) -> int:
-    return math.prod(x.shape[a] for a in options.schema(list(x.shape)).axes)
-
-
-def _groups(x: Tensor, options: F.Options) -> int:
-    size = options.virtual_batch_size
-    return x.shape[0] // size if size and x.shape[0] else 1
+    return options.schema(list(x.shape)).features
 
 
 def _adjustment(scale: Tensor | None, bias: Tensor | None) -> tuple[Any, Any] | None:
     return None if scale is None and bias is None else (scale, bias)
 
 
-def _packed_size(x: Tensor, options: F.Options) -> int:
-    features = _feature_count(x, options)
-    return 3 * _groups(x, options) * features + 2 * features
-
-
 def _training_context(
     x: Tensor, mask: Tensor | None, gamma: Tensor | None, has_beta: bool, saved: Tensor, key: str
 ) -> F.Context:
     """A training forward's context rebuilt from its outputs, for the backward op."""
-    options = _options_of(key)
-    features = _feature_count(x, options)
     dtype = gamma.dtype if gamma is not None else _weight_dtype(x)
-    beta = torch.empty(features, dtype=dtype, device=x.device) if has_beta else None
-    mask_view = F.prepare_mask(mask, x, True, F.Device(x.device.type, x.device.index or 0))
-    statistics = _core.TrainingContext.unpack(
-        saved.detach(),
-        _groups(x, options),
-        features,
-        mask_view is not None,
-        options.virtual_batch_size is not None,
-    )
-    weights = F.Weights(gamma=_plain(gamma), beta=beta)
+    beta = torch.empty(_feature_count(x, _options_of(key)), dtype=dtype, device=x.device)
+    weights = {"gamma": _plain(gamma), "beta": beta if has_beta else None}
     group = key[key.index("\n") + 1 :]
-    return F.Context(True, x, mask_view, options, weights, statistics, _communicator(group))
+    return F.training_context(
+        x, mask, weights, _options_of(key), saved.detach(), _communicator(group)
+    )
 
 
 def _weight_dtype(x: Tensor) -> torch.dtype:
@@ -219,7 +201,7 @@ def _train_forward_op(
 @_train_forward_op.register_fake
 def _(x, mask, gamma, beta, moving, adjust_scale, adjust_bias, key):  # noqa: ANN001, ANN202
     options = _options_of(key)
-    saved = torch.empty(_packed_size(x, options), dtype=torch.float64, device="cpu")
+    saved = torch.empty(F.packed_size(options, x.shape), dtype=torch.float64, device="cpu")
     return torch.empty_like(x), saved, [torch.empty_like(m) for m in moving]
 
 
