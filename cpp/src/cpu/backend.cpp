@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/synchronize.hpp"
+#include "cpu/coefficients.hpp"
 #include "cpu/kernels.hpp"
 
 namespace batchnorm::detail {
@@ -106,15 +107,20 @@ struct Cpu {
     const GroupStats group_stats{
         context.count.data(),   context.mean.data(),   var.data(),
         context.inv_std.data(), context.zscale.data(), context.zshift.data()};
-    std::vector<GhostSums> ghost(static_cast<std::size_t>(features));
-    for (std::int64_t c = 0; c < features; ++c) {
-      ghost[static_cast<std::size_t>(c)] =
-          group_statistics(c, features, groups, call.scalars.epsilon, group_stats);
-    }
-    if (context.ghost_batches) synchronize_ghost_sums(call.communicator, ghost);
-    for (std::int64_t c = 0; c < features; ++c) {
-      feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats,
-                                     ghost[static_cast<std::size_t>(c)], call.weights, k.view());
+    const bool plain =
+        !context.ghost_batches && cpu::plain_training(groups, call.scalars, call.weights) &&
+        cpu::plain_train_coefficients(features, call.scalars, group_stats, call.weights, k.view());
+    if (!plain) {
+      std::vector<GhostSums> ghost(static_cast<std::size_t>(features));
+      for (std::int64_t c = 0; c < features; ++c) {
+        ghost[static_cast<std::size_t>(c)] =
+            group_statistics(c, features, groups, call.scalars.epsilon, group_stats);
+      }
+      if (context.ghost_batches) synchronize_ghost_sums(call.communicator, ghost);
+      for (std::int64_t c = 0; c < features; ++c) {
+        feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats,
+                                       ghost[static_cast<std::size_t>(c)], call.weights, k.view());
+      }
     }
     apply_affine(call.apply_plan, call.x, call.y, k);
   }
@@ -124,8 +130,10 @@ struct Cpu {
     using Acc = compute_t<T>;
     const cpu::CallShare share;
     CoefficientBuffers<Acc> k(call.plan.features);
-    for (std::int64_t c = 0; c < call.plan.features; ++c) {
-      inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view());
+    if (!cpu::inference_coefficients(call.plan.features, call.epsilon, call.weights, k.view())) {
+      for (std::int64_t c = 0; c < call.plan.features; ++c) {
+        inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view());
+      }
     }
     apply_affine(call.plan, call.x, call.y, k);
   }

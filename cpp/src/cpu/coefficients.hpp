@@ -1,0 +1,137 @@
+// The per-feature coefficients of the common calls, every feature in one loop. The per-feature
+// functions of core/math.hpp run once per feature with the options tested inside; for a small
+// call (a few hundred features, a few thousand elements each) those calls cost as much as the
+// passes over the data. Here the common case (one group, no renorm, no adjustment, scales within
+// the compute type's range) is a straight loop that the compiler vectorizes. Each loop performs
+// the same IEEE operations in the same order as its per-feature counterpart, so the results are
+// bitwise the same (tests/test_coefficients.py compares the two paths).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "core/math.hpp"
+
+namespace batchnorm::cpu {
+
+using detail::Coefficients;
+using detail::WeightPtrs;
+
+// A nullable per-feature vector read as its value or a fallback: one loop per combination of
+// present/absent gamma and beta, with no test in the loop.
+template <bool kPresent, class W>
+inline double value_at(const W* values, std::int64_t c, double fallback) {
+  if constexpr (kPresent) {
+    return static_cast<double>(values[c]);
+  } else {
+    (void)values;
+    (void)c;
+    return fallback;
+  }
+}
+
+template <class W>
+inline bool plain_training(std::int64_t groups, const detail::TrainScalars& s,
+                           const WeightPtrs<W>& w) {
+  return groups == 1 && !s.renorm && w.adjust_scale == nullptr && w.adjust_bias == nullptr;
+}
+
+// Whether a stored scale may stand for one that detail::store_scale splits (beyond Acc's
+// largest value): such a scale rounds to the largest value or to infinity. A scan apart from
+// the loops that vectorize (a search with an early exit does not).
+template <class Acc>
+bool may_need_split(std::int64_t features, const Acc* scale) {
+  for (std::int64_t c = 0; c < features; ++c) {
+    if (!(std::fabs(scale[c]) < static_cast<Acc>(detail::largest_finite<Acc>()))) return true;
+  }
+  return false;
+}
+
+// detail::group_statistics + detail::feature_coefficients for every feature of a call with one
+// group, no renorm and no adjustment (plain_training), whose stats.zscale and stats.zshift hold
+// 1 and 0 already. Returns false where a scale may exceed
+// Acc's range, having left the moving statistics alone: the per-feature path then computes
+// everything again (and splits the scale). Otherwise out.prescale is left as it is (all ones).
+template <bool kGamma, bool kBeta, class W, class Acc>
+bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars& s,
+                              detail::GroupStats stats, WeightPtrs<W> w, Coefficients<Acc> out) {
+  const double epsilon = s.epsilon;
+  // Two loops, each of one width (float64 statistics, then Acc coefficients), without branches:
+  // every value is read unconditionally and selected. So the compiler vectorizes them.
+  for (std::int64_t c = 0; c < features; ++c) {
+    const bool valid = stats.count[c] > 0.0;
+    const double batch_mean = stats.mean[c], batch_var = stats.var[c];
+    const double var = valid ? batch_var : 0.0;
+    stats.mean[c] = valid ? batch_mean : 0.0;
+    stats.var[c] = var;
+    stats.inv_std[c] = 1.0 / std::sqrt(var + epsilon);
+  }
+  for (std::int64_t c = 0; c < features; ++c) {
+    const double mean = stats.mean[c];
+    const double gamma = value_at<kGamma>(w.gamma, c, 1.0);
+    const double beta = value_at<kBeta>(w.beta, c, 0.0);
+    const Acc shift = static_cast<Acc>(mean);
+    out.shift[c] = shift;
+    const double remainder_or_nan = mean - static_cast<double>(shift);
+    const double remainder = remainder_or_nan == remainder_or_nan ? remainder_or_nan : 0.0;
+    // No renorm and no adjustment: zscale = 1 and zshift = 0 (as stats holds them already).
+    // Products by them are kept where they can change a signed zero or make a NaN.
+    const Acc scale = static_cast<Acc>(stats.inv_std[c] * gamma);
+    out.scale[c] = scale;
+    out.offset[c] = static_cast<Acc>(0.0 * gamma + beta - remainder * static_cast<double>(scale));
+  }
+  if (may_need_split(features, out.scale)) return false;
+  if (!s.update_moving) return true;
+  const double m = s.momentum;
+  // Features without a valid position keep their moving statistics: the loop tests for them
+  // only where there are some (a store under a condition does not vectorize).
+  const bool all_valid =
+      std::all_of(stats.count, stats.count + features, [](double count) { return count > 0.0; });
+  for (std::int64_t c = 0; c < features; ++c) {
+    if (!all_valid && !(stats.count[c] > 0.0)) continue;
+    // The mean over one ghost group, summed from 0 as the per-feature path does (0 + -0 = 0).
+    const double batch_mean = 0.0 + stats.mean[c];
+    const double batch_var = 0.0 + stats.var[c];
+    w.moving_mean[c] =
+        static_cast<W>(static_cast<double>(w.moving_mean[c]) * m + batch_mean * (1 - m));
+    w.moving_variance[c] =
+        static_cast<W>(static_cast<double>(w.moving_variance[c]) * m + batch_var * (1 - m));
+  }
+  return true;
+}
+
+// plain_train_coefficients with gamma's and beta's presence as template arguments.
+template <class W, class Acc>
+bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars& s,
+                              detail::GroupStats stats, WeightPtrs<W> w, Coefficients<Acc> out) {
+  if (w.gamma && w.beta) return plain_train_coefficients<true, true>(features, s, stats, w, out);
+  if (w.gamma) return plain_train_coefficients<true, false>(features, s, stats, w, out);
+  if (w.beta) return plain_train_coefficients<false, true>(features, s, stats, w, out);
+  return plain_train_coefficients<false, false>(features, s, stats, w, out);
+}
+
+// detail::inference_feature for every feature. Returns false where a scale may exceed Acc's
+// range (the per-feature path then computes them again); out.prescale is left as it is.
+template <bool kGamma, bool kBeta, class W, class Acc>
+bool inference_coefficients(std::int64_t features, double epsilon, const WeightPtrs<W>& w,
+                            Coefficients<Acc> out) {
+  for (std::int64_t c = 0; c < features; ++c) {
+    const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
+    out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
+    out.scale[c] = static_cast<Acc>(value_at<kGamma>(w.gamma, c, 1.0) * inv_std);
+    out.offset[c] = static_cast<Acc>(value_at<kBeta>(w.beta, c, 0.0));
+  }
+  return !may_need_split(features, out.scale);
+}
+
+template <class W, class Acc>
+bool inference_coefficients(std::int64_t features, double epsilon, const WeightPtrs<W>& w,
+                            Coefficients<Acc> out) {
+  if (w.gamma && w.beta) return inference_coefficients<true, true>(features, epsilon, w, out);
+  if (w.gamma) return inference_coefficients<true, false>(features, epsilon, w, out);
+  if (w.beta) return inference_coefficients<false, true>(features, epsilon, w, out);
+  return inference_coefficients<false, false>(features, epsilon, w, out);
+}
+
+}  // namespace batchnorm::cpu

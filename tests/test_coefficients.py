@@ -1,0 +1,77 @@
+"""The CPU backend computes the per-feature coefficients of plain calls (one group, no renorm,
+no adjustment) in vectorized loops over all features, and every other call feature by feature.
+The two paths must agree bit for bit: an adjustment of scale 1 and bias 0 changes nothing in
+the arithmetic but takes the per-feature path, so each case here runs both ways and compares
+outputs, moving statistics and the backward's results exactly."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from batchnorm import functional
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape, dtype and bytes: NaN payloads and signed zeros included."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _data(shape: tuple[int, ...], dtype: str, kind: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if kind == "offset":  # |mean| >> std: the shift's remainder matters
+        x = (1e6 if dtype in ("float32", "float64") else 300.0) + x
+    elif kind == "zeros":  # signed zeros: means of -0.0
+        x = np.where(rng.random(shape) < 0.5, -0.0, 0.0)
+    elif kind == "special":
+        x = x.copy()
+        x[0, 0] = np.nan
+        x[1, 1] = np.inf
+    elif kind == "denormal":  # scales beyond float32's range: the split (prescale) path
+        x = x * 1e-42
+    return x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+
+
+def _run(x, options, weights, adjustment, mask):
+    bound = functional.bind({name: vector.copy() for name, vector in weights.items()})
+    y, context = functional.forward(
+        x, bound, options, training=True, mask=mask, adjustment=adjustment
+    )
+    dy = np.cos(np.arange(x.size, dtype=np.float64)).reshape(x.shape).astype(x.dtype)
+    dx, dgamma, dbeta = functional.backward(dy, context)
+    moving = {name: bound.vector(name) for name in ("moving_mean", "moving_variance")}
+    return y, dx, dgamma, dbeta, moving
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "special", "denormal"])
+@pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])
+def test_plain_coefficients_match_the_per_feature_path(dtype, kind, center, scale):
+    epsilon = 1e-30 if kind == "denormal" else 1e-3
+    options = functional.Options(axis=-1, center=center, scale=scale, epsilon=epsilon)
+    x = _data((24, 40), dtype, kind, seed=len(kind))
+    weight_dtype = "float64" if dtype == "float64" else "float32"
+    weights = functional.initial_weights(options, x.shape, weight_dtype)
+    rng = np.random.default_rng(1)
+    for name in weights:
+        if name in ("gamma", "beta", "moving_mean"):
+            weights[name] = rng.standard_normal(40).astype(weights[name].dtype)
+    if "gamma" in weights:  # a signed zero and an infinity (whose scale takes the split path)
+        weights["gamma"][3] = -0.0
+        weights["gamma"][4] = np.inf
+        weights["gamma"][5] = 2.0
+    if "beta" in weights:  # 0 * gamma + beta is +0 here, not beta
+        weights["beta"][5] = -0.0
+    identity = (np.ones(40, weight_dtype), np.zeros(40, weight_dtype))
+    for mask in (None, np.arange(24) % 3 != 0, np.zeros(24, bool)):
+        plain = _run(x, options, weights, None, mask)
+        per_feature = _run(x, options, weights, identity, mask)
+        for got, want in zip(plain[:4], per_feature[:4]):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert bits_equal(np.asarray(got), np.asarray(want))
+        for name in plain[4]:
+            assert bits_equal(np.asarray(plain[4][name]), np.asarray(per_feature[4][name])), name
