@@ -36,6 +36,7 @@ import numpy as np
 from . import _core
 from ._arrays import (
     _DLPACK_CPU,
+    _NUMPY,
     Device,
     _dlpack_device,
     check_no_overlap,
@@ -46,6 +47,7 @@ from ._arrays import (
     read,
     stream_vector,
 )
+from ._dtypes import is_bfloat16
 
 Weights = _core.Weights
 
@@ -470,20 +472,62 @@ def forward(
     weights' dtype, on their device or as host NumPy arrays (copied in the call's stream
     order); `communicator` a core reduction hook for synchronized
     statistics; `out` an array like x to write into."""
+    if (
+        type(x) is np.ndarray
+        and mask is None
+        and adjustment is None
+        and out is None
+        and type(weights) is Weights
+        and weights.device[0] == _DLPACK_CPU
+        and not is_bfloat16(x.dtype)
+    ):
+        # The common call, NumPy on the CPU: the framework, the devices, the mask and the
+        # output that the general path resolves below are known, and x is its own view.
+        y = _NUMPY.empty_like(x)
+        return y, _run_forward(
+            x, x, y, None, weights, options, training, None, update_moving, communicator
+        )
     framework = framework_of(x)
     weights = bind(weights)
     device = _weights_device(weights)
     _check_device(framework.device(x), device, "the input")
     mask_view = prepare_mask(mask, x, training, device)
     y = _output(framework, x, out, {"the input": x, "the mask": mask_view})
-    x_view = framework.kernel(x)
-    y_view = framework.kernel(y)
     _on_stream(framework, device, [x, mask_view] if training else [x])
     if adjustment is not None:
         adjustment = (
             _device_adjustment(adjustment[0], device),
             _device_adjustment(adjustment[1], device),
         )
+    context = _run_forward(
+        x,
+        framework.kernel(x),
+        framework.kernel(y),
+        mask_view,
+        weights,
+        options,
+        training,
+        adjustment,
+        update_moving,
+        communicator,
+    )
+    return _deliver(framework, y, out, device), context
+
+
+def _run_forward(
+    x: Any,
+    x_view: Any,
+    y_view: Any,
+    mask_view: Any,
+    weights: Weights,
+    options: Options,
+    training: bool,
+    adjustment: tuple[Any, Any] | None,
+    update_moving: bool,
+    communicator: Any,
+) -> Context:
+    """The kernels of `forward` on resolved views (x_view read, y_view written), and the
+    call's Context."""
     if training:
         # The training backward reads gamma only: keep this call's value (copied first, so that
         # a backward ordered after the forward's statistics is ordered after the copy too).
@@ -507,8 +551,7 @@ def forward(
         statistics = None
         _core.infer_forward(x=x_view, y=y_view, options=options.core, weights=weights)
         kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD)
-    context = Context(training, x, mask_view, options, kept, statistics, communicator)
-    return _deliver(framework, y, out, device), context
+    return Context(training, x, mask_view, options, kept, statistics, communicator)
 
 
 def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, Any]:

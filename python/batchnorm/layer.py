@@ -8,6 +8,7 @@ import inspect
 import itertools
 import math
 import numbers
+import operator
 import threading
 import warnings
 import weakref
@@ -362,6 +363,10 @@ class BatchNormalization:
         self._input_rank: int | None = None
         self._axes: list[int] = []
         self._feature_shape: tuple[int, ...] = ()
+        # The feature sizes of an input shape, as _feature_key holds them for the built layer
+        # (an int for one feature axis): one C-level call on the per-call fast path.
+        self._feature_sizes: Callable[[tuple[int, ...]], Any] | None = None
+        self._feature_key: Any = None
         self._param_shape: tuple[int, ...] = ()
         self._variables: dict[str, Variable] = {}
         # The variables' storage bound for the kernels; bound again when the storage changes.
@@ -572,6 +577,8 @@ class BatchNormalization:
         self._input_rank = len(shape)
         self._axes = list(schema.axes)
         self._feature_shape = tuple(schema.feature_shape)
+        self._feature_sizes = operator.itemgetter(*self._axes)
+        self._feature_key = self._feature_sizes(tuple(shape))
         self._param_shape = param_shape
         self._variables = variables
         self._bound = None
@@ -675,7 +682,7 @@ class BatchNormalization:
             and inputs.flags.aligned
             and self._device.type == "cpu"
             and inputs.ndim == self._input_rank
-            and tuple([inputs.shape[a] for a in self._axes]) == self._feature_shape
+            and self._feature_sizes(inputs.shape) == self._feature_key
         ):
             return inputs  # the common case, checked without the generic machinery
         array = read(inputs, "inputs")
@@ -779,50 +786,21 @@ class BatchNormalization:
                     f"({type(training).__name__})"
                 )
         x = self._prepare_input(inputs)
-        train = bool(training) and self._trainable
-        y, context = self._guarded_forward(
-            x,
-            self._bound_weights(),
-            self._options,
-            training=train,
-            mask=mask,
-            adjustment=(
-                self._adjustment_vectors(tuple(x.shape))
-                if train and self.adjustment is not None
-                else None
-            ),
-            out=out,
-            communicator=self._communicator_hook() if train else None,
-        )
-        self._last = context
-        if train:
-            self._track_training_output(y, context)
-        return y
-
-    def _guarded_forward(
-        self,
-        x: Any,
-        weights: dict[str, Any],
-        options: functional.Options,
-        *,
-        training: bool,
-        mask: Any,
-        adjustment: Any,
-        out: Any,
-        communicator: Any,
-    ) -> Any:
-        """functional.forward under the layer's thread guard (_Access): a training call as a
-        writer, an inference call as a reader, computed again if a training step of another
-        thread overlapped it. The arguments, the user's adjustment among them, are evaluated
-        by the caller, outside the guard."""
+        weights = self._bound or self._bound_weights()
         access = self._access
-        if training:
+        if bool(training) and self._trainable:
+            # The arguments, the user's adjustment among them, are evaluated before the thread
+            # guard (_Access) is taken: a training call holds it as the writer.
+            adjustment = (
+                None if self.adjustment is None else self._adjustment_vectors(tuple(x.shape))
+            )
+            communicator = self._communicator_hook() if self.synchronized else None
             access.begin_write(True, self.name)
             try:
-                return functional.forward(
+                y, context = functional.forward(
                     x,
                     weights,
-                    options,
+                    self._options,
                     training=True,
                     mask=mask,
                     adjustment=adjustment,
@@ -831,11 +809,19 @@ class BatchNormalization:
                 )
             finally:
                 access.end_write()
+            self._last = context
+            self._track_training_output(y, context)
+            return y
+        # An inference call reads the weights as a reader: computed again if a training step of
+        # another thread overlapped it.
         while True:
             version = access.stable_version()
-            result = functional.forward(x, weights, options, training=False, mask=mask, out=out)
+            y, context = functional.forward(
+                x, weights, self._options, training=False, mask=mask, out=out
+            )
             if access.version == version:
-                return result
+                self._last = context
+                return y
 
     def _track_training_output(self, y: Any, context: functional.Context) -> None:
         alive = [
