@@ -603,7 +603,8 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             dbeta=dbeta,
         )
 
-    mark_used(weights.vector(name) for name in weights.names)
+    if device.type == "cuda":  # host vectors need no record (and each view costs a conversion)
+        mark_used(weights.vector(name) for name in weights.names)
 
     def finish(vector: Any) -> Any:
         return None if vector is None else framework.finish(vector, device)
