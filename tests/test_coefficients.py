@@ -1,8 +1,9 @@
 """The CPU backend computes the per-feature coefficients of plain calls (one group, no renorm,
 no adjustment) in vectorized loops over all features, and every other call feature by feature.
-The two paths must agree bit for bit: an adjustment of scale 1 and bias 0 changes nothing in
-the arithmetic but takes the per-feature path, so each case here runs both ways and compares
-outputs, moving statistics and the backward's results exactly."""
+The two paths must agree bit for bit. An adjustment of scale 1 and bias 0 changes nothing in
+the arithmetic of a forward call but takes the per-feature path; a ghost batch as large as the
+batch does the same for the backward. Each case runs both ways and compares outputs, moving
+statistics and gradients exactly."""
 
 from __future__ import annotations
 
@@ -75,3 +76,28 @@ def test_plain_coefficients_match_the_per_feature_path(dtype, kind, center, scal
                 assert bits_equal(np.asarray(got), np.asarray(want))
         for name in plain[4]:
             assert bits_equal(np.asarray(plain[4][name]), np.asarray(per_feature[4][name])), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "special"])
+@pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])
+def test_one_group_backward_matches_the_per_feature_path(dtype, kind, center, scale):
+    """A ghost batch as large as the batch is one group computed feature by feature (the ghost
+    path); without ghost batches the same group takes the vectorized loops."""
+    x = _data((24, 40), dtype, kind, seed=7 + len(kind))
+    runs = []
+    for virtual_batch_size in (None, 24):
+        options = functional.Options(
+            axis=-1, center=center, scale=scale, virtual_batch_size=virtual_batch_size
+        )
+        weights = functional.initial_weights(
+            options, x.shape, "float64" if dtype == "float64" else "float32"
+        )
+        if "gamma" in weights:
+            weights["gamma"][:] = np.linspace(-2.0, 2.0, 40)
+        runs.append([_run(x, options, weights, None, mask) for mask in (None, np.zeros(24, bool))])
+    for plain, per_feature in zip(*runs):
+        for got, want in zip(plain[:4], per_feature[:4]):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert bits_equal(np.asarray(got), np.asarray(want))

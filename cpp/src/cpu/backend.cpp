@@ -165,6 +165,14 @@ struct Cpu {
     if (!context.ghost_batches) synchronize_sums(call.communicator, sum_dy, sum_dy_centered);
     CoefficientBuffers<Acc> k(groups * features);
     const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
+    if (groups == 1 && !context.ghost_batches) {
+      cpu::backward_coefficients(features, context.count.data(), context.mean.data(),
+                                 context.inv_std.data(), context.zscale.data(),
+                                 context.zshift.data(), call.weights.gamma, sums, call.dgamma,
+                                 call.dbeta, k.view());
+      cpu::backward_dx(call.dx_plan, call.dy, call.x, call.mask, call.dx, k.view());
+      return;
+    }
     const auto n = static_cast<std::size_t>(features);
     std::vector<double> total_dy(n), total_dy_xhat(n);
     for (std::int64_t c = 0; c < features; ++c) {

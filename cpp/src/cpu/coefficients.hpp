@@ -134,4 +134,58 @@ bool inference_coefficients(std::int64_t features, double epsilon, const WeightP
   return inference_coefficients<false, false>(features, epsilon, w, out);
 }
 
+// detail::backward_coefficients + detail::parameter_gradients for every feature of a training
+// backward with one group per feature, within one process (or with sums already added across
+// processes): the totals over groups are the group's own sums.
+template <bool kGamma, class W, class Acc>
+void backward_coefficients(std::int64_t features, const double* count, const double* mean,
+                           const double* inv_std, const double* zscale, const double* zshift,
+                           const W* gamma, detail::BackwardSums sums, W* dgamma, W* dbeta,
+                           Coefficients<Acc> out) {
+  for (std::int64_t c = 0; c < features; ++c) {
+    const double inv = inv_std[c];
+    const double group_dy = sums.dy[c];
+    const double group_dy_xhat = sums.dy_centered[c] * inv;
+    out.scale[c] = static_cast<Acc>(value_at<kGamma>(gamma, c, 1.0) * zscale[c] * inv);
+    const Acc shift = static_cast<Acc>(mean[c]);
+    out.shift[c] = shift;
+    const double remainder_or_nan = mean[c] - static_cast<double>(shift);
+    const double remainder = remainder_or_nan == remainder_or_nan ? remainder_or_nan : 0.0;
+    const Acc slope = static_cast<Acc>(inv * group_dy_xhat / count[c]);
+    out.slope[c] = slope;
+    out.offset[c] = static_cast<Acc>(group_dy / count[c] - remainder * static_cast<double>(slope));
+  }
+  // A feature without a valid position gets zeros: set apart from the loop above, which has no
+  // branch so that it vectorizes.
+  for (std::int64_t c = 0; c < features; ++c) {
+    if (!(count[c] > 0.0)) out.slope[c] = out.offset[c] = Acc(0);
+  }
+  // The totals over the one group, summed from 0 as the per-feature path does (separate loops:
+  // a store under a condition does not vectorize).
+  if (dgamma) {
+    for (std::int64_t c = 0; c < features; ++c) {
+      const double total_dy = 0.0 + sums.dy[c];
+      const double total_dy_xhat = 0.0 + sums.dy_centered[c] * inv_std[c];
+      dgamma[c] = static_cast<W>(zscale[c] * total_dy_xhat + zshift[c] * total_dy);
+    }
+  }
+  if (dbeta) {
+    for (std::int64_t c = 0; c < features; ++c) dbeta[c] = static_cast<W>(0.0 + sums.dy[c]);
+  }
+}
+
+template <class W, class Acc>
+void backward_coefficients(std::int64_t features, const double* count, const double* mean,
+                           const double* inv_std, const double* zscale, const double* zshift,
+                           const W* gamma, detail::BackwardSums sums, W* dgamma, W* dbeta,
+                           Coefficients<Acc> out) {
+  if (gamma) {
+    backward_coefficients<true>(features, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma,
+                                dbeta, out);
+  } else {
+    backward_coefficients<false>(features, count, mean, inv_std, zscale, zshift, gamma, sums,
+                                 dgamma, dbeta, out);
+  }
+}
+
 }  // namespace batchnorm::cpu
