@@ -155,8 +155,19 @@ def no_torch_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the layer copied a tensor")
 
-    for name in ("contiguous", "clone", "to", "cpu", "numpy", "__array__", "copy_", "float"):
+    for name in ("contiguous", "clone", "to", "cpu", "__array__", "copy_", "float"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
+    view = torch.Tensor.numpy
+
+    def numpy_view(tensor: torch.Tensor, *, force: bool = False) -> np.ndarray:
+        # Without force, numpy() is a view of the tensor's memory or an error, never a copy.
+        if force:
+            raise AssertionError("the layer copied a tensor")
+        result = view(tensor)
+        assert result.__array_interface__["data"][0] == tensor.data_ptr()
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "numpy", numpy_view)
 
 
 def test_torch_zero_copy(no_torch_copies: None) -> None:

@@ -194,6 +194,8 @@ class TorchFramework(Framework):
     def __init__(self, torch: Any) -> None:
         self.torch = torch
         self._dtypes: dict[Any, np.dtype] = {}
+        # Tensor dtypes with a NumPy counterpart (bfloat16 has none).
+        self._numpy_readable = frozenset([torch.float16, torch.float32, torch.float64])
 
     def dtype(self, array: Any) -> np.dtype:
         """The NumPy dtype of a tensor (bfloat16 from ml_dtypes)."""
@@ -232,7 +234,17 @@ class TorchFramework(Framework):
 
     def kernel(self, array: Any) -> Any:
         # DLPack refuses tensors that require grad; detach() is a view of the same memory.
-        return array.detach() if array.requires_grad else array
+        tensor = array.detach() if array.requires_grad else array
+        if tensor.is_cpu and tensor.dtype in self._numpy_readable:
+            # A CPU tensor's NumPy view (same memory, same strides) reaches the extension
+            # through the buffer protocol at a fraction of the cost of torch's __dlpack__,
+            # which small calls pay once per array. Tensors NumPy cannot view (neg or conj
+            # bits, exotic subclasses) travel through DLPack.
+            try:
+                return tensor.numpy()
+            except (RuntimeError, TypeError):
+                pass
+        return tensor
 
     def span(self, array: Any) -> tuple[int, int]:
         size = array.element_size()

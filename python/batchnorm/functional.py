@@ -583,6 +583,8 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     _on_stream(framework, device, [x, dy_array])
     views = {"dy": dy_framework.kernel(dy_array), "x": framework.kernel(x)}
     views["dx"] = framework.kernel(dx)
+    for name, vector in (("dgamma", dgamma), ("dbeta", dbeta)):
+        views[name] = None if vector is None else framework.kernel(vector)
     if context.training:
         _core.train_backward(
             **views,
@@ -590,8 +592,6 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             options=options.core,
             weights=weights,
             context=context.statistics,
-            dgamma=dgamma,
-            dbeta=dbeta,
             communicator=context.communicator,
         )
     else:
@@ -599,8 +599,6 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
             **views,
             options=options.core,
             weights=weights,
-            dgamma=dgamma,
-            dbeta=dbeta,
         )
 
     if device.type == "cuda":  # host vectors need no record (and each view costs a conversion)
