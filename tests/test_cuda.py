@@ -59,7 +59,7 @@ def to_host(a: Any) -> np.ndarray:
 
 
 def misaligned(a: Any) -> Any:
-    """The same values one element past an aligned start: no 16-byte vector loads."""
+    """The same values one element past an aligned start: no vector loads."""
     flat = a.reshape(-1)
     if isinstance(a, np.ndarray):
         holder = np.empty(flat.size + 1, a.dtype)
@@ -127,7 +127,7 @@ CASES = [
     ((8, 6, 6, 16), {"axis": -1}, "misaligned"),
     ((10, 12, 5), {"axis": -1}, "strided"),
     ((10, 12, 5), {"axis": 1}, "transposed"),
-    ((4, 16, 8, 8), {"axis": 1}, "contiguous"),  # H*W a multiple of 8: 16-bit V=8 plane kernels
+    ((4, 16, 8, 8), {"axis": 1}, "contiguous"),  # H*W a multiple of 8: vector plane kernels of every dtype
     ((34, 2, 32768), {"axis": 1}, "contiguous"),  # more than 32 chunks per statistic (plane)
     ((140000, 8), {"axis": -1}, "contiguous"),  # more than 32 chunks per statistic (row)
     ((8, 16, 6, 6), {"axis": 1}, "channels_last"),

@@ -84,7 +84,7 @@ struct View {
   std::vector<int> order;   // axes from the outermost in memory; empty: C order
   int step_axis = -1;       // this axis steps 2 elements (a [::2] slice)
   int expand_axis = -1;     // this axis has stride 0 (an expanded array)
-  std::int64_t offset = 0;  // elements before the first one (1: not 16-byte aligned)
+  std::int64_t offset = 0;  // elements before the first one (1: not aligned for vectors)
 };
 
 std::size_t dtype_bytes(DType d) { return batchnorm::dtype_size(d); }
@@ -651,7 +651,7 @@ void check_stream_ordered_memory() {
   if (is_device_memory(plain)) fail("release did not free its memory");
 }
 
-// The same data one element past a 16-byte boundary (every operand read and written by scalar
+// The same data one element past a vector boundary (every operand read and written by scalar
 // accesses instead of vectors) gives bitwise the same results: the order of the sums does not
 // depend on alignment.
 void check_offset_independence(const std::vector<Case>& all) {
