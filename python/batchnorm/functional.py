@@ -250,7 +250,16 @@ class Context:
     not copied: keep them unchanged), its statistics, and the weights as they were then (so a
     later update of gamma cannot change this call's gradient)."""
 
-    __slots__ = ("training", "x", "mask", "options", "weights", "statistics", "communicator")
+    __slots__ = (
+        "training",
+        "x",
+        "mask",
+        "options",
+        "weights",
+        "statistics",
+        "communicator",
+        "storage",
+    )
 
     def __init__(
         self,
@@ -261,6 +270,7 @@ class Context:
         weights: Weights,
         statistics: Any,
         communicator: Any,
+        storage: Any = None,
     ) -> None:
         self.training = training
         self.x = x
@@ -269,6 +279,8 @@ class Context:
         self.weights = weights
         self.statistics = statistics
         self.communicator = communicator
+        # The device array that holds a CUDA training call's statistics (kept alive with them).
+        self.storage = storage
 
 
 def _ghost_groups(options: Options, shape: Sequence[int]) -> int:
@@ -437,16 +449,28 @@ def _weights_device(weights: Weights) -> Device:
     return _dlpack_device(*weights.device)
 
 
-def _snapshot(weights: Weights, names: list[str]) -> Weights:
-    """`weights` with the vectors `names` copied as they are now."""
-    if weights.device[0] != _DLPACK_CPU:  # device memory: copied by the CUDA runtime
-        return Weights(
-            **{
-                name: copy_vector(weights.vector(name)) if name in names else weights.vector(name)
-                for name in weights.names
-            }
-        )
-    return weights.snapshot(names)
+def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device) -> Weights:
+    """`weights` with the vectors `names` copied as they are now; on CUDA, inside a call once its
+    stream is set. Device copies belong to the input's framework where it allocates device
+    memory (PyTorch, CuPy): freed with the context by that framework, and in a CUDA graph
+    capture taken from the graph's memory, so that a captured step frees nothing it allocated
+    on a later step."""
+    if weights.device[0] == _DLPACK_CPU:
+        return weights.snapshot(names)
+
+    def copy(vector: Any) -> Any:
+        if not framework.allocates_device_memory:
+            return copy_vector(vector)
+        kept = framework.empty((weights.features,), weights.dtype, device)
+        _core.cuda_copy_on_stream(kept, vector)
+        return kept
+
+    return Weights(
+        **{
+            name: copy(weights.vector(name)) if name in names else weights.vector(name)
+            for name in weights.names
+        }
+    )
 
 
 def forward(
@@ -484,11 +508,15 @@ def forward(
             _device_adjustment(adjustment[0], device),
             _device_adjustment(adjustment[1], device),
         )
+    storage = None
     if training:
         # The training backward reads gamma only: keep this call's value (copied first, so that
         # a backward ordered after the forward's statistics is ordered after the copy too).
-        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD)
+        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD, framework, device)
         statistics = _core.TrainingContext()
+        if device.type == "cuda" and framework.allocates_device_memory:
+            # The statistics kept for backward live in an array of x's framework too.
+            storage = framework.empty((packed_size(options, x.shape),), "float64", device)
         _core.train_forward(
             x=x_view,
             y=y_view,
@@ -500,14 +528,15 @@ def forward(
             context=statistics,
             communicator=communicator,
             weights=weights,
+            statistics_storage=storage,
         )
         if adjustment is not None:
             mark_used(adjustment)
     else:
         statistics = None
         _core.infer_forward(x=x_view, y=y_view, options=options.core, weights=weights)
-        kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD)
-    context = Context(training, x, mask_view, options, kept, statistics, communicator)
+        kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD, framework, device)
+    context = Context(training, x, mask_view, options, kept, statistics, communicator, storage)
     return _deliver(framework, y, out, device), context
 
 
