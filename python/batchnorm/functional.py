@@ -303,17 +303,24 @@ def training_context(
     communicator: Any = None,
 ) -> Context:
     """The Context of a training `forward` on `x` (and `mask`, as given to it) rebuilt from its
-    packed statistics (`context.statistics.pack()`, a host float64 vector), for frameworks that
-    keep a call's state as arrays: its `backward` is the original call's. The training backward
-    reads gamma, and of beta only whether it exists."""
+    packed statistics (`context.statistics.pack()`, a host float64 vector, or on CUDA the
+    forward's `context.storage`, read in place), for frameworks that keep a call's state as
+    arrays: its `backward` is the original call's. The training backward reads gamma, and of
+    beta only whether it exists."""
     mask_view = prepare_mask(mask, x, True, framework_of(x).device(x))
-    statistics = _core.TrainingContext.unpack(
-        packed,
+    layout = (
         _ghost_groups(options, x.shape),
         options.schema(list(x.shape)).features,
         mask_view is not None,
         options.virtual_batch_size is not None,
     )
+    packed_framework = framework_of(packed)
+    if packed_framework.device(packed).type == "cuda":
+        # A CUDA forward's statistics_storage: read where it is, never through the host.
+        view = packed_framework.kernel(packed)
+        statistics = _core.TrainingContext.in_device_storage(view, *layout)
+        return Context(True, x, mask_view, options, bind(weights), statistics, communicator, packed)
+    statistics = _core.TrainingContext.unpack(packed, *layout)
     return Context(True, x, mask_view, options, bind(weights), statistics, communicator)
 
 

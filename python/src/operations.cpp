@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "bindings.hpp"
+#include "cuda/runtime.hpp"
 #include "tensors.hpp"
 #include "weights.hpp"
 
@@ -166,6 +167,27 @@ TrainingContext unpack_context(const PackedInput& packed, std::int64_t groups,
   return context;
 }
 
+// A context over statistics a CUDA training forward kept in `storage` (its statistics_storage),
+// for a backward rebuilt from that array: they are read there, never copied to the host.
+TrainingContext context_in_storage(const nb::object& storage, std::int64_t groups,
+                                   std::int64_t features, bool has_mask, bool ghost_batches) {
+  const TensorRef s = ArrayArgument(storage, "storage", ArrayArgument::Access::write).tensor();
+  if (groups < 0 || features < 0 || s.rank != 1 || s.dtype != DType::float64 ||
+      s.device.type != DeviceType::cuda ||
+      static_cast<std::size_t>(s.shape[0]) != packed_size(groups, features) ||
+      (s.shape[0] > 1 && s.strides[0] != 1)) {
+    throw nb::value_error(
+        "in_device_storage: expected a contiguous float64 CUDA vector of the packed size");
+  }
+  TrainingContext context;
+  context.groups = groups;
+  context.features = features;
+  context.has_mask = has_mask;
+  context.ghost_batches = ghost_batches;
+  context.device = cuda::statistics_in(static_cast<double*>(s.data), groups, features);
+  return context;
+}
+
 }  // namespace
 
 void bind_operations(nb::module_& m) {
@@ -206,7 +228,12 @@ void bind_operations(nb::module_& m) {
       .def_static("unpack", &unpack_context, nb::arg("packed"), nb::arg("groups"),
                   nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
                   "A context from the vector pack() made (the backward checks it against its "
-                  "input as any other).");
+                  "input as any other).")
+      .def_static("in_device_storage", &context_in_storage, nb::arg("storage"), nb::arg("groups"),
+                  nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
+                  "A context over the statistics a CUDA training forward kept in its "
+                  "statistics_storage (the packed layout, read in place by the backward; keep "
+                  "the array alive and unchanged until then).");
 
   // Keyword-only: a call names every array. The weights come bound in a Weights object (by
   // Keras' names, checked when bound); each array's dtype is its own.

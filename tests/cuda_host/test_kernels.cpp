@@ -347,10 +347,13 @@ void use_storage(batchnorm::TrainingContext& context, std::unique_ptr<Buffer>& s
   context.device_storage_size = doubles;
 }
 
-// capture: the forward and backward run inside a graph capture (device memory only), the
-// training statistics in memory of the caller's.
+// How a step runs: uncaptured, or inside a graph capture with the training statistics in
+// memory of the caller's, the backward taking the forward's context or one rebuilt from that
+// memory (as the torch.compile route does).
+enum class Capture { none, context, rebuilt };
+
 Results run_rank(const Case& c, DType dtype, bool training, Device device, int rank,
-                 Communication* communication, bool capture = false) {
+                 Communication* communication, Capture capture = Capture::none) {
   Results results;
   const DType wtype = batchnorm::weight_dtype(dtype);
   const auto schema = batchnorm::weight_schema(c.options, c.shape);
@@ -422,13 +425,23 @@ Results run_rank(const Case& c, DType dtype, bool training, Device device, int r
   std::unique_ptr<CaptureScope> captured;
   if (training) {
     batchnorm::TrainingContext context;
-    if (capture) {
+    if (capture != Capture::none) {
       use_storage(context, storage, c, features);
       captured = std::make_unique<CaptureScope>(results.problems);
     }
     batchnorm::train_forward(x.ref, y.ref, mask_ref, c.options, weights,
                              c.adjustment ? &adjustment : nullptr, true, context, sync);
-    batchnorm::train_backward(dy.ref, x.ref, dx.ref, mask_ref, c.options, weights, context,
+    batchnorm::TrainingContext rebuilt;
+    if (capture == Capture::rebuilt) {
+      rebuilt.groups = context.groups;
+      rebuilt.features = context.features;
+      rebuilt.has_mask = context.has_mask;
+      rebuilt.ghost_batches = context.ghost_batches;
+      rebuilt.device =
+          batchnorm::cuda::statistics_in(context.device_storage, context.groups, features);
+    }
+    batchnorm::train_backward(dy.ref, x.ref, dx.ref, mask_ref, c.options, weights,
+                              capture == Capture::rebuilt ? rebuilt : context,
                               c.options.scale && gradients ? dgamma.ref.data : nullptr,
                               c.options.center && gradients ? dbeta.ref.data : nullptr, sync);
     captured.reset();
@@ -436,7 +449,7 @@ Results run_rank(const Case& c, DType dtype, bool training, Device device, int r
     results.add("mean", context.mean);
     results.add("inv_std", context.inv_std);
   } else {
-    if (capture) captured = std::make_unique<CaptureScope>(results.problems);
+    if (capture != Capture::none) captured = std::make_unique<CaptureScope>(results.problems);
     batchnorm::infer_forward(x.ref, y.ref, c.options, weights);
     batchnorm::infer_backward(dy.ref, x.ref, dx.ref, c.options, weights,
                               c.options.scale && gradients ? dgamma.ref.data : nullptr,
@@ -754,16 +767,19 @@ void check_graph_capture(const std::vector<Case>& all) {
       continue;
     }
     for (DType dtype : {DType::float32, DType::float16}) {
-      for (bool training : {true, false}) {
-        if (!training && found->mask != Mask::none) continue;
-        const std::string label = std::string("captured ") + name + " " + dtype_label(dtype) +
-                                  (training ? " training" : " inference");
-        try {
-          const Results cpu = run(*found, dtype, training, kCpu)[0];
-          const Results cuda = run_rank(*found, dtype, training, kCuda, 0, nullptr, true);
-          compare(label, cuda, cpu, dtype);
-        } catch (const std::exception& e) {
-          fail(label + ": " + e.what());
+      for (Capture how : {Capture::context, Capture::rebuilt}) {
+        for (bool training : {true, false}) {
+          if (!training && (found->mask != Mask::none || how == Capture::rebuilt)) continue;
+          const std::string label = std::string("captured ") + name + " " + dtype_label(dtype) +
+                                    (training ? " training" : " inference") +
+                                    (how == Capture::rebuilt ? " (rebuilt context)" : "");
+          try {
+            const Results cpu = run(*found, dtype, training, kCpu)[0];
+            const Results cuda = run_rank(*found, dtype, training, kCuda, 0, nullptr, how);
+            compare(label, cuda, cpu, dtype);
+          } catch (const std::exception& e) {
+            fail(label + ": " + e.what());
+          }
         }
       }
     }

@@ -130,14 +130,18 @@ class CudaStatistics final : public DeviceStatistics {
   double* count() const { return data_; }
   double* inv_std() const { return data_ + 2 * stats_; }
 
-  void mark_written(cudaStream_t stream) const {
+  void mark_written(cudaStream_t stream) {
     check(cudaEventRecord(written_, stream), "recording the training statistics");
+    written_recorded_ = true;
   }
   // Orders a backward on `stream` after the forward and, for a block of our own, after any
   // earlier backward of this context (so that the last read is the last one recorded, for the
-  // release). A wait for an event never recorded would stop a graph capture: none is queued.
+  // release). A wait for an event never recorded would stop a graph capture: none is queued
+  // (statistics rebuilt from the caller's memory are ordered by the caller's stream).
   void begin_read(cudaStream_t stream) const {
-    check(cudaStreamWaitEvent(stream, written_, 0), "waiting for the training statistics");
+    if (written_recorded_) {
+      check(cudaStreamWaitEvent(stream, written_, 0), "waiting for the training statistics");
+    }
     if (read_recorded_) {
       check(cudaStreamWaitEvent(stream, read_, 0), "waiting for the training statistics");
     }
@@ -151,7 +155,11 @@ class CudaStatistics final : public DeviceStatistics {
   void to_host(TrainingContext& context) const override {
     const cuda::DeviceScope scope(device_);
     std::vector<double> block(size());
-    check(cudaEventSynchronize(written_), "waiting for the training statistics");
+    if (written_recorded_) {
+      check(cudaEventSynchronize(written_), "waiting for the training statistics");
+    } else {
+      check(cudaStreamSynchronize(cuda::current_stream()), "waiting for the training statistics");
+    }
     check(cudaMemcpy(block.data(), data_, block.size() * sizeof(double), cudaMemcpyDeviceToHost),
           "copying the training statistics to the host");
     const auto n = static_cast<std::size_t>(stats_), f = static_cast<std::size_t>(features_);
@@ -189,6 +197,7 @@ class CudaStatistics final : public DeviceStatistics {
   bool owned_;
   cudaEvent_t written_ = nullptr;
   cudaEvent_t read_ = nullptr;
+  bool written_recorded_ = false;
   mutable bool read_recorded_ = false;
 };
 
@@ -499,3 +508,13 @@ constexpr Backend kCuda = Backend::of<Cuda>();
 const Backend& cuda_backend() { return kCuda; }
 
 }  // namespace batchnorm::detail
+
+namespace batchnorm::cuda {
+
+std::shared_ptr<const DeviceStatistics> statistics_in(double* storage, std::int64_t groups,
+                                                      std::int64_t features) {
+  const DeviceScope scope(storage, "the statistics storage");
+  return std::make_shared<detail::CudaStatistics>(groups * features, features, storage, nullptr);
+}
+
+}  // namespace batchnorm::cuda
