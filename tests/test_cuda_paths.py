@@ -176,8 +176,17 @@ class StepRecorder(Recorder):
             return super().__getattr__(name)
         return getattr(self.real, name)
 
-    def TrainingContext(self) -> object:  # noqa: N802 (the extension's class name)
-        return object()
+    @property
+    def TrainingContext(self) -> type:  # noqa: N802 (the extension's class name)
+        recorder = self
+
+        class Context:
+            @staticmethod
+            def in_device_storage(*args: Any) -> tuple[str, tuple[Any, ...]]:
+                recorder.calls.append(("in_device_storage", *args))
+                return ("device statistics", args)
+
+        return Context
 
     def train_forward(self, **kwargs: Any) -> None:
         self.calls.append(("train_forward", kwargs))
@@ -268,3 +277,27 @@ def test_a_non_boolean_mask_is_refused_during_a_torch_capture(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(ValueError, match="pass a boolean mask"):
         framework.all_binary(mask)
+
+
+def test_the_compile_route_hands_cuda_statistics_on_as_the_device_array(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.compile's ops pass a CUDA forward's statistics to the backward op as the forward's
+    statistics storage, which the backward's context reads in place (no host copy either way)."""
+    torch = pytest.importorskip("torch")
+    from batchnorm import torch as bn_torch
+
+    core = StepRecorder(functional._core)
+    monkeypatch.setattr(functional, "_core", core)
+    framework = _arrays.framework_of(torch.zeros(1))
+    monkeypatch.setattr(type(framework), "device", lambda self, array: CUDA0)
+    options = functional.Options(axis=-1, virtual_batch_size=2)
+    x = torch.randn(4, 3)
+    storage = torch.zeros(functional.packed_size(options, x.shape), dtype=torch.float64)
+    statistics = object()
+    context = functional.Context(True, x, None, options, None, statistics, None, storage)
+    assert bn_torch._pack(context) is storage  # no statistics.pack(): nothing reads the host
+    rebuilt = functional.training_context(x, None, {"gamma": torch.ones(3)}, options, storage)
+    assert core.calls == [("in_device_storage", storage, 2, 3, False, True)]
+    assert rebuilt.statistics == ("device statistics", (storage, 2, 3, False, True))
+    assert rebuilt.storage is storage  # kept alive with the context
