@@ -59,7 +59,7 @@ def to_host(a: Any) -> np.ndarray:
 
 
 def misaligned(a: Any) -> Any:
-    """The same values one element past an aligned start: no 16-byte vector loads."""
+    """The same values one element past an aligned start: no vector loads."""
     flat = a.reshape(-1)
     if isinstance(a, np.ndarray):
         holder = np.empty(flat.size + 1, a.dtype)
@@ -127,7 +127,7 @@ CASES = [
     ((8, 6, 6, 16), {"axis": -1}, "misaligned"),
     ((10, 12, 5), {"axis": -1}, "strided"),
     ((10, 12, 5), {"axis": 1}, "transposed"),
-    ((4, 16, 8, 8), {"axis": 1}, "contiguous"),  # H*W a multiple of 8: 16-bit V=8 plane kernels
+    ((4, 16, 8, 8), {"axis": 1}, "contiguous"),  # H*W a multiple of 8: vector plane kernels
     ((34, 2, 32768), {"axis": 1}, "contiguous"),  # more than 32 chunks per statistic (plane)
     ((140000, 8), {"axis": -1}, "contiguous"),  # more than 32 chunks per statistic (row)
     ((8, 16, 6, 6), {"axis": 1}, "channels_last"),
@@ -315,6 +315,72 @@ def test_cuda_work_runs_on_the_current_torch_stream() -> None:
     close(dx, cpu.backward(np.ones_like(x_host)), "float32", "dx")
     close_gradients(gpu, cpu)
     close_weights(gpu, cpu)
+
+
+CAPTURED = [
+    ({}, False),
+    ({"virtual_batch_size": 4}, False),
+    ({"renorm": True, "renorm_clipping": {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3}}, False),
+    ({}, True),
+    ({"virtual_batch_size": 4, "renorm": True}, True),
+]
+
+
+@pytest.mark.skipif(not TORCH, reason="CUDA graphs are captured with PyTorch")
+@pytest.mark.parametrize("kwargs,masked", CAPTURED, ids=["plain", "ghost", "renorm", "mask", "all"])
+def test_torch_cuda_graph_replays_a_training_step(kwargs: dict[str, Any], masked: bool) -> None:
+    """torch.cuda.graph captures a training forward + backward of the module; each replay on
+    new data in the captured input gives what an eager step gives (output, dx, dgamma, dbeta and
+    the moving statistics it updates)."""
+    from batchnorm.torch import BatchNormalization as Module
+
+    torch = LIB
+    shape = (8, 6, 5, 5)
+    module = Module(6, axis=1, momentum=0.9, **kwargs).cuda()
+    eager = Module(6, axis=1, momentum=0.9, **kwargs).cuda()
+    rng = np.random.default_rng(5)
+    x = torch.zeros(shape, device="cuda", requires_grad=True)
+    dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).cuda()
+    mask = torch.from_numpy(rng.random((8, 1, 5, 5)) < 0.7).cuda() if masked else None
+
+    def step(m: Any, data: Any) -> Any:
+        m.zero_grad(set_to_none=True)
+        y = m(data, mask)
+        y.backward(dy)
+        return y
+
+    # Warm-up on a side stream (builds the module and the allocator's pools), as PyTorch asks.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            with torch.no_grad():
+                x.copy_(torch.randn(shape, device="cuda"))
+            x.grad = None
+            step(module, x)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step(module, x)
+    eager.load_state_dict(module.state_dict())  # capturing ran nothing: the state after warm-up
+    for seed in (1, 2):
+        data = torch.from_numpy(
+            np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 2 + 1
+        ).cuda()
+        with torch.no_grad():
+            x.copy_(data)
+        graph.replay()
+        x_eager = data.clone().requires_grad_(True)
+        y_eager = step(eager, x_eager)
+        torch.cuda.synchronize()
+        pairs = [(y_static, y_eager, "y"), (x.grad, x_eager.grad, "dx")]
+        pairs += [(module.gamma.grad, eager.gamma.grad, "dgamma")]
+        pairs += [(module.beta.grad, eager.beta.grad, "dbeta")]
+        pairs += [(getattr(module, n), getattr(eager, n), n) for n in module._moving_names]
+        for got, want, what in pairs:
+            # The same kernels on the same data: bitwise equal.
+            assert torch.equal(got, want), f"replay {seed}: {what} differs from an eager step"
 
 
 def test_cuda_device_checks_and_moves() -> None:

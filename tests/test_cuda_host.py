@@ -3,7 +3,9 @@ the host against the CUDA emulation of tests/cuda_host/include (each block's thr
 fibers that meet at every __syncthreads and warp shuffle; device memory is NaN-filled host
 memory), and compared with the CPU backend over layouts, dtypes, modes, masks, ghost batches,
 renorm, strided, expanded, misaligned and empty inputs, more than 32 chunks per statistic and
-communicators of 2 and 3 ranks (tests/cuda_host/test_kernels.cpp)."""
+communicators of 2 and 3 ranks; and training steps (plain, ghost batches, renorm, masks,
+adjustment) captured as CUDA graphs under the emulation's capture checks, which also fail a step
+whose statistics the backend allocates itself (tests/cuda_host/test_kernels.cpp)."""
 
 from __future__ import annotations
 

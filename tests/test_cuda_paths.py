@@ -160,3 +160,144 @@ def test_copies_inside_a_call_are_queued_on_its_stream(core: Recorder) -> None:
     # A backward records its reads of the call's own vectors, not of the layer's weights.
     _arrays.mark_used([gamma, kept, None, host])
     assert core.calls == [("cuda_used", kept.buffer)]
+
+
+class StepRecorder(Recorder):
+    """The extension for a whole training step: the operations are recorded with their
+    keyword arguments, each training forward gets a context of its own, and what is not a CUDA
+    service or an operation (options, schemas) is the real extension's."""
+
+    def __init__(self, real: Any) -> None:
+        super().__init__()
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("cuda_", "set_cuda_stream")):
+            return super().__getattr__(name)
+        return getattr(self.real, name)
+
+    @property
+    def TrainingContext(self) -> type:  # noqa: N802 (the extension's class name)
+        recorder = self
+
+        class Context:
+            @staticmethod
+            def in_device_storage(*args: Any) -> tuple[str, tuple[Any, ...]]:
+                recorder.calls.append(("in_device_storage", *args))
+                return ("device statistics", args)
+
+        return Context
+
+    def train_forward(self, **kwargs: Any) -> None:
+        self.calls.append(("train_forward", kwargs))
+
+    def train_backward(self, **kwargs: Any) -> None:
+        self.calls.append(("train_backward", kwargs))
+
+
+class FakeWeights:
+    """Bound weights on CUDA device 0 (the extension's Weights reads the device from DLPack)."""
+
+    def __init__(self, **vectors: Any) -> None:
+        self.vectors = {name: v for name, v in vectors.items() if v is not None}
+
+    device = (2, 0)
+    dtype = "float32"
+
+    @property
+    def features(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.vectors)
+
+    def vector(self, name: str) -> Any:
+        return self.vectors.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.vectors
+
+
+def test_a_training_step_asks_nothing_a_cuda_graph_capture_forbids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PyTorch training forward + backward on CUDA keeps its statistics and its copy of gamma
+    in tensors of PyTorch's allocator (during a capture, the graph's pool) and asks the extension
+    for no allocation, free, host copy or wait of its own: what torch.cuda.graph needs."""
+    torch = pytest.importorskip("torch")
+    core = StepRecorder(functional._core)
+    monkeypatch.setattr(_arrays, "_core", core)
+    monkeypatch.setattr(functional, "_core", core)
+    monkeypatch.setattr(functional, "Weights", FakeWeights)
+    framework = _arrays.framework_of(torch.zeros(1))
+    made: list[Any] = []
+
+    def empty(self: Any, shape: tuple[int, ...], name: str, device: Any) -> Any:
+        made.append(torch.empty(shape, dtype=getattr(torch, name)))
+        return made[-1]
+
+    monkeypatch.setattr(type(framework), "device", lambda self, array: CUDA0)
+    monkeypatch.setattr(type(framework), "stream", lambda self, device: 7)
+    monkeypatch.setattr(type(framework), "empty", empty)
+    options = functional.Options(axis=1, virtual_batch_size=2)
+    gamma = torch.ones(3)
+    weights = FakeWeights(
+        gamma=gamma, beta=torch.zeros(3), moving_mean=torch.zeros(3), moving_variance=torch.ones(3)
+    )
+    x = torch.randn(4, 3, 5)
+    mask = torch.ones(4, 1, 5, dtype=torch.bool)
+    _, context = functional.forward(x, weights, options, training=True, mask=mask)
+    dx, dgamma, dbeta = functional.backward(torch.randn(4, 3, 5), context)
+    names = [call[0] for call in core.calls]
+    assert names == ["set_cuda_stream", "cuda_copy_on_stream", "train_forward"] + [
+        "set_cuda_stream",
+        "train_backward",
+    ]
+    kept = context.weights.vector("gamma")
+    assert core.calls[1][1:] == (kept, gamma) and kept is not gamma and kept is made[0]
+    storage = core.calls[2][1]["statistics_storage"]
+    # 2 ghost groups x 3 features of count, mean and inv_std, then zscale and zshift.
+    assert storage is context.storage and storage is made[1]
+    assert storage.shape == (functional.packed_size(options, x.shape),) == (24,)
+    assert storage.dtype == torch.float64
+    assert core.calls[4][1]["weights"] is context.weights
+    assert {id(t) for t in (dgamma, dbeta)} <= {id(t) for t in made}
+    assert dx.shape == x.shape
+
+
+def test_a_non_boolean_mask_is_refused_during_a_torch_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    framework = _arrays.framework_of(torch.zeros(1))
+    mask = torch.ones(2, 3)
+    assert framework.all_binary(mask)
+    monkeypatch.setattr(type(mask), "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="pass a boolean mask"):
+        framework.all_binary(mask)
+
+
+def test_the_compile_route_hands_cuda_statistics_on_as_the_device_array(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.compile's ops pass a CUDA forward's statistics to the backward op as the forward's
+    statistics storage, which the backward's context reads in place (no host copy either way)."""
+    torch = pytest.importorskip("torch")
+    from batchnorm import torch as bn_torch
+
+    core = StepRecorder(functional._core)
+    monkeypatch.setattr(functional, "_core", core)
+    framework = _arrays.framework_of(torch.zeros(1))
+    monkeypatch.setattr(type(framework), "device", lambda self, array: CUDA0)
+    options = functional.Options(axis=-1, virtual_batch_size=2)
+    x = torch.randn(4, 3)
+    storage = torch.zeros(functional.packed_size(options, x.shape), dtype=torch.float64)
+    statistics = object()
+    context = functional.Context(True, x, None, options, None, statistics, None, storage)
+    assert bn_torch._pack(context) is storage  # no statistics.pack(): nothing reads the host
+    rebuilt = functional.training_context(x, None, {"gamma": torch.ones(3)}, options, storage)
+    assert core.calls == [("in_device_storage", storage, 2, 3, False, True)]
+    assert rebuilt.statistics == ("device statistics", (storage, 2, 3, False, True))
+    assert rebuilt.storage is storage  # kept alive with the context

@@ -62,6 +62,9 @@ class Framework:
     """NumPy's behaviour; other libraries override what differs."""
 
     label = "NumPy"
+    # Whether `empty` gives CUDA memory of the library's own allocator (stream-ordered, and a
+    # CUDA graph's pool during capture), fit for what a call keeps for its backward.
+    allocates_device_memory = False
 
     def dtype(self, array: Any) -> Any:
         return array.dtype
@@ -190,6 +193,7 @@ def check_no_overlap(out: Any, others: dict[str, Any]) -> None:
 
 class TorchFramework(Framework):
     label = "PyTorch"
+    allocates_device_memory = True
 
     def __init__(self, torch: Any) -> None:
         self.torch = torch
@@ -235,7 +239,7 @@ class TorchFramework(Framework):
     def kernel(self, array: Any) -> Any:
         # DLPack refuses tensors that require grad; detach() is a view of the same memory.
         tensor = array.detach() if array.requires_grad else array
-        if tensor.is_cpu and tensor.dtype in self._numpy_readable:
+        if tensor.dtype in self._numpy_readable and self.device(tensor) is CPU:
             # A CPU tensor's NumPy view (same memory, same strides) reaches the extension
             # through the buffer protocol at a fraction of the cost of torch's __dlpack__,
             # which small calls pay once per array. Tensors NumPy cannot view (neg or conj
@@ -257,6 +261,15 @@ class TorchFramework(Framework):
     def broadcast_to(self, array: Any, shape: tuple[int, ...]) -> Any:
         return self.torch.broadcast_to(array, shape)
 
+    def all_binary(self, array: Any) -> bool:
+        # The check reads the values on the host, which a CUDA graph capture cannot do.
+        if array.is_cuda and self.torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "mask: a non-boolean mask is checked on the host, which a CUDA graph capture "
+                "does not allow; pass a boolean mask"
+            )
+        return super().all_binary(array)
+
     def stream(self, device: Device) -> int:
         return self.torch.cuda.current_stream(device.index).cuda_stream
 
@@ -269,6 +282,7 @@ class TorchFramework(Framework):
 
 class CupyFramework(Framework):
     label = "CuPy"
+    allocates_device_memory = True
 
     def __init__(self, cupy: Any) -> None:
         self.cupy = cupy

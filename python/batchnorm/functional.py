@@ -37,6 +37,7 @@ from . import _core
 from ._arrays import (
     _DLPACK_CPU,
     _NUMPY,
+    CPU,
     Device,
     _dlpack_device,
     check_no_overlap,
@@ -252,7 +253,16 @@ class Context:
     not copied: keep them unchanged), its statistics, and the weights as they were then (so a
     later update of gamma cannot change this call's gradient)."""
 
-    __slots__ = ("training", "x", "mask", "options", "weights", "statistics", "communicator")
+    __slots__ = (
+        "training",
+        "x",
+        "mask",
+        "options",
+        "weights",
+        "statistics",
+        "communicator",
+        "storage",
+    )
 
     def __init__(
         self,
@@ -263,6 +273,7 @@ class Context:
         weights: Weights,
         statistics: Any,
         communicator: Any,
+        storage: Any = None,
     ) -> None:
         self.training = training
         self.x = x
@@ -271,6 +282,8 @@ class Context:
         self.weights = weights
         self.statistics = statistics
         self.communicator = communicator
+        # The device array that holds a CUDA training call's statistics (kept alive with them).
+        self.storage = storage
 
 
 def _ghost_groups(options: Options, shape: Sequence[int]) -> int:
@@ -293,17 +306,24 @@ def training_context(
     communicator: Any = None,
 ) -> Context:
     """The Context of a training `forward` on `x` (and `mask`, as given to it) rebuilt from its
-    packed statistics (`context.statistics.pack()`, a host float64 vector), for frameworks that
-    keep a call's state as arrays: its `backward` is the original call's. The training backward
-    reads gamma, and of beta only whether it exists."""
+    packed statistics (`context.statistics.pack()`, a host float64 vector, or on CUDA the
+    forward's `context.storage`, read in place), for frameworks that keep a call's state as
+    arrays: its `backward` is the original call's. The training backward reads gamma, and of
+    beta only whether it exists."""
     mask_view = prepare_mask(mask, x, True, framework_of(x).device(x))
-    statistics = _core.TrainingContext.unpack(
-        packed,
+    layout = (
         _ghost_groups(options, x.shape),
         options.schema(list(x.shape)).features,
         mask_view is not None,
         options.virtual_batch_size is not None,
     )
+    packed_framework = framework_of(packed)
+    if packed_framework.device(packed).type == "cuda":
+        # A CUDA forward's statistics_storage: read where it is, never through the host.
+        view = packed_framework.kernel(packed)
+        statistics = _core.TrainingContext.in_device_storage(view, *layout)
+        return Context(True, x, mask_view, options, bind(weights), statistics, communicator, packed)
+    statistics = _core.TrainingContext.unpack(packed, *layout)
     return Context(True, x, mask_view, options, bind(weights), statistics, communicator)
 
 
@@ -439,16 +459,28 @@ def _weights_device(weights: Weights) -> Device:
     return _dlpack_device(*weights.device)
 
 
-def _snapshot(weights: Weights, names: list[str]) -> Weights:
-    """`weights` with the vectors `names` copied as they are now."""
-    if weights.device[0] != _DLPACK_CPU:  # device memory: copied by the CUDA runtime
-        return Weights(
-            **{
-                name: copy_vector(weights.vector(name)) if name in names else weights.vector(name)
-                for name in weights.names
-            }
-        )
-    return weights.snapshot(names)
+def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device) -> Weights:
+    """`weights` with the vectors `names` copied as they are now; on CUDA, inside a call once its
+    stream is set. Device copies belong to the input's framework where it allocates device
+    memory (PyTorch, CuPy): freed with the context by that framework, and in a CUDA graph
+    capture taken from the graph's memory, so that a captured step frees nothing it allocated
+    on a later step."""
+    if weights.device[0] == _DLPACK_CPU:
+        return weights.snapshot(names)
+
+    def copy(vector: Any) -> Any:
+        if not framework.allocates_device_memory:
+            return copy_vector(vector)
+        kept = framework.empty((weights.features,), weights.dtype, device)
+        _core.cuda_copy_on_stream(kept, vector)
+        return kept
+
+    return Weights(
+        **{
+            name: copy(weights.vector(name)) if name in names else weights.vector(name)
+            for name in weights.names
+        }
+    )
 
 
 def forward(
@@ -485,7 +517,18 @@ def forward(
         # output that the general path resolves below are known, and x is its own view.
         y = _NUMPY.empty_like(x)
         return y, _run_forward(
-            x, x, y, None, weights, options, training, None, update_moving, communicator
+            x,
+            x,
+            y,
+            None,
+            weights,
+            options,
+            training,
+            None,
+            update_moving,
+            communicator,
+            _NUMPY,
+            CPU,
         )
     framework = framework_of(x)
     weights = bind(weights)
@@ -510,6 +553,8 @@ def forward(
         adjustment,
         update_moving,
         communicator,
+        framework,
+        device,
     )
     return _deliver(framework, y, out, device), context
 
@@ -525,14 +570,20 @@ def _run_forward(
     adjustment: tuple[Any, Any] | None,
     update_moving: bool,
     communicator: Any,
+    framework: Any,
+    device: Device,
 ) -> Context:
     """The kernels of `forward` on resolved views (x_view read, y_view written), and the
     call's Context."""
+    storage = None
     if training:
         # The training backward reads gamma only: keep this call's value (copied first, so that
         # a backward ordered after the forward's statistics is ordered after the copy too).
-        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD)
+        kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD, framework, device)
         statistics = _core.TrainingContext()
+        if device.type == "cuda" and framework.allocates_device_memory:
+            # The statistics kept for backward live in an array of x's framework too.
+            storage = framework.empty((packed_size(options, x.shape),), "float64", device)
         _core.train_forward(
             x=x_view,
             y=y_view,
@@ -544,14 +595,15 @@ def _run_forward(
             context=statistics,
             communicator=communicator,
             weights=weights,
+            statistics_storage=storage,
         )
         if adjustment is not None:
             mark_used(adjustment)
     else:
         statistics = None
         _core.infer_forward(x=x_view, y=y_view, options=options.core, weights=weights)
-        kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD)
-    return Context(training, x, mask_view, options, kept, statistics, communicator)
+        kept = _snapshot(weights, _READ_BY_INFERENCE_BACKWARD, framework, device)
+    return Context(training, x, mask_view, options, kept, statistics, communicator, storage)
 
 
 def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, Any]:

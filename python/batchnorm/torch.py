@@ -164,6 +164,11 @@ def _or_empty(gradient: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _pack(context: F.Context) -> Tensor:
+    # On CUDA the forward kept its statistics in a tensor of the packed layout: handed on as
+    # it is, so that the step neither waits for nor copies through the host (and a CUDA graph,
+    # such as torch.compile's "reduce-overhead" mode makes, can capture it).
+    if context.storage is not None:
+        return context.storage
     return torch.from_numpy(context.statistics.pack())
 
 
@@ -201,7 +206,7 @@ def _train_forward_op(
 @_train_forward_op.register_fake
 def _(x, mask, gamma, beta, moving, adjust_scale, adjust_bias, key):  # noqa: ANN001, ANN202
     options = _options_of(key)
-    saved = torch.empty(F.packed_size(options, x.shape), dtype=torch.float64, device="cpu")
+    saved = torch.empty(F.packed_size(options, x.shape), dtype=torch.float64, device=x.device)
     return torch.empty_like(x), saved, [torch.empty_like(m) for m in moving]
 
 

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "bindings.hpp"
+#include "cuda/runtime.hpp"
 #include "tensors.hpp"
 #include "weights.hpp"
 
@@ -26,13 +27,37 @@ std::optional<TensorRef> mask_of(const std::optional<InputArray>& array) {
   return to_mask(*array);
 }
 
+// The caller's device memory for the statistics a CUDA forward keeps (TrainingContext::
+// device_storage), or none.
+void use_statistics_storage(TrainingContext& context, const nb::object& storage,
+                            const TensorRef& x) {
+  context.device_storage = nullptr;
+  context.device_storage_size = 0;
+  if (storage.is_none()) return;
+  const char* name = "statistics_storage";
+  const TensorRef s = ArrayArgument(storage, name, ArrayArgument::Access::write).tensor();
+  if (x.device.type != DeviceType::cuda) {
+    throw nb::value_error("statistics_storage: only CUDA inputs keep their statistics there");
+  }
+  if (s.rank != 1 || (s.shape[0] > 1 && s.strides[0] != 1) || s.dtype != DType::float64) {
+    throw nb::value_error("statistics_storage: expected a contiguous float64 vector");
+  }
+  if (s.device.type != x.device.type || s.device.index != x.device.index) {
+    throw nb::value_error("statistics_storage: must live on the same device as the input");
+  }
+  context.device_storage = static_cast<double*>(s.data);
+  context.device_storage_size = static_cast<std::size_t>(s.shape[0]);
+}
+
 void train_forward_binding(nb::handle x_array, nb::handle y_array,
                            const std::optional<InputArray>& mask_array, const Options& options,
                            const nb::object& adjust_scale, const nb::object& adjust_bias,
                            bool update_moving, TrainingContext& context,
-                           const Communicator* communicator, const BoundWeights& bound) {
+                           const Communicator* communicator, const BoundWeights& bound,
+                           const nb::object& statistics_storage) {
   const ArrayArgument x_argument(x_array, "x", ArrayArgument::Access::read);
   const TensorRef& x = x_argument.tensor();
+  use_statistics_storage(context, statistics_storage, x);
   const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
   const TensorRef& y = y_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
@@ -142,6 +167,27 @@ TrainingContext unpack_context(const PackedInput& packed, std::int64_t groups,
   return context;
 }
 
+// A context over statistics a CUDA training forward kept in `storage` (its statistics_storage),
+// for a backward rebuilt from that array: they are read there, never copied to the host.
+TrainingContext context_in_storage(const nb::object& storage, std::int64_t groups,
+                                   std::int64_t features, bool has_mask, bool ghost_batches) {
+  const TensorRef s = ArrayArgument(storage, "storage", ArrayArgument::Access::write).tensor();
+  if (groups < 0 || features < 0 || s.rank != 1 || s.dtype != DType::float64 ||
+      s.device.type != DeviceType::cuda ||
+      static_cast<std::size_t>(s.shape[0]) != packed_size(groups, features) ||
+      (s.shape[0] > 1 && s.strides[0] != 1)) {
+    throw nb::value_error(
+        "in_device_storage: expected a contiguous float64 CUDA vector of the packed size");
+  }
+  TrainingContext context;
+  context.groups = groups;
+  context.features = features;
+  context.has_mask = has_mask;
+  context.ghost_batches = ghost_batches;
+  context.device = cuda::statistics_in(static_cast<double*>(s.data), groups, features);
+  return context;
+}
+
 }  // namespace
 
 void bind_operations(nb::module_& m) {
@@ -182,7 +228,12 @@ void bind_operations(nb::module_& m) {
       .def_static("unpack", &unpack_context, nb::arg("packed"), nb::arg("groups"),
                   nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
                   "A context from the vector pack() made (the backward checks it against its "
-                  "input as any other).");
+                  "input as any other).")
+      .def_static("in_device_storage", &context_in_storage, nb::arg("storage"), nb::arg("groups"),
+                  nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
+                  "A context over the statistics a CUDA training forward kept in its "
+                  "statistics_storage (the packed layout, read in place by the backward; keep "
+                  "the array alive and unchanged until then).");
 
   // Keyword-only: a call names every array. The weights come bound in a Weights object (by
   // Keras' names, checked when bound); each array's dtype is its own.
@@ -191,14 +242,18 @@ void bind_operations(nb::module_& m) {
         nb::arg("adjust_scale").none() = nb::none(), nb::arg("adjust_bias").none() = nb::none(),
         nb::arg("update_moving") = true, nb::arg("context"),
         nb::arg("communicator").none() = nb::none(), nb::arg("weights"),
+        nb::arg("statistics_storage").none() = nb::none(),
         nb::sig("def train_forward(*, x: object, y: object, mask: object | None = None, "
                 "options: Options, adjust_scale: object | None = None, adjust_bias: object | "
                 "None = None, update_moving: bool = True, context: TrainingContext, "
-                "communicator: Communicator | None = None, weights: Weights) -> None"),
+                "communicator: Communicator | None = None, weights: Weights, "
+                "statistics_storage: object | None = None) -> None"),
         "Training forward pass: y from the batch statistics of x (over the mask's true "
         "positions), the statistics kept in `context`, and the moving statistics updated in "
         "place when update_moving. With a communicator of size > 1 the statistics are those of "
-        "every process's batch.");
+        "every process's batch. On CUDA, `statistics_storage` (a float64 device vector of the "
+        "packed size, kept alive by the caller until the last backward) holds the kept "
+        "statistics, so that the call allocates nothing that outlives it (CUDA graph capture).");
   m.def("infer_forward", &infer_forward_binding, nb::kw_only(), nb::arg("x"),
         nb::arg("y").noconvert(), nb::arg("options"), nb::arg("weights"),
         nb::sig("def infer_forward(*, x: object, y: object, options: Options, weights: Weights) "

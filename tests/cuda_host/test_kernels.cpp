@@ -4,7 +4,8 @@
 // (training with masks, ghost batches, renorm and adjustment; inference; both backward passes),
 // outputs pre-filled with NaN (an element the kernels do not write shows, and so does a write
 // outside the output's view), strided, expanded, misaligned, channels-last and empty inputs,
-// more than 32 chunks per statistic, and communicators of 2 and 3 ranks (one thread each).
+// more than 32 chunks per statistic, and communicators of 2 and 3 ranks (one thread each); and
+// training and inference steps captured as CUDA graphs, with nothing a capture forbids.
 // Prints one line per failure and a summary; exits non-zero on any failure.
 #include <cuda_runtime.h>
 
@@ -84,7 +85,7 @@ struct View {
   std::vector<int> order;   // axes from the outermost in memory; empty: C order
   int step_axis = -1;       // this axis steps 2 elements (a [::2] slice)
   int expand_axis = -1;     // this axis has stride 0 (an expanded array)
-  std::int64_t offset = 0;  // elements before the first one (1: not 16-byte aligned)
+  std::int64_t offset = 0;  // elements before the first one (1: not aligned for vectors)
 };
 
 std::size_t dtype_bytes(DType d) { return batchnorm::dtype_size(d); }
@@ -295,8 +296,64 @@ struct Communication {
   }
 };
 
+// Captures the calls made in its scope as a CUDA graph on a stream of its own (the emulation
+// checks every call against what a capture allows); `problems` gets what made it fail.
+class CaptureScope {
+ public:
+  explicit CaptureScope(std::vector<std::string>& problems) : problems_(problems) {
+    cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking);
+    batchnorm::set_cuda_stream(stream_);
+    if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal) != cudaSuccess) {
+      problems_.push_back("the capture did not begin");
+    }
+  }
+  ~CaptureScope() {
+    end();
+    batchnorm::set_cuda_stream(nullptr);
+    cudaStreamDestroy(stream_);
+  }
+  CaptureScope(const CaptureScope&) = delete;
+  CaptureScope& operator=(const CaptureScope&) = delete;
+
+  void end() {
+    if (ended_) return;
+    ended_ = true;
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || !graph) {
+      problems_.push_back("the capture failed");
+    }
+    cudaGetLastError();
+    for (const std::string& v : cuda_host::capture_violations()) {
+      problems_.push_back("illegal in a capture: " + v);
+    }
+  }
+
+ private:
+  std::vector<std::string>& problems_;
+  cudaStream_t stream_ = nullptr;
+  bool ended_ = false;
+};
+
+// A training context whose statistics live in `storage` (the caller's memory, as a framework's
+// tensor would hold them).
+void use_storage(batchnorm::TrainingContext& context, std::unique_ptr<Buffer>& storage,
+                 const Case& c, std::int64_t features) {
+  const std::int64_t batch = c.shape.empty() ? 1 : c.shape[0];
+  const std::int64_t size = c.options.virtual_batch_size;
+  const std::int64_t groups = size > 0 && batch > 0 ? batch / size : 1;
+  const auto doubles = static_cast<std::size_t>(3 * groups * features + 2 * features);
+  storage = std::make_unique<Buffer>(doubles * sizeof(double), kCuda);
+  context.device_storage = reinterpret_cast<double*>(storage->data());
+  context.device_storage_size = doubles;
+}
+
+// How a step runs: uncaptured, or inside a graph capture with the training statistics in
+// memory of the caller's, the backward taking the forward's context or one rebuilt from that
+// memory (as the torch.compile route does).
+enum class Capture { none, context, rebuilt };
+
 Results run_rank(const Case& c, DType dtype, bool training, Device device, int rank,
-                 Communication* communication) {
+                 Communication* communication, Capture capture = Capture::none) {
   Results results;
   const DType wtype = batchnorm::weight_dtype(dtype);
   const auto schema = batchnorm::weight_schema(c.options, c.shape);
@@ -364,21 +421,40 @@ Results run_rank(const Case& c, DType dtype, bool training, Device device, int r
   }
   const batchnorm::Communicator* sync = communication ? &communicator : nullptr;
   const TensorRef* mask_ref = mask ? &mask->ref : nullptr;
+  std::unique_ptr<Buffer> storage;
+  std::unique_ptr<CaptureScope> captured;
   if (training) {
     batchnorm::TrainingContext context;
+    if (capture != Capture::none) {
+      use_storage(context, storage, c, features);
+      captured = std::make_unique<CaptureScope>(results.problems);
+    }
     batchnorm::train_forward(x.ref, y.ref, mask_ref, c.options, weights,
                              c.adjustment ? &adjustment : nullptr, true, context, sync);
-    batchnorm::train_backward(dy.ref, x.ref, dx.ref, mask_ref, c.options, weights, context,
+    batchnorm::TrainingContext rebuilt;
+    if (capture == Capture::rebuilt) {
+      rebuilt.groups = context.groups;
+      rebuilt.features = context.features;
+      rebuilt.has_mask = context.has_mask;
+      rebuilt.ghost_batches = context.ghost_batches;
+      rebuilt.device =
+          batchnorm::cuda::statistics_in(context.device_storage, context.groups, features);
+    }
+    batchnorm::train_backward(dy.ref, x.ref, dx.ref, mask_ref, c.options, weights,
+                              capture == Capture::rebuilt ? rebuilt : context,
                               c.options.scale && gradients ? dgamma.ref.data : nullptr,
                               c.options.center && gradients ? dbeta.ref.data : nullptr, sync);
+    captured.reset();
     batchnorm::statistics_to_host(context);
     results.add("mean", context.mean);
     results.add("inv_std", context.inv_std);
   } else {
+    if (capture != Capture::none) captured = std::make_unique<CaptureScope>(results.problems);
     batchnorm::infer_forward(x.ref, y.ref, c.options, weights);
     batchnorm::infer_backward(dy.ref, x.ref, dx.ref, c.options, weights,
                               c.options.scale && gradients ? dgamma.ref.data : nullptr,
                               c.options.center && gradients ? dbeta.ref.data : nullptr);
+    captured.reset();
   }
   results.add("y", y.values());
   results.add("dx", dx.values());
@@ -651,7 +727,7 @@ void check_stream_ordered_memory() {
   if (is_device_memory(plain)) fail("release did not free its memory");
 }
 
-// The same data one element past a 16-byte boundary (every operand read and written by scalar
+// The same data one element past a vector boundary (every operand read and written by scalar
 // accesses instead of vectors) gives bitwise the same results: the order of the sums does not
 // depend on alignment.
 void check_offset_independence(const std::vector<Case>& all) {
@@ -674,6 +750,96 @@ void check_offset_independence(const std::vector<Case>& all) {
         }
       }
     }
+  }
+}
+
+// A training step (forward and backward) and an inference step captured as CUDA graphs: no
+// call that a capture forbids (the emulation lists them), and the same results as the CPU
+// backend, for plain, ghost-batch, renorm, masked and adjusted layers in row and plane mode.
+void check_graph_capture(const std::vector<Case>& all) {
+  for (const char* name : {"nchw plane", "nhwc row", "ghost row", "ghost plane", "renorm clipped",
+                           "adjustment renorm row", "masked plane", "masked ghost", "masked renorm",
+                           "misaligned row"}) {
+    const auto found =
+        std::find_if(all.begin(), all.end(), [&](const Case& c) { return c.name == name; });
+    if (found == all.end()) {
+      fail(std::string("no case ") + name);
+      continue;
+    }
+    for (DType dtype : {DType::float32, DType::float16}) {
+      for (Capture how : {Capture::context, Capture::rebuilt}) {
+        for (bool training : {true, false}) {
+          if (!training && (found->mask != Mask::none || how == Capture::rebuilt)) continue;
+          const std::string label = std::string("captured ") + name + " " + dtype_label(dtype) +
+                                    (training ? " training" : " inference") +
+                                    (how == Capture::rebuilt ? " (rebuilt context)" : "");
+          try {
+            const Results cpu = run(*found, dtype, training, kCpu)[0];
+            const Results cuda = run_rank(*found, dtype, training, kCuda, 0, nullptr, how);
+            compare(label, cuda, cpu, dtype);
+          } catch (const std::exception& e) {
+            fail(label + ": " + e.what());
+          }
+        }
+      }
+    }
+  }
+}
+
+// The capture checks can fail: statistics the backend allocates itself outlive the captured
+// step (its graph could not be replayed), and reading statistics to the host waits for the
+// device, which a capture forbids.
+void check_capture_rules() {
+  const Options o = options({-1});
+  Buffer x(64 * sizeof(float), kCuda), y(64 * sizeof(float), kCuda),
+      w(4 * 8 * sizeof(float), kCuda);
+  std::vector<float> ones(32, 1.0f), values(64);
+  std::iota(values.begin(), values.end(), 0.0f);
+  std::memcpy(x.data(), values.data(), 64 * sizeof(float));
+  std::memcpy(w.data(), ones.data(), 32 * sizeof(float));
+  batchnorm::Weights weights;
+  weights.device = kCuda;
+  weights.moving_mean = w.data();
+  weights.moving_variance = w.data() + 32;
+  weights.gamma = w.data() + 64;
+  weights.beta = w.data() + 96;
+  const TensorRef xs = batchnorm::contiguous_view(x.data(), DType::float32, {8, 8}, kCuda);
+  const TensorRef ys = batchnorm::contiguous_view(y.data(), DType::float32, {8, 8}, kCuda);
+  const auto expect = [&](const std::vector<std::string>& problems, const std::string& needle,
+                          const char* what) {
+    ++checks;
+    const bool found = std::any_of(problems.begin(), problems.end(), [&](const std::string& p) {
+      return p.find(needle) != std::string::npos;
+    });
+    if (!found) fail(std::string("the capture checks missed ") + what);
+  };
+  {
+    std::vector<std::string> problems;
+    batchnorm::TrainingContext context;
+    {
+      CaptureScope scope(problems);
+      batchnorm::train_forward(xs, ys, nullptr, o, weights, nullptr, true, context);
+    }
+    expect(problems, "not freed before it ends", "statistics allocated by the backend");
+  }
+  {
+    std::vector<std::string> problems;
+    batchnorm::TrainingContext context;
+    std::unique_ptr<Buffer> storage;
+    Case c;
+    c.shape = {8, 8};
+    c.options = o;
+    use_storage(context, storage, c, 8);
+    {
+      CaptureScope scope(problems);
+      batchnorm::train_forward(xs, ys, nullptr, o, weights, nullptr, true, context);
+      try {
+        batchnorm::statistics_to_host(context);
+      } catch (const std::exception&) {
+        // the wait failed, as it should; the capture reports why
+      }
+    }
+    expect(problems, "cudaEventSynchronize", "a host read of the statistics");
   }
 }
 
@@ -713,6 +879,8 @@ int main(int argc, char** argv) {
     check_pointer_validation();
     check_stream_ordered_memory();
     check_offset_independence(all);
+    check_graph_capture(all);
+    check_capture_rules();
   }
   std::printf("%d runs, %d checks, %d failures\n", runs, checks, failures);
   return failures == 0 && runs > 0 ? 0 : 1;

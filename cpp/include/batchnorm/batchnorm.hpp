@@ -165,6 +165,14 @@ struct TrainingContext {
   // only their averages (moving statistics, renorm) and dgamma/dbeta are synchronized.
   bool ghost_batches = false;
   std::shared_ptr<const DeviceStatistics> device;  // set where the statistics stay on a device
+  // Optional memory for the statistics a CUDA training forward keeps, owned by the caller:
+  // device memory of the weights' device, 8-byte aligned, at least 3 * groups * features +
+  // 2 * features doubles (the layout of the packed statistics), kept alive until the last
+  // backward of this context has run. With it, a training forward and backward allocate and
+  // free nothing that outlives their own call, so a CUDA graph can capture the step (the memory
+  // then belongs to the graph's replays). Null: the backend allocates and frees the statistics.
+  double* device_storage = nullptr;
+  std::size_t device_storage_size = 0;  // doubles
 };
 
 // Fills the host vectors of a context whose statistics stayed on the device; does nothing for a

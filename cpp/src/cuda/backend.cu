@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -92,17 +94,21 @@ std::vector<double> slice(const std::vector<double>& values, std::size_t first, 
 
 // A training call's statistics in device memory, [count | mean | inv_std | zscale | zshift],
 // with the events that mark them written and last read. Backward waits for the forward's event
-// on its own stream (which may differ from the forward's). The block comes from the stream-
-// ordered pool, so a training step queues no allocation that waits for the device, and is freed
-// in stream order after the last backward that read it.
+// on its own stream (which may differ from the forward's). Where the caller provides the memory
+// (TrainingContext::device_storage) nothing is allocated or freed: what a CUDA graph capture of
+// a training step needs. Otherwise the block comes from the stream-ordered pool, so a training
+// step queues no allocation that waits for the device, and is freed in stream order after the
+// last backward that read it.
 class CudaStatistics final : public DeviceStatistics {
  public:
-  CudaStatistics(std::int64_t stats, std::int64_t features, cudaStream_t stream)
-      : stats_(stats), features_(features) {
+  CudaStatistics(std::int64_t stats, std::int64_t features, double* storage, cudaStream_t stream)
+      : stats_(stats), features_(features), data_(storage), owned_(storage == nullptr) {
     check(cudaGetDevice(&device_), "cudaGetDevice");
-    check(cudaEventCreateWithFlags(&written_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-    cudaError_t status = cudaEventCreateWithFlags(&read_, cudaEventDisableTiming);
-    if (status == cudaSuccess) {
+    cudaError_t status = cudaEventCreateWithFlags(&written_, cudaEventDisableTiming);
+    if (status == cudaSuccess && owned_) {
+      status = cudaEventCreateWithFlags(&read_, cudaEventDisableTiming);
+    }
+    if (status == cudaSuccess && owned_) {
       status = cudaMallocFromPoolAsync(reinterpret_cast<void**>(&data_), size() * sizeof(double),
                                        cuda::scratch_pool(), stream);
     }
@@ -115,29 +121,45 @@ class CudaStatistics final : public DeviceStatistics {
   CudaStatistics(const CudaStatistics&) = delete;
   CudaStatistics& operator=(const CudaStatistics&) = delete;
 
-  std::size_t size() const { return static_cast<std::size_t>(3 * stats_ + 2 * features_); }
+  static std::size_t size(std::int64_t stats, std::int64_t features) {
+    return static_cast<std::size_t>(3 * stats + 2 * features);
+  }
+  std::size_t size() const { return size(stats_, features_); }
   // The block starts with count; backward finds the others at the same offsets as in its own
   // upload of host statistics.
   double* count() const { return data_; }
   double* inv_std() const { return data_ + 2 * stats_; }
 
-  void mark_written(cudaStream_t stream) const {
+  void mark_written(cudaStream_t stream) {
     check(cudaEventRecord(written_, stream), "recording the training statistics");
+    written_recorded_ = true;
   }
-  // Orders a backward on `stream` after the forward and after any earlier backward of this
-  // context (so that the last read is the last one recorded, for the release).
+  // Orders a backward on `stream` after the forward and, for a block of our own, after any
+  // earlier backward of this context (so that the last read is the last one recorded, for the
+  // release). A wait for an event never recorded would stop a graph capture: none is queued
+  // (statistics rebuilt from the caller's memory are ordered by the caller's stream).
   void begin_read(cudaStream_t stream) const {
-    check(cudaStreamWaitEvent(stream, written_, 0), "waiting for the training statistics");
-    check(cudaStreamWaitEvent(stream, read_, 0), "waiting for the training statistics");
+    if (written_recorded_) {
+      check(cudaStreamWaitEvent(stream, written_, 0), "waiting for the training statistics");
+    }
+    if (read_recorded_) {
+      check(cudaStreamWaitEvent(stream, read_, 0), "waiting for the training statistics");
+    }
   }
   void end_read(cudaStream_t stream) const {
+    if (!owned_) return;
     check(cudaEventRecord(read_, stream), "recording the training statistics' use");
+    read_recorded_ = true;
   }
 
   void to_host(TrainingContext& context) const override {
     const cuda::DeviceScope scope(device_);
     std::vector<double> block(size());
-    check(cudaEventSynchronize(written_), "waiting for the training statistics");
+    if (written_recorded_) {
+      check(cudaEventSynchronize(written_), "waiting for the training statistics");
+    } else {
+      check(cudaStreamSynchronize(cuda::current_stream()), "waiting for the training statistics");
+    }
     check(cudaMemcpy(block.data(), data_, block.size() * sizeof(double), cudaMemcpyDeviceToHost),
           "copying the training statistics to the host");
     const auto n = static_cast<std::size_t>(stats_), f = static_cast<std::size_t>(features_);
@@ -149,17 +171,17 @@ class CudaStatistics final : public DeviceStatistics {
   }
 
  private:
-  // Frees the block on a stream of batchnorm's own once the forward that wrote it and the last
-  // backward that read it are done; never waits on the host. Not the legacy stream: a graph
-  // capture in progress on another stream forbids work that synchronizes with it.
+  // Frees a block of our own on a stream of batchnorm's own once the forward that wrote it and
+  // the last backward that read it are done; never waits on the host. Not the legacy stream: a
+  // graph capture in progress on another stream forbids work that synchronizes with it.
   void release() noexcept {
     int previous = 0;
     if (cudaGetDevice(&previous) == cudaSuccess && previous != device_) cudaSetDevice(device_);
-    if (data_) {
+    if (owned_ && data_) {
       cudaStream_t stream = nullptr;
       if (cuda::release_stream(&stream)) {
         if (written_) cudaStreamWaitEvent(stream, written_, 0);
-        if (read_) cudaStreamWaitEvent(stream, read_, 0);
+        if (read_recorded_) cudaStreamWaitEvent(stream, read_, 0);
         cudaFreeAsync(data_, stream);
       }
     }
@@ -172,9 +194,28 @@ class CudaStatistics final : public DeviceStatistics {
   std::int64_t stats_, features_;
   int device_ = 0;
   double* data_ = nullptr;
+  bool owned_;
   cudaEvent_t written_ = nullptr;
   cudaEvent_t read_ = nullptr;
+  bool written_recorded_ = false;
+  mutable bool read_recorded_ = false;
 };
+
+// The caller's memory for the kept statistics (TrainingContext::device_storage), checked; null
+// where none is given.
+double* statistics_storage(const TrainingContext& context, int device, std::int64_t stats,
+                           std::int64_t features) {
+  if (!context.device_storage) return nullptr;
+  const std::size_t needed = CudaStatistics::size(stats, features);
+  if (context.device_storage_size < needed ||
+      reinterpret_cast<std::uintptr_t>(context.device_storage) % alignof(double) != 0) {
+    throw std::invalid_argument("batchnorm (CUDA): the statistics storage must hold " +
+                                std::to_string(needed) + " aligned doubles, got " +
+                                std::to_string(context.device_storage_size));
+  }
+  cuda::check_operands(device, {{context.device_storage, needed > 0, "the statistics storage"}});
+  return context.device_storage;
+}
 
 // Checks a call's arrays before any of its work is queued (cuda::check_operands): the data
 // arrays (`data`, nothing read when the tensor is empty) and the per-feature vectors (absent
@@ -218,6 +259,7 @@ struct Cuda {
     const cudaStream_t stream = cuda::current_stream();
     const std::int64_t groups = call.stats_plan.groups, features = call.stats_plan.features;
     const std::int64_t stats = groups * features;
+    double* const storage = statistics_storage(call.context, scope.device(), stats, features);
     const void* stats_operands[] = {call.x, call.mask};
     const Geometry stats_geo =
         cuda::make_geometry(call.stats_plan, sizeof(T), stats_operands, call.mask ? 1 : -1);
@@ -282,7 +324,7 @@ struct Cuda {
 
     // The statistics backward needs stay on the device: two copies in stream order (the block
     // holds the variance between the means and inv_std, which backward does not read).
-    auto kept = std::make_shared<CudaStatistics>(stats, features, stream);
+    auto kept = std::make_shared<CudaStatistics>(stats, features, storage, stream);
     const std::size_t doubles = sizeof(double);
     check(cudaMemcpyAsync(kept->count(), count, static_cast<std::size_t>(2 * stats) * doubles,
                           cudaMemcpyDeviceToDevice, stream),
@@ -466,3 +508,13 @@ constexpr Backend kCuda = Backend::of<Cuda>();
 const Backend& cuda_backend() { return kCuda; }
 
 }  // namespace batchnorm::detail
+
+namespace batchnorm::cuda {
+
+std::shared_ptr<const DeviceStatistics> statistics_in(double* storage, std::int64_t groups,
+                                                      std::int64_t features) {
+  const DeviceScope scope(storage, "the statistics storage");
+  return std::make_shared<detail::CudaStatistics>(groups * features, features, storage, nullptr);
+}
+
+}  // namespace batchnorm::cuda

@@ -1,5 +1,5 @@
 // CUDA kernels of the batchnorm backend, templated on the storage type T and the vector width
-// V (elements a thread takes at a time, one 16-byte load where aligned; 1 for strided data). They
+// V (elements a thread takes at a time, one vector load where aligned; 1 for strided data). They
 // walk a Plan (core/layout.hpp) cut into blocks by a Geometry (cuda/launch.hpp). Reductions
 // accumulate in float64 per thread from shifted sums, merge in a fixed tree inside the block, and
 // the chunks of a statistic merge in chunk order in a second kernel: no floating-point atomics, so
@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/half.hpp"
 #include "core/layout.hpp"
@@ -27,9 +28,10 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// V consecutive elements: one 16-byte load or store where the operands are `aligned` to 16
-// bytes, else V scalar ones. The grouping into V elements, and so the order of every sum, is the
-// same either way: the same data at another offset gives the same bits.
+// V consecutive elements: one vector load or store where the operands are `aligned` to the
+// vector's size (launch.hpp: vector_bytes), else V scalar ones. The grouping into V elements, and
+// so the order of every sum, is the same either way: the same data at another offset gives the same
+// bits.
 template <class T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* at, bool aligned) {
   if constexpr (V == 1) {
@@ -48,15 +50,21 @@ __device__ __forceinline__ void store_pack(T* at, const Pack<T, V>& pack, bool a
   if constexpr (V == 1) {
     *at = pack.v[0];
   } else if (aligned) {
-    static_assert(sizeof(Pack<T, V>) == 4 * sizeof(unsigned), "a vector is 16 bytes");
-    unsigned words[4];
+    constexpr int kWords = sizeof(Pack<T, V>) / sizeof(unsigned);
+    static_assert(kWords == 2 || kWords == 4, "a vector is 8 or 16 bytes");
+    unsigned words[kWords];
     memcpy(words, &pack, sizeof words);
 #if defined(__CUDA_ARCH__)
-    // One 16-byte store, spelled out: left to the compiler, the row kernels' stores of a Pack
+    // One vector store, spelled out: left to the compiler, the row kernels' stores of a Pack
     // came out as V scalar stores.
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(words[0]), "r"(words[1]),
-                 "r"(words[2]), "r"(words[3])
-                 : "memory");
+    if constexpr (kWords == 4) {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(words[0]),
+                   "r"(words[1]), "r"(words[2]), "r"(words[3])
+                   : "memory");
+    } else {
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(at), "r"(words[0]), "r"(words[1])
+                   : "memory");
+    }
 #else
     memcpy(at, words, sizeof words);
 #endif
@@ -86,6 +94,20 @@ __device__ __forceinline__ void offsets_of(const LoopNest& nest, std::int64_t in
 #pragma unroll
     for (int op = 0; op < Ops; ++op) out[op] += i * nest.dims[d].stride[op];
     index = quotient;
+  }
+}
+
+// offsets_of for the per-load index of a walk: a kernel for a flat walk (at most one dim,
+// Geometry::flat) multiplies and nothing else. A 64-bit division is a subroutine call whose
+// saved registers spilled the wide kernels, so nests that need one get kernels of their own.
+template <bool Flat, int Ops>
+__device__ __forceinline__ void walk_offsets(const LoopNest& nest, std::int64_t index, int end,
+                                             std::int64_t (&out)[Ops]) {
+  if constexpr (Flat) {
+#pragma unroll
+    for (int op = 0; op < Ops; ++op) out[op] = end == 0 ? 0 : index * nest.dims[0].stride[op];
+  } else {
+    offsets_of(nest, index, end, out);
   }
 }
 
@@ -184,42 +206,43 @@ __device__ P merge_over_block(P value, P* shared) {
 
 // ---- batched walks -----------------------------------------------------------------------------
 
-// Positions a thread loads before it uses any: a dependent use right after each load would
-// leave one load in flight per warp, too few to cover memory latency at the occupancy these
-// kernels reach.
-inline constexpr int kBatch = 4;
+// Vector loads a thread issues before it uses any: a dependent use right after each load would
+// leave one load in flight per warp, too few to cover memory latency. A kernel that reads two
+// operands walks kLoadsInFlight / 2 positions at a time; more would not fit the registers of
+// kMinBlocks resident blocks.
+inline constexpr int kLoadsInFlight = 4;
 
-// Row mode: calls load(u, row) for the next kBatch rows of this thread (it returns whether the
+// Row mode: calls load(u, row) for the next Batch rows of this thread (it returns whether the
 // row takes part), then use(u) for each taking part, in row order.
-template <class Load, class Use>
+template <int Batch, class Load, class Use>
 __device__ __forceinline__ void for_each_row(const RowBlock& b, Load&& load, Use&& use) {
   const std::int64_t step = blockDim.y;
-  for (std::int64_t r = b.first_row; r < b.end_row; r += kBatch * step) {
-    bool taken[kBatch];
+  for (std::int64_t r = b.first_row; r < b.end_row; r += Batch * step) {
+    bool taken[Batch];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < Batch; ++u) {
       const std::int64_t row = r + u * step;
       taken[u] = row < b.end_row && load(u, row);
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < Batch; ++u) {
       if (taken[u]) use(u);
     }
   }
 }
 
 // Plane mode: the same over the cursor's positions; load(u, unit, position).
-template <int V, class Load, class Use>
+template <int Batch, int V, class Load, class Use>
 __device__ __forceinline__ void for_each_position(PlaneCursor<V>& cursor, Load&& load, Use&& use) {
   while (cursor.valid()) {
-    bool taken[kBatch];
+    bool taken[Batch];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < Batch; ++u) {
       taken[u] = cursor.valid() && load(u, cursor.unit, cursor.position);
       cursor.next();
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < Batch; ++u) {
       if (taken[u]) use(u);
     }
   }
@@ -244,8 +267,8 @@ struct ShiftedSums {
   }
 };
 
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     row_moments_kernel(Plan plan, Geometry geo, const T* __restrict__ x,
                        const std::uint8_t* __restrict__ mask,
                        detail::Moments* __restrict__ partial) {
@@ -253,18 +276,24 @@ __global__ void __launch_bounds__(kThreads)
   const RowBlock b(geo);
   std::int64_t base[2];
   offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
-  // Features of one row share a mask value, so all V lanes count the same rows.
-  double count = 0.0, shift[V], sum[V], squares[V];
+  // Features of one row share a mask value, so all V lanes count the same rows. The shifts are
+  // values of x, held in a type that represents them exactly in half the registers of a double.
+  using Shift = std::conditional_t<sizeof(T) == 8, double, float>;
+  double count = 0.0, sum[V], squares[V];
+  Shift shift[V];
 #pragma unroll
-  for (int v = 0; v < V; ++v) shift[v] = sum[v] = squares[v] = 0.0;
+  for (int v = 0; v < V; ++v) {
+    shift[v] = Shift(0);
+    sum[v] = squares[v] = 0.0;
+  }
   if (b.active) {
     const T* column = x + base[0] + b.column * V;
-    Pack<T, V> p[kBatch];
-    for_each_row(
+    Pack<T, V> p[kLoadsInFlight];
+    for_each_row<kLoadsInFlight>(
         b,
         [&](int u, std::int64_t row) {
           std::int64_t at[2];
-          offsets_of(plan.reduced, row, plan.reduced.count, at);
+          walk_offsets<Flat>(plan.reduced, row, plan.reduced.count, at);
           if (mask && !mask[base[1] + at[1]]) return false;
           p[u] = load_pack<T, V>(column + at[0], geo.aligned);
           return true;
@@ -272,11 +301,11 @@ __global__ void __launch_bounds__(kThreads)
         [&](int u) {
           if (count == 0.0) {
 #pragma unroll
-            for (int v = 0; v < V; ++v) shift[v] = detail::load<double>(p[u].v[v]);
+            for (int v = 0; v < V; ++v) shift[v] = detail::load<Shift>(p[u].v[v]);
           }
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            const double d = detail::load<double>(p[u].v[v]) - shift[v];
+            const double d = detail::load<double>(p[u].v[v]) - static_cast<double>(shift[v]);
             sum[v] += d;
             squares[v] += d * d;
           }
@@ -286,7 +315,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     const detail::Moments merged = merge_over_rows(
-        detail::moments_from_shifted_sums(count, shift[v], sum[v], squares[v]), shared);
+        detail::moments_from_shifted_sums(count, static_cast<double>(shift[v]), sum[v], squares[v]),
+        shared);
     if (threadIdx.y == 0 && b.active) {
       const std::int64_t stat = b.item * geo.inner + b.column * V + v;
       partial[stat * geo.chunks + b.chunk] = merged;
@@ -294,8 +324,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     plane_moments_kernel(Plan plan, Geometry geo, const T* __restrict__ x,
                          const std::uint8_t* __restrict__ mask,
                          detail::Moments* __restrict__ partial) {
@@ -306,12 +336,12 @@ __global__ void __launch_bounds__(kThreads)
   offsets_of(plan.stat, stat, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   ShiftedSums sums;
-  Pack<T, V> p[kBatch];
-  for_each_position(
+  Pack<T, V> p[kLoadsInFlight];
+  for_each_position<kLoadsInFlight>(
       cursor,
       [&](int u, std::int64_t unit, std::int64_t position) {
         std::int64_t at[2];
-        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        walk_offsets<Flat>(plan.reduced, unit, geo.unit_dims, at);
         const std::int64_t i = position * V;
         if constexpr (V == 1) {
           if (mask && !mask[base[1] + at[1] + i * last.stride[1]]) return false;
@@ -357,8 +387,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- elementwise forward ---------------------------------------------------------------------
 
-template <class T, class Acc, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class Acc, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     row_affine_kernel(Plan plan, Geometry geo, const T* __restrict__ x, T* __restrict__ y,
                       const Acc* __restrict__ shift, const Acc* __restrict__ scale,
                       const Acc* __restrict__ offset) {
@@ -376,13 +406,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T* in = x + base[0] + b.column * V;
   T* out = y + base[1] + b.column * V;
-  Pack<T, V> p[kBatch];
-  std::int64_t to[kBatch];
-  for_each_row(
+  Pack<T, V> p[kLoadsInFlight];
+  std::int64_t to[kLoadsInFlight];
+  for_each_row<kLoadsInFlight>(
       b,
       [&](int u, std::int64_t row) {
         std::int64_t at[2];
-        offsets_of(plan.reduced, row, plan.reduced.count, at);
+        walk_offsets<Flat>(plan.reduced, row, plan.reduced.count, at);
         p[u] = load_pack<T, V>(in + at[0], geo.aligned);
         to[u] = at[1];
         return true;
@@ -397,8 +427,8 @@ __global__ void __launch_bounds__(kThreads)
       });
 }
 
-template <class T, class Acc, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class Acc, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     plane_affine_kernel(Plan plan, Geometry geo, const T* __restrict__ x, T* __restrict__ y,
                         const Acc* __restrict__ shift, const Acc* __restrict__ scale,
                         const Acc* __restrict__ offset) {
@@ -408,13 +438,13 @@ __global__ void __launch_bounds__(kThreads)
   offsets_of(plan.stat, stat, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   const Acc m = shift[stat], a = scale[stat], o = offset[stat];
-  Pack<T, V> p[kBatch];
-  std::int64_t to[kBatch];
-  for_each_position(
+  Pack<T, V> p[kLoadsInFlight];
+  std::int64_t to[kLoadsInFlight];
+  for_each_position<kLoadsInFlight>(
       cursor,
       [&](int u, std::int64_t unit, std::int64_t position) {
         std::int64_t at[2];
-        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        walk_offsets<Flat>(plan.reduced, unit, geo.unit_dims, at);
         const std::int64_t i = position * V;
         if constexpr (V == 1) {
           p[u].v[0] = x[base[0] + at[0] + i * last.stride[0]];
@@ -437,8 +467,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- backward --------------------------------------------------------------------------------
 
-template <class T, class S, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class S, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     row_backward_sums_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
                              const T* __restrict__ x, const S* __restrict__ shift,
                              Sums* __restrict__ partial) {
@@ -447,21 +477,22 @@ __global__ void __launch_bounds__(kThreads)
   std::int64_t base[2];
   offsets_of(plan.stat, b.item, plan.stat.count - 1, base);
   const std::int64_t k = b.item * geo.inner + b.column * V;
-  double m[V], sum_dy[V], sum_dyx[V];
+  S m[V];  // converted to double at each use: half the registers for float statistics
+  double sum_dy[V], sum_dyx[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    m[v] = b.active ? static_cast<double>(shift[k + v]) : 0.0;
+    m[v] = b.active ? shift[k + v] : S(0);
     sum_dy[v] = sum_dyx[v] = 0.0;
   }
   if (b.active) {
     const T* g = dy + base[0] + b.column * V;
     const T* in = x + base[1] + b.column * V;
-    Pack<T, V> pg[kBatch], px[kBatch];
-    for_each_row(
+    Pack<T, V> pg[kLoadsInFlight / 2], px[kLoadsInFlight / 2];
+    for_each_row<kLoadsInFlight / 2>(
         b,
         [&](int u, std::int64_t row) {
           std::int64_t at[2];
-          offsets_of(plan.reduced, row, plan.reduced.count, at);
+          walk_offsets<Flat>(plan.reduced, row, plan.reduced.count, at);
           pg[u] = load_pack<T, V>(g + at[0], geo.aligned);
           px[u] = load_pack<T, V>(in + at[1], geo.aligned);
           return true;
@@ -471,7 +502,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int v = 0; v < V; ++v) {
             const double gd = detail::load<double>(pg[u].v[v]);
             sum_dy[v] += gd;
-            sum_dyx[v] += gd * (detail::load<double>(px[u].v[v]) - m[v]);
+            sum_dyx[v] += gd * (detail::load<double>(px[u].v[v]) - static_cast<double>(m[v]));
           }
         });
   }
@@ -482,8 +513,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class T, class S, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class S, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     plane_backward_sums_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
                                const T* __restrict__ x, const S* __restrict__ shift,
                                Sums* __restrict__ partial) {
@@ -495,12 +526,12 @@ __global__ void __launch_bounds__(kThreads)
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   const double m = static_cast<double>(shift[stat]);
   Sums sums{0.0, 0.0};
-  Pack<T, V> pg[kBatch], px[kBatch];
-  for_each_position(
+  Pack<T, V> pg[kLoadsInFlight / 2], px[kLoadsInFlight / 2];
+  for_each_position<kLoadsInFlight / 2>(
       cursor,
       [&](int u, std::int64_t unit, std::int64_t position) {
         std::int64_t at[2];
-        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        walk_offsets<Flat>(plan.reduced, unit, geo.unit_dims, at);
         const std::int64_t i = position * V;
         if constexpr (V == 1) {
           pg[u].v[0] = dy[base[0] + at[0] + i * last.stride[0]];
@@ -541,8 +572,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class T, class Acc, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class Acc, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     row_backward_dx_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
                            const T* __restrict__ x, const std::uint8_t* __restrict__ mask,
                            T* __restrict__ dx, Coefficients<Acc> k) {
@@ -562,14 +593,14 @@ __global__ void __launch_bounds__(kThreads)
   const T* g = dy + base[0] + b.column * V;
   const T* in = x + base[1] + b.column * V;
   T* out = dx + base[2] + b.column * V;
-  Pack<T, V> pg[kBatch], px[kBatch];
-  std::int64_t to[kBatch];
-  bool valid[kBatch];
-  for_each_row(
+  Pack<T, V> pg[kLoadsInFlight / 2], px[kLoadsInFlight / 2];
+  std::int64_t to[kLoadsInFlight / 2];
+  bool valid[kLoadsInFlight / 2];
+  for_each_row<kLoadsInFlight / 2>(
       b,
       [&](int u, std::int64_t row) {
         std::int64_t at[4];
-        offsets_of(plan.reduced, row, plan.reduced.count, at);
+        walk_offsets<Flat>(plan.reduced, row, plan.reduced.count, at);
         valid[u] = !mask || mask[base[3] + at[3]];
         pg[u] = load_pack<T, V>(g + at[0], geo.aligned);
         if (valid[u]) px[u] = load_pack<T, V>(in + at[1], geo.aligned);
@@ -588,8 +619,8 @@ __global__ void __launch_bounds__(kThreads)
       });
 }
 
-template <class T, class Acc, int V>
-__global__ void __launch_bounds__(kThreads)
+template <class T, class Acc, int V, bool Flat>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     plane_backward_dx_kernel(Plan plan, Geometry geo, const T* __restrict__ dy,
                              const T* __restrict__ x, const std::uint8_t* __restrict__ mask,
                              T* __restrict__ dx, Coefficients<Acc> k) {
@@ -599,14 +630,14 @@ __global__ void __launch_bounds__(kThreads)
   offsets_of(plan.stat, s, plan.stat.count, base);
   const LoopDim& last = plan.reduced.dims[plan.reduced.count - 1];
   const Acc m = k.shift[s], a = k.scale[s], slope = k.slope[s], o = k.offset[s];
-  Pack<T, V> pg[kBatch], px[kBatch];
-  std::int64_t to[kBatch];
-  bool valid[kBatch];
-  for_each_position(
+  Pack<T, V> pg[kLoadsInFlight / 2], px[kLoadsInFlight / 2];
+  std::int64_t to[kLoadsInFlight / 2];
+  bool valid[kLoadsInFlight / 2];
+  for_each_position<kLoadsInFlight / 2>(
       cursor,
       [&](int u, std::int64_t unit, std::int64_t position) {
         std::int64_t at[4];
-        offsets_of(plan.reduced, unit, geo.unit_dims, at);
+        walk_offsets<Flat>(plan.reduced, unit, geo.unit_dims, at);
         const std::int64_t i = position * V;
         if constexpr (V == 1) {
           valid[u] = !mask || mask[base[3] + at[3] + i * last.stride[3]];

@@ -74,7 +74,18 @@ cudaMemPool_t scratch_pool();
 bool release_stream(cudaStream_t* stream) noexcept;
 
 inline constexpr int kThreads = 256;
-inline constexpr int kVectorBytes = 16;
+// Bytes a thread takes at a time where shape and strides allow: 16 (float32 x 4, float64 x 2),
+// but 8 for 16-bit data (4 elements), so that every element type keeps 4 lanes (and their
+// float64 sums) per thread and the wide kernels fit the register budget of kMinBlocks.
+inline constexpr int vector_bytes(std::size_t element_bytes) { return element_bytes == 2 ? 8 : 16; }
+inline constexpr int vector_width(std::size_t element_bytes) {
+  return vector_bytes(element_bytes) / static_cast<int>(element_bytes);
+}
+// Resident 256-thread blocks per SM the streaming kernels are compiled for: 3 (37.5% occupancy
+// on sm_80/sm_90, at most 80 registers per thread), 2 for float64 data, whose sums and
+// coefficients take twice the registers.
+template <class T>
+inline constexpr int kMinBlocks = sizeof(T) == 8 ? 2 : 3;
 // Elements one block reduces per statistic chunk: enough per thread (128) to amortize the
 // block merge, small enough that a (32, 64, 112, 112) tensor gives over a thousand blocks.
 inline constexpr std::int64_t kChunkElements = 32768;
@@ -89,9 +100,11 @@ inline constexpr std::int64_t kChunkElements = 32768;
 // `per_chunk` consecutive elements of one statistic.
 struct Geometry {
   bool row = false;
-  int vector = 1;              // elements a thread takes at a time: kVectorBytes / sizeof(T)
+  int vector = 1;              // elements a thread takes at a time: vector_width(sizeof(T))
                                // where shape and strides allow, else 1
-  bool aligned = false;        // every operand (but a mask) on 16 bytes: one vector load per group
+  bool aligned = false;        // every operand (but a mask) on vector_bytes: one load per group
+  bool flat = true;            // the walk's index is one dim (no division per load); vectors
+                               // need a flat walk
   std::int64_t stats = 0;      // statistics (g * C + c)
   std::int64_t inner = 1;      // row mode: features per row
   std::int64_t rows = 0;       // row mode: rows per outer item

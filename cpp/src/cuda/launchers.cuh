@@ -27,8 +27,8 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 
 namespace {
 
-bool aligned(const void* pointer) {
-  return reinterpret_cast<std::uintptr_t>(pointer) % kVectorBytes == 0;
+bool aligned(const void* pointer, std::size_t element_bytes) {
+  return reinterpret_cast<std::uintptr_t>(pointer) % vector_bytes(element_bytes) == 0;
 }
 
 // Whether dims [0, end) of `nest` step every operand but the mask by whole vectors.
@@ -55,14 +55,18 @@ unsigned grid_of(std::int64_t blocks) {
   return static_cast<unsigned>(blocks);
 }
 
-// Calls f with std::integral_constant<int, V> for the geometry's vector width.
+// Calls f(V, Flat) with std::integral_constant values for the geometry's vector width and
+// walk: the kernels are instantiated for vectors over a flat walk, and element by element over
+// a flat or a general one.
 template <class T, class F>
-void with_width(const Geometry& geo, F&& f) {
-  constexpr int wide = kVectorBytes / static_cast<int>(sizeof(T));
+void with_shape(const Geometry& geo, F&& f) {
+  constexpr int wide = vector_width(sizeof(T));
   if (geo.vector == wide) {
-    f(std::integral_constant<int, wide>{});
+    f(std::integral_constant<int, wide>{}, std::true_type{});
+  } else if (geo.flat) {
+    f(std::integral_constant<int, 1>{}, std::true_type{});
   } else {
-    f(std::integral_constant<int, 1>{});
+    f(std::integral_constant<int, 1>{}, std::false_type{});
   }
 }
 
@@ -82,22 +86,23 @@ Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* 
   g.row = plan.row;
   g.stats = plan.stat.total();
   const LoopNest& red = plan.reduced;
-  const std::int64_t width = kVectorBytes / static_cast<std::int64_t>(element_bytes);
+  const std::int64_t width = vector_width(element_bytes);
   // Whether V elements group into one load depends on the shape and strides only, so that the
   // order of the sums does too; the operands' alignment only decides whether a group moves as
-  // one 16-byte vector (Geometry::aligned).
+  // one vector load or store (Geometry::aligned).
   bool vectorize = true;
   g.aligned = true;
   for (int op = 0; op < plan.operands; ++op) {
-    g.aligned = g.aligned && (op == mask_operand || aligned(pointers[op]));
+    g.aligned = g.aligned && (op == mask_operand || aligned(pointers[op], element_bytes));
   }
   if (plan.row) {
     // Features are unit-stride in every data operand (Plan::row), so a vector needs only the
     // row and item starts on vector boundaries.
     g.inner = plan.stat.dims[plan.stat.count - 1].size;
     g.rows = red.total();
+    g.flat = red.count <= 1;
     vectorize =
-        vectorize && g.inner % width == 0 &&
+        vectorize && g.flat && g.inner % width == 0 &&
         strides_multiple(red, red.count, plan.operands, mask_operand, width) &&
         strides_multiple(plan.stat, plan.stat.count - 1, plan.operands, mask_operand, width);
     g.vector = vectorize ? static_cast<int>(width) : 1;
@@ -116,8 +121,9 @@ Geometry make_geometry(const Plan& plan, std::size_t element_bytes, const void* 
     g.run = last.size;
     g.units = g.run > 0 ? red.total() / g.run : 0;
     g.unit_dims = red.count - 1;
+    g.flat = g.unit_dims <= 1;
     for (int op = 0; op < plan.operands; ++op) vectorize = vectorize && last.stride[op] == 1;
-    vectorize = vectorize && mask_operand < 0 && g.run % width == 0 &&
+    vectorize = vectorize && g.flat && mask_operand < 0 && g.run % width == 0 &&
                 strides_multiple(red, g.unit_dims, plan.operands, -1, width) &&
                 strides_multiple(plan.stat, plan.stat.count, plan.operands, -1, width);
     g.vector = vectorize ? static_cast<int>(width) : 1;
@@ -133,13 +139,14 @@ template <class T>
 void launch_moments(const Plan& plan, const Geometry& geo, const T* x, const std::uint8_t* mask,
                     Moments* partial, cudaStream_t stream) {
   if (geo.blocks == 0) return;
-  with_width<T>(geo, [&](auto width) {
+  with_shape<T>(geo, [&](auto width, auto flat) {
     constexpr int V = decltype(width)::value;
+    constexpr bool F = decltype(flat)::value;
     if (geo.row) {
-      launch_kernel(row_moments_kernel<T, V>, grid_of(geo.blocks), block_of(geo), stream, plan, geo,
-                    x, mask, partial);
+      launch_kernel(row_moments_kernel<T, V, F>, grid_of(geo.blocks), block_of(geo), stream, plan,
+                    geo, x, mask, partial);
     } else {
-      launch_kernel(plane_moments_kernel<T, V>, grid_of(geo.blocks), block_of(geo), stream, plan,
+      launch_kernel(plane_moments_kernel<T, V, F>, grid_of(geo.blocks), block_of(geo), stream, plan,
                     geo, x, mask, partial);
     }
   });
@@ -161,13 +168,14 @@ template <class T, class Acc>
 void launch_affine(const Plan& plan, const Geometry& geo, const T* x, T* y, const Acc* shift,
                    const Acc* scale, const Acc* offset, cudaStream_t stream) {
   if (geo.blocks == 0) return;
-  with_width<T>(geo, [&](auto width) {
+  with_shape<T>(geo, [&](auto width, auto flat) {
     constexpr int V = decltype(width)::value;
+    constexpr bool F = decltype(flat)::value;
     if (geo.row) {
-      launch_kernel(row_affine_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream, plan,
-                    geo, x, y, shift, scale, offset);
+      launch_kernel(row_affine_kernel<T, Acc, V, F>, grid_of(geo.blocks), block_of(geo), stream,
+                    plan, geo, x, y, shift, scale, offset);
     } else {
-      launch_kernel(plane_affine_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
+      launch_kernel(plane_affine_kernel<T, Acc, V, F>, grid_of(geo.blocks), block_of(geo), stream,
                     plan, geo, x, y, shift, scale, offset);
     }
   });
@@ -179,14 +187,15 @@ template <class T, class S>
 void launch_backward_sums(const Plan& plan, const Geometry& geo, const T* dy, const T* x,
                           const S* shift, Sums* partial, cudaStream_t stream) {
   if (geo.blocks == 0) return;
-  with_width<T>(geo, [&](auto width) {
+  with_shape<T>(geo, [&](auto width, auto flat) {
     constexpr int V = decltype(width)::value;
+    constexpr bool F = decltype(flat)::value;
     if (geo.row) {
-      launch_kernel(row_backward_sums_kernel<T, S, V>, grid_of(geo.blocks), block_of(geo), stream,
-                    plan, geo, dy, x, shift, partial);
+      launch_kernel(row_backward_sums_kernel<T, S, V, F>, grid_of(geo.blocks), block_of(geo),
+                    stream, plan, geo, dy, x, shift, partial);
     } else {
-      launch_kernel(plane_backward_sums_kernel<T, S, V>, grid_of(geo.blocks), block_of(geo), stream,
-                    plan, geo, dy, x, shift, partial);
+      launch_kernel(plane_backward_sums_kernel<T, S, V, F>, grid_of(geo.blocks), block_of(geo),
+                    stream, plan, geo, dy, x, shift, partial);
     }
   });
   launched("launching the backward sums kernel", stream);
@@ -208,14 +217,15 @@ void launch_backward_dx(const Plan& plan, const Geometry& geo, const T* dy, cons
                         const std::uint8_t* mask, T* dx, const Coefficients<Acc>& k,
                         cudaStream_t stream) {
   if (geo.blocks == 0) return;
-  with_width<T>(geo, [&](auto width) {
+  with_shape<T>(geo, [&](auto width, auto flat) {
     constexpr int V = decltype(width)::value;
+    constexpr bool F = decltype(flat)::value;
     if (geo.row) {
-      launch_kernel(row_backward_dx_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
-                    plan, geo, dy, x, mask, dx, k);
+      launch_kernel(row_backward_dx_kernel<T, Acc, V, F>, grid_of(geo.blocks), block_of(geo),
+                    stream, plan, geo, dy, x, mask, dx, k);
     } else {
-      launch_kernel(plane_backward_dx_kernel<T, Acc, V>, grid_of(geo.blocks), block_of(geo), stream,
-                    plan, geo, dy, x, mask, dx, k);
+      launch_kernel(plane_backward_dx_kernel<T, Acc, V, F>, grid_of(geo.blocks), block_of(geo),
+                    stream, plan, geo, dy, x, mask, dx, k);
     }
   });
   launched("launching the dx kernel", stream);

@@ -4,6 +4,10 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "batchnorm/batchnorm.hpp"
 
 namespace batchnorm::cuda {
 
@@ -48,5 +52,12 @@ void wait_for_stream(void* producer, int device);
 
 // Waits for all work queued on `device`.
 void synchronize(int device);
+
+// The statistics of a CUDA training forward that kept them in caller-owned device memory
+// (TrainingContext::device_storage, the packed layout), for a backward whose context is rebuilt
+// from that memory (the torch.compile route hands it from its forward op to its backward op as
+// a tensor). The caller's stream orders the backward after the forward: nothing is waited for.
+std::shared_ptr<const DeviceStatistics> statistics_in(double* storage, std::int64_t groups,
+                                                      std::int64_t features);
 
 }  // namespace batchnorm::cuda

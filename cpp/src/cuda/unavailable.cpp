@@ -57,4 +57,8 @@ void wait_for_stream(void*, int) { detail::no_cuda(); }
 
 void synchronize(int) { detail::no_cuda(); }
 
+std::shared_ptr<const DeviceStatistics> statistics_in(double*, std::int64_t, std::int64_t) {
+  detail::no_cuda();
+}
+
 }  // namespace batchnorm::cuda

@@ -12,6 +12,15 @@
 // different barriers are reported as a deadlock. Device memory is host memory filled with NaN
 // bytes and registered as device memory (cudaPointerGetAttributes tells it from host memory).
 // Streams and events are ordering tokens only: every operation is done when its call returns.
+//
+// Stream capture (cudaStreamBeginCapture ... cudaStreamEndCapture) runs the captured work at once
+// too, and checks what a CUDA graph of it would need to be legal and replayable: while a capture
+// is active, a host wait (device, stream or event synchronization), a synchronous or host-side
+// copy, cudaMalloc/cudaFree, a stream-ordered free of memory the capture did not allocate, and a
+// wait across the capture's boundary (the captured stream on an event recorded outside it, or
+// another stream on one recorded inside) fail with cudaErrorStreamCaptureUnsupported; so does
+// ending a capture whose stream-ordered allocations are not all freed in it. Each such call is
+// also listed in cuda_host::capture_violations().
 #pragma once
 
 #include <ucontext.h>
@@ -25,7 +34,9 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -53,10 +64,17 @@ enum cudaError_t {
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidDevice = 101,
   cudaErrorLaunchFailure = 719,
+  cudaErrorStreamCaptureUnsupported = 900,
 };
 
-using cudaStream_t = struct CUstream_st*;
-using cudaEvent_t = struct CUevent_st*;
+// A stream is a token; an event remembers the capture that last recorded it (0: none).
+struct CUstream_st {};
+struct CUevent_st {
+  long capture = 0;
+};
+using cudaStream_t = CUstream_st*;
+using cudaEvent_t = CUevent_st*;
+using cudaGraph_t = struct CUgraph_st*;
 using cudaMemPool_t = struct CUmemPool_st*;
 #define cudaStreamLegacy (reinterpret_cast<cudaStream_t>(0x1))
 
@@ -90,7 +108,12 @@ struct cudaMemPoolProps {
   cudaMemLocation location;
 };
 enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold = 4 };
-enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
 inline constexpr unsigned cudaEventDisableTiming = 2;
 inline constexpr unsigned cudaStreamNonBlocking = 1;
 
@@ -140,6 +163,56 @@ inline cudaError_t release(void* data) {
   }
   std::free(data);
   return cudaSuccess;
+}
+
+// ---- stream capture -----------------------------------------------------------------------------
+
+struct Capture {
+  std::mutex mutex;
+  cudaStream_t stream = nullptr;  // the capturing stream; null when no capture is active
+  long id = 0;                    // the active (or last) capture's number, from 1
+  std::set<void*> allocations;    // stream-ordered allocations of the capture not freed yet
+  std::vector<std::string> violations;
+  bool failed = false;  // a violation in the active capture
+};
+
+inline Capture& capture() {
+  static Capture c;
+  return c;
+}
+
+inline bool capturing() {
+  Capture& c = capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  return c.stream != nullptr;
+}
+
+inline bool capturing(cudaStream_t stream) {
+  Capture& c = capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  return c.stream != nullptr && c.stream == stream;
+}
+
+inline cudaError_t& last_error();
+
+// Records a call that a graph capture forbids; the call fails.
+inline cudaError_t violate(const std::string& what) {
+  Capture& c = capture();
+  {
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    c.violations.push_back(what);
+    c.failed = true;
+  }
+  return last_error() = cudaErrorStreamCaptureUnsupported;
+}
+
+// The violations recorded since the last call, which clears them.
+inline std::vector<std::string> capture_violations() {
+  Capture& c = capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  std::vector<std::string> out;
+  out.swap(c.violations);
+  return out;
 }
 
 // ---- the threads of a block ---------------------------------------------------------------------
@@ -366,18 +439,46 @@ inline cudaError_t cudaGetDevice(int* device) {
 inline cudaError_t cudaSetDevice(int device) {
   return device == 0 ? cudaSuccess : (cuda_host::last_error() = cudaErrorInvalidDevice);
 }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaDeviceSynchronize");
+  return cudaSuccess;
+}
 
 inline cudaError_t cudaMalloc(void** data, std::size_t bytes) {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaMalloc");
   *data = cuda_host::allocate(bytes);
   return *data ? cudaSuccess : (cuda_host::last_error() = cudaErrorMemoryAllocation);
 }
-inline cudaError_t cudaFree(void* data) { return cuda_host::release(data); }
-inline cudaError_t cudaMallocFromPoolAsync(void** data, std::size_t bytes, cudaMemPool_t,
-                                           cudaStream_t) {
-  return cudaMalloc(data, bytes);
+inline cudaError_t cudaFree(void* data) {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaFree");
+  return cuda_host::release(data);
 }
-inline cudaError_t cudaFreeAsync(void* data, cudaStream_t) { return cuda_host::release(data); }
+inline cudaError_t cudaMallocFromPoolAsync(void** data, std::size_t bytes, cudaMemPool_t,
+                                           cudaStream_t stream) {
+  *data = cuda_host::allocate(bytes);
+  if (!*data) return cuda_host::last_error() = cudaErrorMemoryAllocation;
+  if (cuda_host::capturing(stream)) {
+    cuda_host::Capture& c = cuda_host::capture();
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    c.allocations.insert(*data);
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeAsync(void* data, cudaStream_t stream) {
+  cuda_host::Capture& c = cuda_host::capture();
+  bool inside = false;
+  {
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    inside = c.allocations.erase(data) > 0;
+  }
+  if (cuda_host::capturing(stream) && !inside) {
+    return cuda_host::violate("cudaFreeAsync of memory allocated outside the capture");
+  }
+  if (!cuda_host::capturing(stream) && inside) {
+    return cuda_host::violate("cudaFreeAsync outside the capture of memory it allocated");
+  }
+  return cuda_host::release(data);
+}
 
 inline cudaError_t cudaMemPoolCreate(cudaMemPool_t* pool, const cudaMemPoolProps*) {
   static char token;
@@ -400,32 +501,98 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes,
 
 inline cudaError_t cudaMemcpy(void* destination, const void* source, std::size_t bytes,
                               cudaMemcpyKind) {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaMemcpy (a synchronous copy)");
   if (bytes) std::memmove(destination, source, bytes);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemcpyAsync(void* destination, const void* source, std::size_t bytes,
-                                   cudaMemcpyKind kind, cudaStream_t) {
-  return cudaMemcpy(destination, source, bytes, kind);
+                                   cudaMemcpyKind, cudaStream_t) {
+  // Host memory here is pageable (nothing is pinned): such a copy stages through the host.
+  const bool device_only = bytes == 0 || (cuda_host::block_of(destination) != nullptr &&
+                                          cuda_host::block_of(source) != nullptr);
+  if (cuda_host::capturing() && !device_only) {
+    return cuda_host::violate("cudaMemcpyAsync from or to host memory");
+  }
+  if (bytes) std::memmove(destination, source, bytes);
+  return cudaSuccess;
 }
 
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned) {
-  static char token;
-  *stream = reinterpret_cast<cudaStream_t>(&token);
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaStreamSynchronize");
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
-  *status = cudaStreamCaptureStatusNone;
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned) {
+  *stream = new CUstream_st;
   return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete stream;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  *status =
+      cuda_host::capturing(stream) ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+  cuda_host::Capture& c = cuda_host::capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.stream || !stream || stream == cudaStreamLegacy) {
+    return cuda_host::last_error() = cudaErrorInvalidValue;
+  }
+  c.stream = stream;
+  ++c.id;
+  c.allocations.clear();
+  c.failed = false;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  cuda_host::Capture& c = cuda_host::capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  if (!c.stream || c.stream != stream) return cuda_host::last_error() = cudaErrorInvalidValue;
+  for (std::size_t i = 0; i < c.allocations.size(); ++i) {
+    c.violations.push_back("a stream-ordered allocation of the capture not freed before it ends");
+    c.failed = true;
+  }
+  c.allocations.clear();
+  c.stream = nullptr;
+  static char token;
+  *graph = c.failed ? nullptr : reinterpret_cast<cudaGraph_t>(&token);
+  if (!c.failed) return cudaSuccess;
+  return cuda_host::last_error() = cudaErrorStreamCaptureUnsupported;
 }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
-  *event = reinterpret_cast<cudaEvent_t>(new char);
+  *event = new CUevent_st;
   return cudaSuccess;
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
-  delete reinterpret_cast<char*>(event);
+  delete event;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  cuda_host::Capture& c = cuda_host::capture();
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  event->capture = c.stream && c.stream == stream ? c.id : 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
+  if (cuda_host::capturing()) return cuda_host::violate("cudaEventSynchronize");
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
+  long active = 0;
+  {
+    cuda_host::Capture& c = cuda_host::capture();
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    if (c.stream) active = c.id;
+  }
+  const bool captured_stream = cuda_host::capturing(stream);
+  if (captured_stream && event->capture != active) {
+    return cuda_host::violate(
+        "the captured stream waits for an event recorded outside the capture");
+  }
+  if (!captured_stream && active != 0 && event->capture == active) {
+    return cuda_host::violate("another stream waits for an event recorded in the capture");
+  }
+  return cudaSuccess;
+}
