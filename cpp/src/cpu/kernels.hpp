@@ -108,6 +108,13 @@ inline P* at_offset(P* base, Index offset) {
 
 inline std::size_t size(Index n) { return static_cast<std::size_t>(n); }
 
+// The i-th work item of a row-mode elementwise pass: the last first. Such a pass follows a
+// reduction over the same data (statistics, backward sums) that read the items in order, so the
+// items it read last are still in the caches (the 32 MiB L3 of the profiled machine holds about a
+// quarter of a (65536, 512) float32 input); starting from them reads those from cache instead of
+// memory. Elementwise results do not depend on the order.
+inline Index last_first(const Geometry& geo, Index i) { return geo.items() - 1 - i; }
+
 // Row-mode coefficients as the kernels read them: per outer item, C + 16 entries where entry i
 // is feature i mod C.
 template <class A>
@@ -318,7 +325,8 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
     const std::vector<Acc> a = periodic(scale, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(offset, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index item = 0; item < geo.items(); ++item) {
+    for (Index i = 0; i < geo.items(); ++i) {
+      const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
                          {m.data() + o * width, a.data() + o * width, b.data() + o * width},
@@ -414,7 +422,8 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
     const std::vector<Acc> s = periodic(k.slope, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(k.offset, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index item = 0; item < geo.items(); ++item) {
+    for (Index i = 0; i < geo.items(); ++i) {
+      const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       const Index at = o * width;
       kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
