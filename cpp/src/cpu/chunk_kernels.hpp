@@ -242,9 +242,11 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   const D shift = state.shift;
   D sum = state.sum, squares = state.squares;
   Index count = 0;
+  // The subtraction and the running sum go to the multiply-add units, as in the unmasked loop:
+  // with plain ones the adders carried three of the four operations besides the conversions.
   const auto add_block = [&](D v, Mask m) {
-    const D d = sub_select(m, v, shift);
-    sum = add(sum, d);
+    const D d = sub_select_on_fma(m, v, shift);
+    sum = add_on_fma(sum, d);
     squares = add(squares, mul(d, d));
     count += lanes_set(m);
   };
