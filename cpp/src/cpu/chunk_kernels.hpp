@@ -242,9 +242,11 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   const D shift = state.shift;
   D sum = state.sum, squares = state.squares;
   Index count = 0;
+  // The subtraction and the running sum go to the multiply-add units, as in the unmasked loop:
+  // with plain ones the adders carried three of the four operations besides the conversions.
   const auto add_block = [&](D v, Mask m) {
-    const D d = sub_select(m, v, shift);
-    sum = add(sum, d);
+    const D d = sub_select_on_fma(m, v, shift);
+    sum = add_on_fma(sum, d);
     squares = add(squares, mul(d, d));
     count += lanes_set(m);
   };
@@ -522,14 +524,16 @@ void plane_sums(const Plan& plan, const T* dy, const T* x, ItemBlock items, cons
       const D m = splat(shift[j]);
       D total = sum_dy[j], total_x = sum_dyx[j];
       // Lanes past the run's end are zeroed after centering: even an infinite shift adds nothing.
+      // The sum of dy and the centering go to the multiply-add units (as in the statistics), so
+      // the adders carry only the conversions and the other sum.
       const auto add_block = [&](D dyv, D centered) {
-        total = add(total, dyv);
+        total = add_on_fma(total, dyv);
         total_x = add(total_x, mul(dyv, centered));
       };
       if (gs == 1 && xs == 1) {
         Index i = 0;
         for (; i + kLanes <= n; i += kLanes) {
-          add_block(widen(load(g + i)), sub(widen(load(v + i)), m));
+          add_block(widen(load(g + i)), sub_on_fma(widen(load(v + i)), m));
         }
         if (i < n) {
           const int tail = static_cast<int>(n - i);
@@ -742,9 +746,10 @@ void add_backward_rows(const T* const* dy_rows, const T* const* x_rows, int coun
     for (int r = 0; r < count; ++r) {
       prefetch_lanes(dy_rows[r] + c, ahead);
       prefetch_lanes(x_rows[r] + c, ahead);
+      // On the multiply-add units as in plane_sums.
       const D g = widen(load(dy_rows[r] + c));
-      total = add(total, g);
-      total_x = add(total_x, mul(g, sub(widen(load(x_rows[r] + c)), m)));
+      total = add_on_fma(total, g);
+      total_x = add(total_x, mul(g, sub_on_fma(widen(load(x_rows[r] + c)), m)));
     }
     store(sum_dy + c, total);
     store(sum_dyx + c, total_x);

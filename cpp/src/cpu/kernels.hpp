@@ -108,6 +108,14 @@ inline P* at_offset(P* base, Index offset) {
 
 inline std::size_t size(Index n) { return static_cast<std::size_t>(n); }
 
+// The i-th work item of a row-mode elementwise pass: the last first. Such a pass follows a
+// reduction over the same data (statistics, backward sums) that read the items in order, so the
+// items it read last may still be in the caches; starting from them reads those from cache
+// instead of memory (on the profiled machine, reading 128 MB last chunk first right after reading
+// it in order took 0.90-0.93x the time of a second in-order read). Elementwise results do not
+// depend on the order.
+inline Index last_first(const Geometry& geo, Index i) { return geo.items() - 1 - i; }
+
 // Row-mode coefficients as the kernels read them: per outer item, C + 16 entries where entry i
 // is feature i mod C.
 template <class A>
@@ -318,7 +326,8 @@ void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* 
     const std::vector<Acc> a = periodic(scale, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(offset, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index item = 0; item < geo.items(); ++item) {
+    for (Index i = 0; i < geo.items(); ++i) {
+      const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
                          {m.data() + o * width, a.data() + o * width, b.data() + o * width},
@@ -414,7 +423,8 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
     const std::vector<Acc> s = periodic(k.slope, geo.outer, geo.inner);
     const std::vector<Acc> b = periodic(k.offset, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index item = 0; item < geo.items(); ++item) {
+    for (Index i = 0; i < geo.items(); ++i) {
+      const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       const Index at = o * width;
       kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),

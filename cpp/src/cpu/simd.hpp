@@ -87,10 +87,11 @@ inline D select(Mask m, D a) {
   return {_mm512_maskz_mov_pd(static_cast<__mmask8>(m), a.lo),
           _mm512_maskz_mov_pd(static_cast<__mmask8>(m >> 8), a.hi)};
 }
-// select(m, sub(a, b)) in one instruction per half.
-inline D sub_select(Mask m, D a, D b) {
-  return {_mm512_maskz_sub_pd(static_cast<__mmask8>(m), a.lo, b.lo),
-          _mm512_maskz_sub_pd(static_cast<__mmask8>(m >> 8), a.hi, b.hi)};
+// select(m, sub(a, b)) in one instruction per half, on the multiply-add units (as sub_on_fma).
+inline D sub_select_on_fma(Mask m, D a, D b) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  return {_mm512_maskz_fmsub_pd(static_cast<__mmask8>(m), a.lo, one, b.lo),
+          _mm512_maskz_fmsub_pd(static_cast<__mmask8>(m >> 8), a.hi, one, b.hi)};
 }
 
 inline F load(const float* p) { return {_mm512_loadu_ps(p)}; }
@@ -488,7 +489,7 @@ inline void store_first(T* p, const V& a, int n) {
 #endif
 
 #if !defined(BATCHNORM_CPU_AVX512)
-inline D sub_select(Mask m, D a, D b) { return select(m, sub(a, b)); }
+inline D sub_select_on_fma(Mask m, D a, D b) { return select(m, sub_on_fma(a, b)); }
 #endif
 
 template <class A>
