@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
@@ -107,6 +108,21 @@ inline P* at_offset(P* base, Index offset) {
 }
 
 inline std::size_t size(Index n) { return static_cast<std::size_t>(n); }
+
+// Partial results that a pass writes in full before they are read, left uninitialized: a
+// std::vector would zero them first, and for wide rows they are large (a (128, 1024) training
+// call's chunk moments are 128 KB, whose zeroing took a third of the call).
+template <class V>
+class PartialBuffer {
+ public:
+  explicit PartialBuffer(Index n) : values_(new V[size(n)]) {}
+  V* data() { return values_.get(); }
+  const V* data() const { return values_.get(); }
+  V& operator[](std::size_t i) { return values_[i]; }
+
+ private:
+  std::unique_ptr<V[]> values_;
+};
 
 // The i-th work item of a row-mode elementwise pass: the last first. Such a pass follows a
 // reduction over the same data (statistics, backward sums) that read the items in order, so the
@@ -230,12 +246,12 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index features = geo.inner;
-    std::vector<double> part_count(size(geo.items()));
-    std::vector<double> part_mean(size(geo.items() * features));
-    std::vector<double> part_m2(size(geo.items() * features));
+    PartialBuffer<double> part_count(geo.items());
+    PartialBuffer<double> part_mean(geo.items() * features);
+    PartialBuffer<double> part_m2(geo.items() * features);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-      std::vector<double> scratch(size(3 * features));
+      PartialBuffer<double> scratch(3 * features);  // set from the first valid row
 #pragma omp for schedule(dynamic)
       for (Index item = 0; item < geo.items(); ++item) {
         const Index o = item / chunks, chunk = item % chunks;
@@ -354,7 +370,7 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const Index width = geo.inner;
-    std::vector<double> partial(size(2 * geo.items() * width));  // [outer][chunk][sum][feature]
+    PartialBuffer<double> partial(2 * geo.items() * width);  // [outer][chunk][sum][feature]
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(dynamic)
@@ -382,7 +398,7 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   }
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
-  std::vector<double> partial(size(2 * stats * chunks));  // [chunk][statistic][sum]
+  PartialBuffer<double> partial(2 * stats * chunks);  // [chunk][statistic][sum]
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(dynamic)
