@@ -70,11 +70,15 @@ struct Chunking {
 inline constexpr std::int64_t kChunkElements = 16384;
 inline constexpr std::int64_t kMaxChunks = 64;
 
-inline Chunking make_chunking(std::int64_t units, std::int64_t elements_per_unit) {
+// `min_per_chunk`: the fewest units a chunk may hold (where a chunk's own cost, per statistic,
+// must be spread over enough units), unless that leaves more than kMaxChunks chunks.
+inline Chunking make_chunking(std::int64_t units, std::int64_t elements_per_unit,
+                              std::int64_t min_per_chunk = 1) {
   Chunking c;
   if (units <= 0) return c;
   const std::int64_t per_unit = elements_per_unit > 0 ? elements_per_unit : 1;
   c.per_chunk = kChunkElements / per_unit > 1 ? kChunkElements / per_unit : 1;
+  if (c.per_chunk < min_per_chunk) c.per_chunk = min_per_chunk;
   c.chunks = (units + c.per_chunk - 1) / c.per_chunk;
   if (c.chunks > kMaxChunks) {
     c.per_chunk = (units + kMaxChunks - 1) / kMaxChunks;

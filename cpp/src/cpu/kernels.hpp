@@ -29,6 +29,8 @@ using detail::Moments;
 using detail::Plan;
 using Index = std::int64_t;
 
+// Row-mode chunks hold at least this many rows (see Geometry).
+inline constexpr Index kMinChunkRows = 16;
 // Row-mode merges take this many features per job.
 inline constexpr Index kMergeColumns = 256;
 // A pass gets one thread per this many elements, so a call below twice this runs on the calling
@@ -87,7 +89,10 @@ struct Geometry {
       run = red.dims[red.count - 1].size;
       units = run > 0 ? red.total() / run : 0;
     }
-    chunking = detail::make_chunking(units, inner * run);
+    // A row chunk starts its per-feature sums from a shift and ends in per-feature moments
+    // and a merge (~20 operations a feature): at least kMinChunkRows rows keep that a small
+    // share of a chunk's work, where wide rows would leave a chunk only a row or two.
+    chunking = detail::make_chunking(units, inner * run, plan.row ? kMinChunkRows : 1);
   }
 
   Index chunks() const { return chunking.chunks; }
