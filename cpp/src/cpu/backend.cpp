@@ -14,14 +14,21 @@ namespace batchnorm::detail {
 
 namespace {
 
+// The folded coefficients of a call. Shift, scale, slope and offset are written in full by the
+// coefficient code before a pass reads them (slope by the backward's only), so they are left
+// uninitialized: zeroing them cost more than computing them for wide rows ((16, 8192)).
+// prescale starts at one: only the scales that need a split change it.
 template <class Acc>
 struct CoefficientBuffers {
-  std::vector<Acc> shift, scale, slope, offset, prescale;
+  std::int64_t count;
+  cpu::PartialBuffer<Acc> shift, scale, slope, offset;
+  std::vector<Acc> prescale;
   explicit CoefficientBuffers(std::int64_t n)
-      : shift(static_cast<std::size_t>(n)),
-        scale(static_cast<std::size_t>(n)),
-        slope(static_cast<std::size_t>(n)),
-        offset(static_cast<std::size_t>(n)),
+      : count(n),
+        shift(n),
+        scale(n),
+        slope(n),
+        offset(n),
         prescale(static_cast<std::size_t>(n), Acc(1)) {}
   Coefficients<Acc> view() {
     return {shift.data(), scale.data(), slope.data(), offset.data(), prescale.data()};
@@ -44,7 +51,7 @@ void apply_affine(const Plan& plan, const T* in, T* out, const CoefficientBuffer
     cpu::affine(plan, in, out, k.shift.data(), k.scale.data(), k.offset.data());
     return;
   }
-  const std::size_t n = k.shift.size();
+  const auto n = static_cast<std::size_t>(k.count);
   std::vector<Acc> first_shift(n), zero(n, Acc(0)), second_shift(n);
   for (std::size_t i = 0; i < n; ++i) {
     const bool split = k.prescale[i] != Acc(1);

@@ -124,6 +124,7 @@ class PartialBuffer {
   V* data() { return values_.get(); }
   const V* data() const { return values_.get(); }
   V& operator[](std::size_t i) { return values_[i]; }
+  const V& operator[](std::size_t i) const { return values_[i]; }
 
  private:
   std::unique_ptr<V[]> values_;
