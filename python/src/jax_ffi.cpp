@@ -188,8 +188,7 @@ ffi::Error train_forward(ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::
     }
     const TensorRef y = view(out.next());
     const auto saved = out.next();
-    const std::int64_t features = batchnorm::feature_count(
-        std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank), options);
+    const std::int64_t features = batchnorm::feature_count(x, options);
     // The moving statistics are results: copied from their inputs, then updated in place.
     for (const std::string& name : batchnorm::weight_names(options)) {
       if (name == "gamma" || name == "beta") continue;
@@ -218,8 +217,7 @@ ffi::Error train_backward(ffi::RemainingArgs args, ffi::RemainingRets rets, ffi:
     w.gamma = in.next_data_if(options.scale);
     std::optional<TensorRef> mask;
     if (attribute<bool>(attrs, "has_mask")) mask = mask_view(in.next(), x);
-    const std::int64_t features = batchnorm::feature_count(
-        std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank), options);
+    const std::int64_t features = batchnorm::feature_count(x, options);
     const std::int64_t groups = options.virtual_batch_size != 0 && x.shape[0] != 0
                                     ? x.shape[0] / options.virtual_batch_size
                                     : 1;

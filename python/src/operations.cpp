@@ -17,11 +17,6 @@ namespace batchnorm::python {
 
 namespace {
 
-std::int64_t features_of(const TensorRef& x, const Options& options) {
-  return feature_count(std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank),
-                       options);
-}
-
 std::optional<TensorRef> mask_of(const std::optional<InputArray>& array) {
   if (!array) return std::nullopt;
   return to_mask(*array);
@@ -61,7 +56,7 @@ void train_forward_binding(nb::handle x_array, nb::handle y_array,
   const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
   const TensorRef& y = y_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
-  const std::int64_t features = features_of(x, options);
+  const std::int64_t features = feature_count(x, options);
   const Weights weights = bound.for_input(x, features);
   Adjustment adjustment;
   adjustment.scale =
@@ -80,7 +75,7 @@ void infer_forward_binding(nb::handle x_array, nb::handle y_array, const Options
   const TensorRef& x = x_argument.tensor();
   const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
   const TensorRef& y = y_argument.tensor();
-  const Weights weights = bound.for_input(x, features_of(x, options));
+  const Weights weights = bound.for_input(x, feature_count(x, options));
   nb::gil_scoped_release released;
   infer_forward(x, y, options, weights);
 }
@@ -97,7 +92,7 @@ void train_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle 
   const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
   const TensorRef& dx = dx_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
-  const std::int64_t features = features_of(x, options);
+  const std::int64_t features = feature_count(x, options);
   const Weights weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
@@ -115,7 +110,7 @@ void infer_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle 
   const TensorRef& x = x_argument.tensor();
   const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
   const TensorRef& dx = dx_argument.tensor();
-  const std::int64_t features = features_of(x, options);
+  const std::int64_t features = feature_count(x, options);
   const Weights weights = bound.for_input(x, features);
   void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
   void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");

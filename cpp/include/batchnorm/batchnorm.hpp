@@ -248,6 +248,8 @@ void* cuda_stream();
 
 // Number of features C for `shape` and `options.axes` (validates the axes).
 std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options& options);
+// The same for a tensor's shape.
+std::int64_t feature_count(const TensorRef& x, const Options& options);
 
 }  // namespace batchnorm
 

@@ -382,6 +382,11 @@ std::int64_t feature_count(const std::vector<std::int64_t>& shape, const Options
   return n;
 }
 
+std::int64_t feature_count(const TensorRef& x, const Options& options) {
+  return feature_count(std::vector<std::int64_t>(x.shape.begin(), x.shape.begin() + x.rank),
+                       options);
+}
+
 void train_forward(const TensorRef& x, const TensorRef& y, const TensorRef* mask,
                    const Options& options, const Weights& weights, const Adjustment* adjustment,
                    bool update_moving, TrainingContext& context, const Communicator* communicator) {
