@@ -14,6 +14,7 @@ from flax import nnx
 from . import functional as F
 from .jax import batch_norm
 from .layer import BatchNormalization as _KerasLayer
+from .layer import copy_for_module
 
 _UNSUPPORTED = ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint")
 
@@ -155,19 +156,9 @@ class BatchNormalization(nnx.Module):
         or a `batchnorm.BatchNormalization`, with Keras' weight list (`layer.get_weights()`; a
         built batchnorm layer gives its own when `weights` is None). The feature shape comes
         from the config's build shape, or else from the weights (one feature axis)."""
-        if isinstance(config, _KerasLayer):
-            keras = _KerasLayer.from_config(config.get_config())
-            if weights is None and config.built:
-                weights = config.get_weights()
-            if config.built:
-                keras.build(config._build_input_shape)
-        elif isinstance(config, Mapping):
-            keras = _KerasLayer.from_config(config)
-        else:
-            raise TypeError(
-                f"from_keras takes a Keras layer config or a batchnorm.BatchNormalization, got "
-                f"{type(config).__name__}"
-            )
+        keras, weights = copy_for_module(config, weights)
+        if isinstance(config, _KerasLayer) and config.built:
+            keras.build(config._build_input_shape)
         if keras.built:
             num_features: Any = tuple(keras._feature_shape)
         elif weights is not None and len(weights) > 0:

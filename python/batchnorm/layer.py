@@ -977,3 +977,21 @@ class BatchNormalization:
             f"BatchNormalization(name={self.name!r}, axis={self.axis!r}, momentum={self.momentum},"
             f" epsilon={self.epsilon}, dtype={self._policy.name!r}, built={self.built})"
         )
+
+
+def copy_for_module(
+    config: Mapping[str, Any] | BatchNormalization, weights: Sequence[Any] | None
+) -> tuple[BatchNormalization, Sequence[Any] | None]:
+    """What the framework modules' `from_keras` start from: a new, unbuilt layer from a Keras
+    layer config or from a batchnorm layer's config, and the weights to load (a built batchnorm
+    layer's own where `weights` is None)."""
+    if isinstance(config, BatchNormalization):
+        if weights is None and config.built:
+            weights = config.get_weights()
+        return BatchNormalization.from_config(config.get_config()), weights
+    if isinstance(config, Mapping):
+        return BatchNormalization.from_config(config), weights
+    raise TypeError(
+        f"from_keras takes a Keras layer config or a batchnorm.BatchNormalization, got "
+        f"{type(config).__name__}"
+    )

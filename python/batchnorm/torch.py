@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from . import _core, regularizers
 from . import functional as F
 from .layer import BatchNormalization as _KerasLayer
+from .layer import copy_for_module
 
 __all__ = ["BatchNormalization", "batch_norm"]
 
@@ -763,17 +764,7 @@ class BatchNormalization(nn.modules.lazy.LazyModuleMixin, nn.Module):
         layer's `get_config()`, or a model config's `{"class_name": ..., "config": ...}` entry)
         or a `batchnorm.BatchNormalization`, with Keras' weight list (`layer.get_weights()`; a
         built batchnorm layer gives its own when `weights` is None)."""
-        if isinstance(config, _KerasLayer):
-            keras = _KerasLayer.from_config(config.get_config())
-            if weights is None and config.built:
-                weights = config.get_weights()
-        elif isinstance(config, Mapping):
-            keras = _KerasLayer.from_config(config)
-        else:
-            raise TypeError(
-                f"from_keras takes a Keras layer config or a batchnorm.BatchNormalization, got "
-                f"{type(config).__name__}"
-            )
+        keras, weights = copy_for_module(config, weights)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         built = keras.built
