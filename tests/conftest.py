@@ -22,27 +22,18 @@ if str(TESTS) not in sys.path:
 
 if settings is not None:
     _RELAXED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-    # The suite's fuzzing (tests/test_fuzz.py): the same cases on every run, no example database.
-    settings.register_profile(
-        "batchnorm",
-        max_examples=2000,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=_RELAXED,
-    )
+    # Both profiles: no example database, no deadline, a blob that reproduces a failure.
+    common = {
+        "database": None,
+        "deadline": None,
+        "print_blob": True,
+        "suppress_health_check": _RELAXED,
+    }
+    # The suite's fuzzing (tests/test_fuzz.py): the same cases on every run.
+    settings.register_profile("batchnorm", max_examples=2000, derandomize=True, **common)
     # The long hunt, by hand: `--hypothesis-profile=long` or BATCHNORM_FUZZ=long; new random
-    # cases each run (a failure prints the blob that reproduces it).
-    settings.register_profile(
-        "long",
-        max_examples=25000,
-        derandomize=False,
-        database=None,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=_RELAXED,
-    )
+    # cases each run.
+    settings.register_profile("long", max_examples=25000, derandomize=False, **common)
     settings.load_profile(os.environ.get("BATCHNORM_FUZZ", "batchnorm"))
 
 

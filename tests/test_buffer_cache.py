@@ -17,6 +17,8 @@ import pytest
 import batchnorm
 from batchnorm import _arrays
 
+from resident import resident_bytes
+
 SHAPE = (16, 64, 32, 32)  # 4 MiB of float32: above the cache's threshold
 
 
@@ -215,14 +217,6 @@ def test_no_growth_over_many_calls() -> None:
     info = batchnorm.buffer_cache_info()
     assert info["cached_bytes"] == settled["cached_bytes"]
     assert info["misses"] == settled["misses"]  # every later call reused a freed buffer
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

@@ -14,6 +14,7 @@ from numpy.lib.stride_tricks import as_strided
 import batchnorm
 
 from reference import ReferenceBN
+from resident import resident_bytes
 
 
 def repeated(base: np.ndarray, repeats: int, writeable: bool = False) -> np.ndarray:
@@ -106,14 +107,6 @@ def test_feature_counts_of_1_and_2_20(shape: tuple[int, ...]) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_resident_memory_flat_over_10000_calls() -> None:
     """Training, backward, an SGD step and inference, 10,000 calls in all, on a small input and
@@ -128,10 +121,10 @@ def test_resident_memory_flat_over_10000_calls() -> None:
         dy = np.ones_like(x)
         for _ in range(50):  # caches and allocator pools settle
             _train_step(layer, x, dy)
-        start = _resident_bytes()
+        start = resident_bytes()
         for _ in range(calls // 4):
             _train_step(layer, x, dy)
-        grown = _resident_bytes() - start
+        grown = resident_bytes() - start
         assert grown < 1 << 20, f"{grown} bytes more resident after {calls} calls on {x.shape}"
 
 
