@@ -465,7 +465,7 @@ def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device
     memory (PyTorch, CuPy): freed with the context by that framework, and in a CUDA graph
     capture taken from the graph's memory, so that a captured step frees nothing it allocated
     on a later step."""
-    if weights.device[0] == _DLPACK_CPU:
+    if device.type == "cpu":  # the weights' device, which the caller resolved
         return weights.snapshot(names)
 
     def copy(vector: Any) -> Any:
