@@ -2,70 +2,92 @@
 // instruction set picked at run time (cpu/kernels.hpp).
 #include "core/backend.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "core/synchronize.hpp"
-#include "cpu/coefficients.hpp"
 #include "cpu/kernels.hpp"
 
 namespace batchnorm::detail {
 
 namespace {
 
-// The folded coefficients of a call. Shift, scale, slope and offset are written in full by the
-// coefficient code before a pass reads them (slope by the backward's only), so they are left
-// uninitialized: zeroing them cost more than computing them for wide rows ((16, 8192)).
-// prescale starts at one: only the scales that need a split change it.
+// The folded coefficients of a call, in one allocation, each array with cpu::kRowWrap entries of
+// room past its statistics for the row-mode passes (cpu::RowCoefficients). Shift, scale, slope
+// and offset are written in full by the coefficient code before a pass reads them (slope by the
+// backward's only), so they are left uninitialized: zeroing them cost more than computing them
+// for wide rows ((16, 8192)). prescale exists for the per-feature forward path only (the
+// vectorized loops never split a scale): it starts at one there, and only the scales that need
+// a split change it.
 template <class Acc>
 struct CoefficientBuffers {
-  std::int64_t count;
-  cpu::PartialBuffer<Acc> shift, scale, slope, offset;
-  std::vector<Acc> prescale;
+  std::int64_t count, stride;
+  cpu::PartialBuffer<Acc> values;
+  bool has_prescale = false;
   explicit CoefficientBuffers(std::int64_t n)
-      : count(n),
-        shift(n),
-        scale(n),
-        slope(n),
-        offset(n),
-        prescale(static_cast<std::size_t>(n), Acc(1)) {}
-  Coefficients<Acc> view() {
-    return {shift.data(), scale.data(), slope.data(), offset.data(), prescale.data()};
+      : count(n), stride(n + cpu::kRowWrap), values(5 * stride) {}
+  Acc* array(int i) { return values.data() + i * stride; }
+  // The arrays without prescale: for the vectorized coefficient loops and the backward.
+  Coefficients<Acc> view() { return {array(0), array(1), array(2), array(3)}; }
+  // The arrays with prescale, for the per-feature forward path.
+  Coefficients<Acc> view_with_split() {
+    if (!has_prescale) std::fill(array(4), array(4) + count, Acc(1));
+    has_prescale = true;
+    Coefficients<Acc> k = view();
+    k.prescale = array(4);
+    return k;
   }
   bool prescaled() const {
-    for (const Acc p : prescale) {
-      if (p != Acc(1)) return true;
-    }
-    return false;
+    if (!has_prescale) return false;
+    const Acc* prescale = values.data() + 4 * stride;
+    bool any = false;  // no early exit: the scan vectorizes
+    for (std::int64_t i = 0; i < count; ++i) any |= prescale[i] != Acc(1);
+    return any;
   }
 };
+
+// Whether a training forward's coefficients take the vectorized loops of the kernel table.
+template <class A>
+bool plain_training(std::int64_t groups, const TrainScalars& s, const WeightPtrs<A>& w) {
+  return groups == 1 && !s.renorm && w.adjust_scale == nullptr && w.adjust_bias == nullptr;
+}
+
+// A per-feature array for the CPU passes: n entries and the room past them that row-mode passes
+// use (cpu::RowCoefficients).
+template <class Acc>
+std::vector<Acc> pass_array(std::size_t n) {
+  return std::vector<Acc>(n + cpu::kRowWrap, Acc(0));
+}
 
 // The forward's elementwise pass, out = (in - shift) * scale + offset. Where a scale did not fit
 // the compute type (see Coefficients) it runs in two passes: out = (in - shift) * prescale for
 // those statistics (and out = in for the rest, exactly), then out = out * scale + offset in
 // place (the rest: (out - shift) * scale + offset, as in one pass). Powers of two scale exactly.
 template <class T, class Acc>
-void apply_affine(const Plan& plan, const T* in, T* out, const CoefficientBuffers<Acc>& k) {
-  if (!k.prescaled()) {
-    cpu::affine(plan, in, out, k.shift.data(), k.scale.data(), k.offset.data());
+void apply_affine(const Plan& plan, const T* in, T* out, CoefficientBuffers<Acc>& k) {
+  const bool split = k.prescaled();
+  const Coefficients<Acc> c = split ? k.view_with_split() : k.view();
+  if (!split) {
+    cpu::affine(plan, in, out, c.shift, c.scale, c.offset);
     return;
   }
   const auto n = static_cast<std::size_t>(k.count);
-  std::vector<Acc> first_shift(n), zero(n, Acc(0)), second_shift(n);
+  std::vector<Acc> first_shift = pass_array<Acc>(n), zero = pass_array<Acc>(n),
+                   second_shift = pass_array<Acc>(n);
   for (std::size_t i = 0; i < n; ++i) {
-    const bool split = k.prescale[i] != Acc(1);
-    first_shift[i] = split ? k.shift[i] : Acc(0);
-    second_shift[i] = split ? Acc(0) : k.shift[i];
+    const bool split = c.prescale[i] != Acc(1);
+    first_shift[i] = split ? c.shift[i] : Acc(0);
+    second_shift[i] = split ? Acc(0) : c.shift[i];
   }
-  cpu::affine(plan, in, out, first_shift.data(), k.prescale.data(), zero.data());
+  cpu::affine(plan, in, out, first_shift.data(), c.prescale, zero.data());
   // The second pass reads what the first wrote: operand 0 takes the output's strides.
   Plan in_place = plan;
   for (LoopNest* nest : {&in_place.stat, &in_place.reduced}) {
     for (int d = 0; d < nest->count; ++d) nest->dims[d].stride[0] = nest->dims[d].stride[1];
   }
-  cpu::affine(in_place, static_cast<const T*>(out), out, second_shift.data(), k.scale.data(),
-              k.offset.data());
+  cpu::affine(in_place, static_cast<const T*>(out), out, second_shift.data(), c.scale, c.offset);
 }
 
 void reset_context(TrainingContext& context, std::int64_t groups, std::int64_t features,
@@ -98,7 +120,8 @@ struct Cpu {
     // Within one process, plane layouts finish each feature while its data is in cache.
     if (!synchronizing(call.communicator) &&
         cpu::train_forward_fused(call.stats_plan, call.apply_plan, call.x, call.y, call.mask,
-                                 call.scalars, call.weights, context, var.data(), k.view())) {
+                                 call.scalars, call.weights, context, var.data(),
+                                 k.view_with_split())) {
       // Rare (denormal data, tiny epsilon): the fused pass multiplied by the split scales only.
       if (k.prescaled()) apply_affine(call.apply_plan, call.x, call.y, k);
       return;
@@ -114,9 +137,10 @@ struct Cpu {
     const GroupStats group_stats{
         context.count.data(),   context.mean.data(),   var.data(),
         context.inv_std.data(), context.zscale.data(), context.zshift.data()};
-    const bool plain =
-        !context.ghost_batches && cpu::plain_training(groups, call.scalars, call.weights) &&
-        cpu::plain_train_coefficients(features, call.scalars, group_stats, call.weights, k.view());
+    const bool plain = !context.ghost_batches &&
+                       plain_training(groups, call.scalars, call.weights) &&
+                       cpu::kernels<T>().plain_train_coefficients(
+                           features, call.scalars, group_stats, call.weights, k.view());
     if (!plain) {
       std::vector<GhostSums> ghost(static_cast<std::size_t>(features));
       for (std::int64_t c = 0; c < features; ++c) {
@@ -126,7 +150,8 @@ struct Cpu {
       if (context.ghost_batches) synchronize_ghost_sums(call.communicator, ghost);
       for (std::int64_t c = 0; c < features; ++c) {
         feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats,
-                                       ghost[static_cast<std::size_t>(c)], call.weights, k.view());
+                                       ghost[static_cast<std::size_t>(c)], call.weights,
+                                       k.view_with_split());
       }
     }
     apply_affine(call.apply_plan, call.x, call.y, k);
@@ -137,9 +162,10 @@ struct Cpu {
     using Acc = compute_t<T>;
     const cpu::CallShare share;
     CoefficientBuffers<Acc> k(call.plan.features);
-    if (!cpu::inference_coefficients(call.plan.features, call.epsilon, call.weights, k.view())) {
+    if (!cpu::kernels<T>().inference_coefficients(call.plan.features, call.epsilon, call.weights,
+                                                  k.view())) {
       for (std::int64_t c = 0; c < call.plan.features; ++c) {
-        inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view());
+        inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view_with_split());
       }
     }
     apply_affine(call.plan, call.x, call.y, k);
@@ -173,10 +199,10 @@ struct Cpu {
     CoefficientBuffers<Acc> k(groups * features);
     const BackwardSums sums{sum_dy.data(), sum_dy_centered.data()};
     if (groups == 1 && !context.ghost_batches) {
-      cpu::backward_coefficients(features, context.count.data(), context.mean.data(),
-                                 context.inv_std.data(), context.zscale.data(),
-                                 context.zshift.data(), call.weights.gamma, sums, call.dgamma,
-                                 call.dbeta, k.view());
+      cpu::kernels<T>().backward_coefficients(features, context.count.data(), context.mean.data(),
+                                              context.inv_std.data(), context.zscale.data(),
+                                              context.zshift.data(), call.weights.gamma, sums,
+                                              call.dgamma, call.dbeta, k.view());
       cpu::backward_dx(call.dx_plan, call.dy, call.x, call.mask, call.dx, k.view());
       return;
     }
@@ -231,7 +257,7 @@ struct Cpu {
     }
     if (!not_finite.load(std::memory_order_relaxed)) return;
     // dx = (dy - 0) * scale + 0 through the forward's pass, with dx in operand 1's place.
-    std::vector<Acc> zero(n, Acc(0)), scale(n);
+    std::vector<Acc> zero = pass_array<Acc>(n), scale = pass_array<Acc>(n);
     for (std::size_t c = 0; c < n; ++c) {
       const double variance = static_cast<double>(call.weights.moving_variance[c]);
       const double gamma = value_or(call.weights.gamma, static_cast<std::int64_t>(c), 1.0);

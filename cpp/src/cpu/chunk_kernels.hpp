@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cpu/coefficients.hpp"
 #include "cpu/dispatch.hpp"
 #include "cpu/simd.hpp"
 
@@ -858,8 +859,18 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
 
 template <class T>
 ChunkKernels<T> make_kernels() {
-  return {&plane_moments<T>, &plane_affine<T>, &plane_sums<T>, &plane_dx<T>,
-          &row_moments<T>,   &row_affine<T>,   &row_sums<T>,   &row_dx<T>};
+  using A = detail::compute_t<T>;
+  return {&plane_moments<T>,
+          &plane_affine<T>,
+          &plane_sums<T>,
+          &plane_dx<T>,
+          &row_moments<T>,
+          &row_affine<T>,
+          &row_sums<T>,
+          &row_dx<T>,
+          &plain_train_coefficients<A>,
+          &inference_coefficients<A>,
+          &backward_coefficients<A>};
 }
 
 // The kernels of every element type (detail::Elements), as the dispatch keeps them.

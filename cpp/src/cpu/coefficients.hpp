@@ -2,18 +2,23 @@
 // functions of core/math.hpp run once per feature with the options tested inside; for a small
 // call (a few hundred features, a few thousand elements each) those calls cost as much as the
 // passes over the data. Here the common case (one group, no renorm, no adjustment, scales within
-// the compute type's range) is a straight loop that the compiler vectorizes. Each loop performs
-// the same IEEE operations in the same order as its per-feature counterpart, so the results are
-// bitwise the same (tests/test_coefficients.py compares the two paths).
-#pragma once
+// the compute type's range) is a straight loop that the compiler vectorizes, once per instruction
+// set like the chunk kernels (baseline x86-64 vectorized only some of these loops: their float to
+// double conversions). Each loop performs the same IEEE operations in the same order as its
+// per-feature counterpart, and the kernel units contract no multiply-adds, so the results are
+// bitwise the same on every instruction set (tests/test_coefficients.py compares the two paths).
+// Not a normal header: included by cpu/chunk_kernels.hpp inside an instruction set's region, so it
+// uses nothing from the standard library that would be instantiated there.
+#ifndef BATCHNORM_CPU_NS
+#error "cpu/coefficients.hpp is included by the kernel translation units only"
+#endif
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "core/math.hpp"
 
-namespace batchnorm::cpu {
+namespace batchnorm::cpu::BATCHNORM_CPU_NS {
 
 using detail::Coefficients;
 using detail::WeightPtrs;
@@ -31,21 +36,15 @@ inline double value_at(const W* values, std::int64_t c, double fallback) {
   }
 }
 
-template <class W>
-inline bool plain_training(std::int64_t groups, const detail::TrainScalars& s,
-                           const WeightPtrs<W>& w) {
-  return groups == 1 && !s.renorm && w.adjust_scale == nullptr && w.adjust_bias == nullptr;
-}
-
 // Whether a stored scale may stand for one that detail::store_scale splits (beyond Acc's
 // largest value): such a scale rounds to the largest value or to infinity. A scan apart from
-// the loops that vectorize (a search with an early exit does not).
+// the other loops, with no early exit, so that it vectorizes.
 template <class Acc>
 bool may_need_split(std::int64_t features, const Acc* scale) {
-  for (std::int64_t c = 0; c < features; ++c) {
-    if (!(std::fabs(scale[c]) < static_cast<Acc>(detail::largest_finite<Acc>()))) return true;
-  }
-  return false;
+  const Acc largest = static_cast<Acc>(detail::largest_finite<Acc>());
+  bool any = false;
+  for (std::int64_t c = 0; c < features; ++c) any |= !(std::fabs(scale[c]) < largest);
+  return any;
 }
 
 // detail::group_statistics + detail::feature_coefficients for every feature of a call with one
@@ -54,8 +53,8 @@ bool may_need_split(std::int64_t features, const Acc* scale) {
 // Acc's range, having left the moving statistics alone: the per-feature path then computes
 // everything again (and splits the scale). Otherwise out.prescale is left as it is (all ones).
 template <bool kGamma, bool kBeta, class W, class Acc>
-bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars& s,
-                              detail::GroupStats stats, WeightPtrs<W> w, Coefficients<Acc> out) {
+bool plain_train_loops(std::int64_t features, const detail::TrainScalars& s,
+                       detail::GroupStats stats, WeightPtrs<W> w, Coefficients<Acc> out) {
   const double epsilon = s.epsilon;
   // Two loops, each of one width (float64 statistics, then Acc coefficients), without branches:
   // every value is read unconditionally and selected. So the compiler vectorizes them.
@@ -86,8 +85,8 @@ bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars&
   const double m = s.momentum;
   // Features without a valid position keep their moving statistics: the loop tests for them
   // only where there are some (a store under a condition does not vectorize).
-  const bool all_valid =
-      std::all_of(stats.count, stats.count + features, [](double count) { return count > 0.0; });
+  bool all_valid = true;
+  for (std::int64_t c = 0; c < features; ++c) all_valid = all_valid && stats.count[c] > 0.0;
   for (std::int64_t c = 0; c < features; ++c) {
     if (!all_valid && !(stats.count[c] > 0.0)) continue;
     // The mean over one ghost group, summed from 0 as the per-feature path does (0 + -0 = 0).
@@ -101,47 +100,52 @@ bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars&
   return true;
 }
 
-// plain_train_coefficients with gamma's and beta's presence as template arguments.
-template <class W, class Acc>
+// plain_train_loops with gamma's and beta's presence as template arguments; an entry of the
+// kernel table (W = Acc = the compute type).
+template <class A>
 bool plain_train_coefficients(std::int64_t features, const detail::TrainScalars& s,
-                              detail::GroupStats stats, WeightPtrs<W> w, Coefficients<Acc> out) {
-  if (w.gamma && w.beta) return plain_train_coefficients<true, true>(features, s, stats, w, out);
-  if (w.gamma) return plain_train_coefficients<true, false>(features, s, stats, w, out);
-  if (w.beta) return plain_train_coefficients<false, true>(features, s, stats, w, out);
-  return plain_train_coefficients<false, false>(features, s, stats, w, out);
+                              detail::GroupStats stats, WeightPtrs<A> w, Coefficients<A> out) {
+  if (w.gamma && w.beta) return plain_train_loops<true, true>(features, s, stats, w, out);
+  if (w.gamma) return plain_train_loops<true, false>(features, s, stats, w, out);
+  if (w.beta) return plain_train_loops<false, true>(features, s, stats, w, out);
+  return plain_train_loops<false, false>(features, s, stats, w, out);
 }
 
 // detail::inference_feature for every feature. Returns false where a scale may exceed Acc's
 // range (the per-feature path then computes them again); out.prescale is left as it is.
 template <bool kGamma, bool kBeta, class W, class Acc>
-bool inference_coefficients(std::int64_t features, double epsilon, const WeightPtrs<W>& w,
-                            Coefficients<Acc> out) {
+bool inference_loops(std::int64_t features, double epsilon, WeightPtrs<W> w,
+                     Coefficients<Acc> out) {
+  // One loop per output: GCC 12 vectorizes none of them when the copies share the loop with the
+  // float64 arithmetic.
   for (std::int64_t c = 0; c < features; ++c) {
     const double inv_std = 1.0 / std::sqrt(static_cast<double>(w.moving_variance[c]) + epsilon);
-    out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
     out.scale[c] = static_cast<Acc>(value_at<kGamma>(w.gamma, c, 1.0) * inv_std);
+  }
+  for (std::int64_t c = 0; c < features; ++c) out.shift[c] = static_cast<Acc>(w.moving_mean[c]);
+  for (std::int64_t c = 0; c < features; ++c) {
     out.offset[c] = static_cast<Acc>(value_at<kBeta>(w.beta, c, 0.0));
   }
   return !may_need_split(features, out.scale);
 }
 
-template <class W, class Acc>
-bool inference_coefficients(std::int64_t features, double epsilon, const WeightPtrs<W>& w,
-                            Coefficients<Acc> out) {
-  if (w.gamma && w.beta) return inference_coefficients<true, true>(features, epsilon, w, out);
-  if (w.gamma) return inference_coefficients<true, false>(features, epsilon, w, out);
-  if (w.beta) return inference_coefficients<false, true>(features, epsilon, w, out);
-  return inference_coefficients<false, false>(features, epsilon, w, out);
+template <class A>
+bool inference_coefficients(std::int64_t features, double epsilon, WeightPtrs<A> w,
+                            Coefficients<A> out) {
+  if (w.gamma && w.beta) return inference_loops<true, true>(features, epsilon, w, out);
+  if (w.gamma) return inference_loops<true, false>(features, epsilon, w, out);
+  if (w.beta) return inference_loops<false, true>(features, epsilon, w, out);
+  return inference_loops<false, false>(features, epsilon, w, out);
 }
 
 // detail::backward_coefficients + detail::parameter_gradients for every feature of a training
 // backward with one group per feature, within one process (or with sums already added across
 // processes): the totals over groups are the group's own sums.
 template <bool kGamma, class W, class Acc>
-void backward_coefficients(std::int64_t features, const double* count, const double* mean,
-                           const double* inv_std, const double* zscale, const double* zshift,
-                           const W* gamma, detail::BackwardSums sums, W* dgamma, W* dbeta,
-                           Coefficients<Acc> out) {
+void backward_loops(std::int64_t features, const double* count, const double* mean,
+                    const double* inv_std, const double* zscale, const double* zshift,
+                    const W* gamma, detail::BackwardSums sums, W* dgamma, W* dbeta,
+                    Coefficients<Acc> out) {
   for (std::int64_t c = 0; c < features; ++c) {
     const double inv = inv_std[c];
     const double group_dy = sums.dy[c];
@@ -174,18 +178,18 @@ void backward_coefficients(std::int64_t features, const double* count, const dou
   }
 }
 
-template <class W, class Acc>
+template <class A>
 void backward_coefficients(std::int64_t features, const double* count, const double* mean,
                            const double* inv_std, const double* zscale, const double* zshift,
-                           const W* gamma, detail::BackwardSums sums, W* dgamma, W* dbeta,
-                           Coefficients<Acc> out) {
+                           const A* gamma, detail::BackwardSums sums, A* dgamma, A* dbeta,
+                           Coefficients<A> out) {
   if (gamma) {
-    backward_coefficients<true>(features, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma,
-                                dbeta, out);
+    backward_loops<true>(features, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma, dbeta,
+                         out);
   } else {
-    backward_coefficients<false>(features, count, mean, inv_std, zscale, zshift, gamma, sums,
-                                 dgamma, dbeta, out);
+    backward_loops<false>(features, count, mean, inv_std, zscale, zshift, gamma, sums, dgamma,
+                          dbeta, out);
   }
 }
 
-}  // namespace batchnorm::cpu
+}  // namespace batchnorm::cpu::BATCHNORM_CPU_NS

@@ -93,6 +93,20 @@ struct ChunkKernels {
   // dx with a per-row mask or none (operands: dy, x, dx, mask).
   void (*row_dx)(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
                  DxCoefficients<const A*> k, Index u0, Index u1, bool stream);
+
+  // The per-feature coefficients of the common calls, every feature in one loop
+  // (cpu/coefficients.hpp): a training forward with one group, no renorm and no adjustment
+  // (with the moving-statistics update), an inference, a training backward with one group. The
+  // forward ones return false where a scale may need the per-feature path's split.
+  bool (*plain_train_coefficients)(Index features, const detail::TrainScalars& s,
+                                   detail::GroupStats stats, detail::WeightPtrs<A> w,
+                                   detail::Coefficients<A> out);
+  bool (*inference_coefficients)(Index features, double epsilon, detail::WeightPtrs<A> w,
+                                 detail::Coefficients<A> out);
+  void (*backward_coefficients)(Index features, const double* count, const double* mean,
+                                const double* inv_std, const double* zscale, const double* zshift,
+                                const A* gamma, detail::BackwardSums sums, A* dgamma, A* dbeta,
+                                detail::Coefficients<A> out);
 };
 
 // The chunk kernels of every element type for one instruction set, ChunkKernels<T> being the

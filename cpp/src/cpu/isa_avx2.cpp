@@ -7,6 +7,7 @@
 // (in their own namespace) are compiled for avx2, never an inline function another unit shares.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -1,4 +1,5 @@
 // The chunk kernels for the compiler's base instruction set: the fallback on every CPU.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

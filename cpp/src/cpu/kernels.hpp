@@ -138,19 +138,45 @@ class PartialBuffer {
 // depend on the order.
 inline Index last_first(const Geometry& geo, Index i) { return geo.items() - 1 - i; }
 
-// Row-mode coefficients as the kernels read them: per outer item, C + 16 entries where entry i
-// is feature i mod C.
-template <class A>
-std::vector<A> periodic(const A* values, Index outer, Index features) {
-  const Index width = features + 16;
-  std::vector<A> result(size(outer * width));
-  for (Index o = 0; o < outer; ++o) {
-    A* row = result.data() + o * width;
-    std::copy(values + o * features, values + (o + 1) * features, row);
-    for (Index i = features; i < width; ++i) row[i] = row[i - features];
+// Row-mode passes read each coefficient array kRowWrap entries past its C features, entry C + i
+// being feature i mod C, so that a block of 16 lanes starting at any feature reads its
+// coefficients contiguously.
+inline constexpr Index kRowWrap = 16;
+
+// The coefficient arrays of a row-mode pass as its kernels read them: per outer item, C +
+// kRowWrap entries. With one outer item (every call without ghost batches) the caller's arrays,
+// which have kRowWrap entries of room past their C, get those entries written in place; with
+// several the arrays are copied into that layout.
+template <class A, int N>
+class RowCoefficients {
+ public:
+  RowCoefficients(A* const (&arrays)[N], Index outer, Index features)
+      : width_(features + kRowWrap) {
+    if (outer == 1) {
+      for (int i = 0; i < N; ++i) {
+        for (Index j = features; j < width_; ++j) arrays[i][j] = arrays[i][j - features];
+        base_[i] = arrays[i];
+      }
+      return;
+    }
+    copies_.resize(size(N * outer * width_));
+    for (int i = 0; i < N; ++i) {
+      base_[i] = copies_.data() + i * outer * width_;
+      for (Index o = 0; o < outer; ++o) {
+        A* row = copies_.data() + (i * outer + o) * width_;
+        std::copy(arrays[i] + o * features, arrays[i] + (o + 1) * features, row);
+        for (Index j = features; j < width_; ++j) row[j] = row[j - features];
+      }
+    }
   }
-  return result;
-}
+  // Array i at outer item o.
+  const A* at(int i, Index o) const { return base_[i] + o * width_; }
+
+ private:
+  Index width_;
+  const A* base_[N];
+  std::vector<A> copies_;
+};
 
 // Plane mode: statistics per block, so that a block's runs of one unit make a stretch of about
 // kBlockSpan elements (long runs: one statistic per block).
@@ -333,27 +359,24 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   }
 }
 
-// out = (in - shift) * scale + offset per statistic (operands: in, out).
+// out = (in - shift) * scale + offset per statistic (operands: in, out). Each array has
+// kRowWrap entries of room past its statistics, which a row-mode pass may overwrite.
 template <class T, class Acc>
-void affine(const Plan& plan, const T* in, T* out, const Acc* shift, const Acc* scale,
-            const Acc* offset) {
+void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* offset) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index chunks = geo.chunks();
   const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
   const int threads = team_size(geo.elements());
   if (plan.row) {
-    const Index width = geo.inner + 16;
-    const std::vector<Acc> m = periodic(shift, geo.outer, geo.inner);
-    const std::vector<Acc> a = periodic(scale, geo.outer, geo.inner);
-    const std::vector<Acc> b = periodic(offset, geo.outer, geo.inner);
+    const RowCoefficients<Acc, 3> k({shift, scale, offset}, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (Index i = 0; i < geo.items(); ++i) {
       const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
-                         {m.data() + o * width, a.data() + o * width, b.data() + o * width},
-                         geo.first_unit(chunk), geo.last_unit(chunk), stream);
+                         {k.at(0, o), k.at(1, o), k.at(2, o)}, geo.first_unit(chunk),
+                         geo.last_unit(chunk), stream);
     }
     return;
   }
@@ -429,7 +452,8 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   }
 }
 
-// dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask).
+// dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask). The
+// arrays of k have kRowWrap entries of room, as affine's.
 template <class T, class Acc>
 void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* mask, T* dx,
                  const detail::Coefficients<Acc>& k) {
@@ -439,20 +463,15 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
   const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
   const int threads = team_size(geo.elements());
   if (plan.row) {
-    const Index width = geo.inner + 16;
-    const std::vector<Acc> m = periodic(k.shift, geo.outer, geo.inner);
-    const std::vector<Acc> a = periodic(k.scale, geo.outer, geo.inner);
-    const std::vector<Acc> s = periodic(k.slope, geo.outer, geo.inner);
-    const std::vector<Acc> b = periodic(k.offset, geo.outer, geo.inner);
+    const RowCoefficients<Acc, 4> rows({k.shift, k.scale, k.slope, k.offset}, geo.outer, geo.inner);
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (Index i = 0; i < geo.items(); ++i) {
       const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
-      const Index at = o * width;
       kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
                      dx + stat_offset(plan, o, 2),
                      at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
-                     {m.data() + at, a.data() + at, s.data() + at, b.data() + at},
+                     {rows.at(0, o), rows.at(1, o), rows.at(2, o), rows.at(3, o)},
                      geo.first_unit(chunk), geo.last_unit(chunk), stream);
     }
     return;
