@@ -71,32 +71,48 @@ struct PeriodicCoefficients {
 };
 
 // Coefficients of a span made of back-to-back runs of `run` (>= kLanes) elements, run j taking
-// the j-th entry of each array: a block of lanes straddles at most two runs.
+// the j-th entry of each array: a block of lanes straddles at most two runs. The block's lanes
+// are kept and made again only where they can change (a block at either end of a run), so a
+// run of 64 elements (an 8 x 8 plane) broadcasts its coefficients once, not once per block.
 template <class A, int N>
 struct SegmentedCoefficients {
   const A* array[N];
   Index item = 0, at = 0, run, last;  // current run, position within it, last run
+  Vec<A> value[N];                    // the lanes of the block at `at`
   SegmentedCoefficients(const A* const (&arrays)[N], Index items, Index run_length)
       : run(run_length), last(items - 1) {
     for (int i = 0; i < N; ++i) array[i] = arrays[i];
+    make_block();
   }
-  Vec<A> get(int i) const {
-    const Index left = run - at;
-    if (left >= kLanes) return splat(array[i][item]);
-    // Past the last run lie only tail lanes that are never stored.
-    const Index next = item < last ? item + 1 : item;
-    return blend(mask_first(static_cast<int>(left)), splat(array[i][item]), splat(array[i][next]));
-  }
+  Vec<A> get(int i) const { return value[i]; }
   void advance(Index n) {
     at += n;
     item += at / run;
     at %= run;
+    make_block();
   }
   void next_block() {
     at += kLanes;
     if (at >= run) {
       at -= run;
       ++item;
+    }
+    // Inside a run, away from its ends, a block has the previous block's lanes.
+    if (at < kLanes || at + kLanes > run) make_block();
+  }
+
+ private:
+  void make_block() {
+    const Index left = run - at;
+    if (left >= kLanes) {
+      for (int i = 0; i < N; ++i) value[i] = splat(array[i][item]);
+      return;
+    }
+    // Past the last run lie only tail lanes that are never stored.
+    const Index next = item < last ? item + 1 : item;
+    const Mask first = mask_first(static_cast<int>(left));
+    for (int i = 0; i < N; ++i) {
+      value[i] = blend(first, splat(array[i][item]), splat(array[i][next]));
     }
   }
 };
