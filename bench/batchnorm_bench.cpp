@@ -157,6 +157,7 @@ struct Settings {
   DType dtype = DType::float32;
   int threads = 0;  // 0: OpenMP's default
   int reps = 10;
+  int calls = 1;  // calls per timed repetition (--calls)
   std::string csv;
   bool cuda = false;  // --device cuda
 };
@@ -182,6 +183,9 @@ time varied by more than 25% over the rounds, where that ratio is unreliable.
                       an 80% mask, 4 ghost batches, batch renorm, an adjustment)
   --threads T         OpenMP threads for the kernels and the probe (default: OMP_NUM_THREADS)
   --reps R            timed repetitions (default 10); each is paired with a probe run
+  --calls N           calls per repetition, back to back on the same arrays (default 1); times
+                      are per call. With N > 1 the data stay in cache from call to call, as in a
+                      training loop of small calls: what a call costs around its passes
   --isa I             baseline, avx2 or avx512: cap the kernels' instruction set
   --csv FILE          also write the results as CSV (FILE "-" = standard output)
 )";
@@ -333,6 +337,9 @@ Settings parse(int argc, char** argv) {
     } else if (arg == "--reps") {
       s.reps = std::atoi(value.c_str());
       if (s.reps < 1) usage("--reps must be >= 1");
+    } else if (arg == "--calls") {
+      s.calls = std::atoi(value.c_str());
+      if (s.calls < 1) usage("--calls must be >= 1");
     } else if (arg == "--isa") {
       if (value != "baseline" && value != "avx2" && value != "avx512") {
         usage("bad --isa '" + value + "'");
@@ -898,14 +905,14 @@ std::vector<Result> run_case(const Case& c, const Settings& s) {
       }
       probes.push_back(seconds_since(start));
       start = Clock::now();
-      call();
+      for (int c = 0; c < s.calls; ++c) call();
       if (s.cuda) batchnorm::cuda::synchronize(0);
-      times.push_back(seconds_since(start));
+      times.push_back(seconds_since(start) / s.calls);
       if (plain) {
         start = Clock::now();
-        plain();
+        for (int c = 0; c < s.calls; ++c) plain();
         if (s.cuda) batchnorm::cuda::synchronize(0);
-        plain_times.push_back(seconds_since(start));
+        plain_times.push_back(seconds_since(start) / s.calls);
       }
     }
     // Per-round ratios, then their median: robust to the bandwidth drifting between rounds.
