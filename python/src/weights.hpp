@@ -5,6 +5,7 @@
 
 #include <nanobind/nanobind.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,7 +42,8 @@ class BoundWeights {
   Weights weights_;
   std::int64_t features_ = 0;
   std::vector<std::pair<std::string, nb::object>> arrays_;  // keeps the bound arrays alive
-  std::vector<std::vector<double>> copies_;                 // a snapshot's own vectors
+  // A snapshot's own vectors, in one block shared by its copies (which point into it too).
+  std::shared_ptr<const double[]> copies_;
 };
 
 void bind_weights(nb::module_& m);
