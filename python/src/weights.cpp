@@ -102,6 +102,7 @@ BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const
   BoundWeights copy;
   copy.weights_ = weights_;
   copy.features_ = features_;
+  copy.copies_ = copies_;
   copy.arrays_.reserve(arrays_.size());
   const std::size_t bytes = static_cast<std::size_t>(features_) * dtype_size(weights_.dtype);
   const std::size_t stride = (bytes + 7) / 8;  // doubles per copied vector
@@ -114,7 +115,7 @@ BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const
     }
     if (!storage) {  // uninitialized: every copied byte is written next
       storage = new double[names.size() * stride];
-      copy.copies_ = std::shared_ptr<const double[]>(storage);
+      copy.copies_.emplace_back(storage);
     }
     void** slot = weight_slot(copy.weights_, name);
     if (bytes) std::memcpy(storage + used, *slot, bytes);  // (no vector: no pointer to copy)
