@@ -597,6 +597,22 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     and dgamma, dbeta as flat vectors of the weights' dtype (None where the layer has no such
     weight). Renorm's r, d and the adjustment are constants, as in Keras."""
     x = context.x
+    if out is None and type(dy) is np.ndarray and type(x) is np.ndarray:
+        # The common call, NumPy on the CPU, in one C++ call (None, with nothing done, where dy
+        # needs the general path's cast or error, or the call's weights are not on the host).
+        dx = _NUMPY.empty_like(x)
+        result = _core.plain_backward(
+            dy,
+            x,
+            dx,
+            context.mask,
+            context.options.core,
+            context.statistics,
+            context.weights,
+            context.communicator,
+        )
+        if result is not None:
+            return result
     framework = framework_of(x)
     device = _weights_device(context.weights)
     dy_array = read(dy, "dy")

@@ -76,7 +76,7 @@ class _Access:
         return version
 
     def begin_write(self, training: bool, name: str) -> None:
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):  # (positional: a keyword costs a parse per call)
             if training and self._training:
                 raise RuntimeError(
                     f"{name}: another thread is training this layer; one layer trains in "
