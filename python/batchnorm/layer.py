@@ -799,10 +799,10 @@ class BatchNormalization:
             and self._feature_sizes(inputs.shape) == self._feature_key
             and (self.adjustment is None or not train)
         ):
-            # The common call, resolved here once for what the general path below resolves per
-            # call: a NumPy array the layer's dtype and shape, on host weights, goes to the
-            # kernels in one C++ call (None, with nothing done, where the extension finds it
-            # misaligned, or the weights on CUDA: the general path then takes it).
+            # The common call: a NumPy array of the layer's dtype, rank and feature sizes goes to
+            # the kernels in one C++ call, without the general path's per-call conversions
+            # (None, with nothing done, where the extension finds the array misaligned or the
+            # weights on CUDA: the general path below then takes the call).
             weights = self._bound or self._bound_weights()
             options = self._options
             y = _NUMPY.empty_like(inputs)
