@@ -187,6 +187,62 @@ def test_snapshot_copies_the_named_vectors_only() -> None:
         bound.snapshot(["gama"])
 
 
+def test_a_snapshot_of_a_snapshot_keeps_the_vectors_it_shares() -> None:
+    """A forward on a context's weights copies only what its backward reads; the moving
+    statistics it reads and updates stay in the earlier snapshot's copies, which must live as
+    long as the later context does."""
+    options = F.Options(momentum=0.5)
+    rng = np.random.default_rng(5)
+    x = rng.normal(3.0, 2.0, size=(8, 3)).astype(np.float32)
+    _, inference = F.forward(x, F.initial_weights(options, x.shape), options, training=False)
+    _, training = F.forward(x, inference.weights, options, training=True)
+    want, _ = F.forward(x, training.weights, options, training=False)
+    del inference
+    # Reuse the freed memory (snapshots of as many vectors take blocks of its size), so that a
+    # vector read from it would show.
+    nan = F.Weights(**{k: np.full(3, np.nan, np.float32) for k in options.weight_names()})
+    garbage = [nan.snapshot(["gamma", "moving_mean", "moving_variance"]) for _ in range(64)]
+    got, _ = F.forward(x, training.weights, options, training=False)
+    np.testing.assert_array_equal(got, want)
+    # The moving statistics were updated in the copies: mean halfway to the batch mean.
+    reference = (x - 0.5 * x.mean(0)) / np.sqrt(0.5 + 0.5 * x.var(0) + options.epsilon)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+    del garbage
+
+
+def test_the_plain_numpy_call_falls_back_where_it_does_not_apply() -> None:
+    """The one-call NumPy path declines dy of another dtype, bfloat16 data and a misaligned
+    input; the general path then casts dy, reads bfloat16 as such, and refuses the misaligned
+    input (the layer copies it first) as before."""
+    import ml_dtypes
+
+    options = F.Options()
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for training in (True, False):
+        weights = F.Weights(**F.initial_weights(options, x.shape))
+        y, context = F.forward(x, weights, options, training=training)
+        dx, dgamma, dbeta = F.backward(dy, context)
+        cast = F.backward(dy.astype(np.float64), context)  # cast to x's dtype first
+        for got, want in zip(cast, (dx, dgamma, dbeta)):
+            np.testing.assert_array_equal(got, want)
+        raw = np.empty(x.nbytes + 1, np.uint8)
+        shifted = raw[1:].view(np.float32).reshape(x.shape)
+        shifted[...] = x
+        assert not shifted.flags.aligned
+        weights = F.Weights(**F.initial_weights(options, x.shape))
+        with pytest.raises(ValueError, match="not aligned to its 4-byte elements"):
+            F.forward(shifted, weights, options, training=training)
+        y_bf16, _ = F.forward(x.astype(ml_dtypes.bfloat16), weights, options, training=training)
+        assert y_bf16.dtype == ml_dtypes.bfloat16
+        np.testing.assert_allclose(y_bf16.astype(np.float32), y, rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(16, 4\)"):
+        F.backward(dy[:8], context)
+    with pytest.raises(TypeError, match="dy: dtype complex64 is not a real number type"):
+        F.backward(dy.astype(np.complex64), context)
+
+
 def test_absent_weights_may_be_none_or_missing() -> None:
     """gamma/beta left out, or given as None, give no gradient for them in either mode."""
     options = F.Options(center=False, scale=False)

@@ -35,9 +35,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import (
-    _DLPACK_CPU,
     _NUMPY,
-    CPU,
     Device,
     _dlpack_device,
     check_no_overlap,
@@ -48,7 +46,6 @@ from ._arrays import (
     read,
     stream_vector,
 )
-from ._dtypes import is_bfloat16
 
 Weights = _core.Weights
 
@@ -443,11 +440,10 @@ def _device_adjustment(vector: Any, device: Device) -> Any:
     return vector
 
 
-# What each backward reads of its forward call's weights (a copy keeps them): the training
-# backward gamma only; the inference backward gamma and the moving statistics (of beta only
-# whether it exists, which decides whether dbeta is computed).
-_READ_BY_TRAINING_BACKWARD = ["gamma"]
-_READ_BY_INFERENCE_BACKWARD = ["gamma", "moving_mean", "moving_variance"]
+# What each backward reads of its forward call's weights (a copy keeps them), as the extension's
+# plain calls keep them.
+_READ_BY_TRAINING_BACKWARD = _core.kept_for_backward(True)
+_READ_BY_INFERENCE_BACKWARD = _core.kept_for_backward(False)
 
 
 def bind(weights: Mapping[str, Any] | Weights) -> Weights:
@@ -510,26 +506,16 @@ def forward(
         and adjustment is None
         and out is None
         and type(weights) is Weights
-        and weights.device[0] == _DLPACK_CPU
-        and not is_bfloat16(x.dtype)
     ):
-        # The common call, NumPy on the CPU: the framework, the devices, the mask and the
-        # output that the general path resolves below are known, and x is its own view.
+        # The common call, NumPy on the CPU: one C++ call keeps the weights the backward reads,
+        # makes the statistics and runs the kernel (None where x or the weights are not that
+        # case, e.g. bfloat16 data or CUDA weights, which the general path below takes).
         y = _NUMPY.empty_like(x)
-        return y, _run_forward(
-            x,
-            x,
-            y,
-            None,
-            weights,
-            options,
-            training,
-            None,
-            update_moving,
-            communicator,
-            _NUMPY,
-            CPU,
+        kept = _core.plain_forward(
+            x, y, training, update_moving, options.core, weights, communicator
         )
+        if kept is not None:
+            return y, Context(training, x, None, options, kept[0], kept[1], communicator)
     framework = framework_of(x)
     weights = bind(weights)
     device = _weights_device(weights)
@@ -611,6 +597,22 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     and dgamma, dbeta as flat vectors of the weights' dtype (None where the layer has no such
     weight). Renorm's r, d and the adjustment are constants, as in Keras."""
     x = context.x
+    if out is None and type(dy) is np.ndarray and type(x) is np.ndarray:
+        # The common call, NumPy on the CPU, in one C++ call (None, with nothing done, where dy
+        # needs the general path's cast or error, or the call's weights are not on the host).
+        dx = _NUMPY.empty_like(x)
+        result = _core.plain_backward(
+            dy,
+            x,
+            dx,
+            context.mask,
+            context.options.core,
+            context.statistics,
+            context.weights,
+            context.communicator,
+        )
+        if result is not None:
+            return result
     framework = framework_of(x)
     device = _weights_device(context.weights)
     dy_array = read(dy, "dy")

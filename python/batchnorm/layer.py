@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _core, _mpi, constraints, functional, initializers, regularizers
 from ._arrays import (
+    _NUMPY,
     CPU,
     Device,
     assign_vector,
@@ -75,7 +76,7 @@ class _Access:
         return version
 
     def begin_write(self, training: bool, name: str) -> None:
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):  # (positional: a keyword costs a parse per call)
             if training and self._training:
                 raise RuntimeError(
                     f"{name}: another thread is training this layer; one layer trains in "
@@ -785,10 +786,58 @@ class BatchNormalization:
                     f"training must be True, False or None, got {training!r} "
                     f"({type(training).__name__})"
                 )
+        train = bool(training) and self._trainable
+        access = self._access
+        if (
+            type(inputs) is np.ndarray
+            and mask is None
+            and out is None
+            and self._numpy_compute_dtype is not None
+            # (`dtype == None` is True in NumPy: the None test above must come first)
+            and inputs.dtype == self._numpy_compute_dtype
+            and inputs.ndim == self._input_rank
+            and self._feature_sizes(inputs.shape) == self._feature_key
+            and (self.adjustment is None or not train)
+        ):
+            # The common call: a NumPy array of the layer's dtype, rank and feature sizes goes to
+            # the kernels in one C++ call, without the general path's per-call conversions
+            # (None, with nothing done, where the extension finds the array misaligned or the
+            # weights on CUDA: the general path below then takes the call).
+            weights = self._bound or self._bound_weights()
+            options = self._options
+            y = _NUMPY.empty_like(inputs)
+            if train:
+                communicator = self._communicator_hook() if self.synchronized else None
+                access.begin_write(True, self.name)
+                try:
+                    kept = _core.plain_forward(
+                        inputs, y, True, True, options.core, weights, communicator
+                    )
+                finally:
+                    access.end_write()
+                if kept is not None:
+                    context = functional.Context(
+                        True, inputs, None, options, kept[0], kept[1], communicator
+                    )
+                    self._last = context
+                    self._track_training_output(y, context)
+                    return y
+            else:
+                while True:  # a reader, as below
+                    version = access.version
+                    if version & 1:
+                        version = access.stable_version()
+                    kept = _core.plain_forward(inputs, y, False, True, options.core, weights, None)
+                    if kept is None:
+                        break
+                    if access.version == version:
+                        self._last = functional.Context(
+                            False, inputs, None, options, kept[0], None, None
+                        )
+                        return y
         x = self._prepare_input(inputs)
         weights = self._bound or self._bound_weights()
-        access = self._access
-        if bool(training) and self._trainable:
+        if train:
             # The arguments, the user's adjustment among them, are evaluated before the thread
             # guard (_Access) is taken: a training call holds it as the writer.
             adjustment = (
@@ -824,9 +873,12 @@ class BatchNormalization:
                 return y
 
     def _track_training_output(self, y: Any, context: functional.Context) -> None:
-        alive = [
-            (ref, c) for ref, c in self._undifferentiated if ref() is not None and ref() is not y
-        ]
+        undifferentiated = self._undifferentiated
+        alive = (
+            [(ref, c) for ref, c in undifferentiated if ref() is not None and ref() is not y]
+            if undifferentiated
+            else []
+        )
         try:
             alive.append((weakref.ref(y), context))
         except TypeError:  # an array type without weak references: nothing to compare with
@@ -840,6 +892,8 @@ class BatchNormalization:
         whose statistics are gone — refuse rather than return a wrong gradient."""
         if self._last is None:
             raise ValueError(f"{self.name}: backward needs a forward call first")
+        if len(self._undifferentiated) < 2:  # (the common case: nothing to prune or refuse)
+            return self._last
         alive = [(ref, c) for ref, c in self._undifferentiated if ref() is not None]
         self._undifferentiated = alive
         if len(alive) > 1:
@@ -859,12 +913,17 @@ class BatchNormalization:
         gamma) gives the same result."""
         context = self._context_for_backward()
         dx, dgamma, dbeta = functional.backward(dy, context, out=out)
-        self._undifferentiated = [(ref, c) for ref, c in self._undifferentiated if c is not context]
+        if self._undifferentiated:
+            self._undifferentiated = [
+                (ref, c) for ref, c in self._undifferentiated if c is not context
+            ]
         gradients = {}
+        shape = self._param_shape
+        flat = len(shape) == 1  # the vectors already have Keras' shape
         if dgamma is not None:
-            gradients["gamma"] = dgamma.reshape(self._param_shape)
+            gradients["gamma"] = dgamma if flat else dgamma.reshape(shape)
         if dbeta is not None:
-            gradients["beta"] = dbeta.reshape(self._param_shape)
+            gradients["beta"] = dbeta if flat else dbeta.reshape(shape)
         self.gradients = gradients
         return dx
 

@@ -118,6 +118,103 @@ void infer_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle 
   infer_backward(dy, x, dx, options, weights, dgamma_ptr, dbeta_ptr);
 }
 
+// What each backward reads of its forward call's weights, which the forward keeps a copy of (a
+// later update of gamma must not change an earlier call's gradient): the training backward gamma
+// only; the inference backward gamma and the moving statistics (of beta only whether it exists,
+// which decides whether dbeta is computed).
+const std::vector<std::string>& kept_for_backward(bool training) {
+  static const std::vector<std::string> training_names{"gamma"};
+  static const std::vector<std::string> inference_names{"gamma", "moving_mean", "moving_variance"};
+  return training ? training_names : inference_names;
+}
+
+// numpy.empty(n, dtype) for a gradient vector. The function and the two dtypes are looked up
+// once and kept for the life of the process (like numpy_array_type's ndarray type).
+nb::object new_numpy_vector(std::int64_t n, DType dtype) {
+  static PyObject* const empty =
+      nb::object(nb::module_::import_("numpy").attr("empty")).release().ptr();
+  static PyObject* const float32 =
+      nb::object(nb::module_::import_("numpy").attr("dtype")("float32")).release().ptr();
+  static PyObject* const float64 =
+      nb::object(nb::module_::import_("numpy").attr("dtype")("float64")).release().ptr();
+  const nb::object length = nb::int_(n);
+  PyObject* args[] = {length.ptr(), dtype == DType::float64 ? float64 : float32};
+  PyObject* result = PyObject_Vectorcall(empty, args, 2, nullptr);
+  if (!result) throw nb::python_error();
+  return nb::steal(result);
+}
+
+// The plain call, in one binding: NumPy data read through the buffer protocol and host weights.
+// It keeps the weights the backward reads, makes the statistics object and runs the kernel, with
+// positional arguments, instead of the general path's Python objects per call. None where the
+// call is not that case; the general path then takes it, with its conversions and errors.
+nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool training,
+                                 bool update_moving, const Options& options,
+                                 const BoundWeights& bound, const Communicator* communicator) {
+  if (bound.device().type != DeviceType::cpu) return nb::none();
+  const ArrayArgument x_argument(x_array, ArrayArgument::Access::read);
+  if (!x_argument.read()) return nb::none();
+  const TensorRef& x = x_argument.tensor();
+  const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
+  const TensorRef& y = y_argument.tensor();
+  const Weights weights = bound.for_input(x, feature_count(x, options));
+  // Copied before the kernel runs: a forward ordered after another thread's update keeps the
+  // values it computed with.
+  nb::object kept = nb::cast(bound.snapshot(kept_for_backward(training)));
+  if (!training) {
+    {
+      nb::gil_scoped_release released;
+      infer_forward(x, y, options, weights);
+    }
+    return nb::make_tuple(kept, nb::none());
+  }
+  nb::object statistics = nb::cast(TrainingContext());
+  TrainingContext& context = nb::cast<TrainingContext&>(statistics);
+  {
+    nb::gil_scoped_release released;
+    train_forward(x, y, nullptr, options, weights, nullptr, update_moving, context, communicator);
+  }
+  return nb::make_tuple(kept, statistics);
+}
+
+// The plain backward of a plain forward's context (`context` None for an inference call): dy a
+// NumPy array of x's dtype and shape, dx given, dgamma and dbeta made here. None where dy is not
+// such an array (the general path casts it or words the error).
+nb::object plain_backward_binding(nb::handle dy_array, nb::handle x_array, nb::handle dx_array,
+                                  const std::optional<InputArray>& mask_array,
+                                  const Options& options, const TrainingContext* context,
+                                  const BoundWeights& bound, const Communicator* communicator) {
+  if (bound.device().type != DeviceType::cpu) return nb::none();
+  const ArrayArgument dy_argument(dy_array, ArrayArgument::Access::read);
+  const ArrayArgument x_argument(x_array, ArrayArgument::Access::read);
+  if (!dy_argument.read() || !x_argument.read()) return nb::none();
+  const TensorRef& dy = dy_argument.tensor();
+  const TensorRef& x = x_argument.tensor();
+  if (dy.dtype != x.dtype || dy.rank != x.rank ||
+      !std::equal(x.shape.begin(), x.shape.begin() + x.rank, dy.shape.begin())) {
+    return nb::none();
+  }
+  const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
+  const TensorRef& dx = dx_argument.tensor();
+  const std::optional<TensorRef> mask = mask_of(mask_array);
+  const std::int64_t features = feature_count(x, options);
+  const Weights weights = bound.for_input(x, features);
+  nb::object dgamma = bound.has("gamma") ? new_numpy_vector(features, weights.dtype) : nb::none();
+  nb::object dbeta = bound.has("beta") ? new_numpy_vector(features, weights.dtype) : nb::none();
+  void* dgamma_ptr = weight_pointer(dgamma, features, weights.dtype, x.device, "dgamma");
+  void* dbeta_ptr = weight_pointer(dbeta, features, weights.dtype, x.device, "dbeta");
+  {
+    nb::gil_scoped_release released;
+    if (context) {
+      train_backward(dy, x, dx, mask ? &*mask : nullptr, options, weights, *context, dgamma_ptr,
+                     dbeta_ptr, communicator);
+    } else {
+      infer_backward(dy, x, dx, options, weights, dgamma_ptr, dbeta_ptr);
+    }
+  }
+  return nb::make_tuple(nb::borrow(dx_array), dgamma, dbeta);
+}
+
 // The packed form of a training context: [count | mean | inv_std | zscale | zshift], the first
 // three groups * features values each, the last two features each (host float64).
 std::size_t packed_size(std::int64_t groups, std::int64_t features) {
@@ -272,6 +369,30 @@ void bind_operations(nb::module_& m) {
                 "dgamma: object | None = None, dbeta: object | None = None, weights: Weights) "
                 "-> None"),
         "Backward of infer_forward: writes dx, dgamma and dbeta.");
+  // Positional: these are the per-call path of the NumPy layer, where naming every argument
+  // costs more than the smallest kernels' setup.
+  m.def("plain_forward", &plain_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
+        nb::arg("training"), nb::arg("update_moving"), nb::arg("options"), nb::arg("weights"),
+        nb::arg("communicator").none(),
+        nb::sig("def plain_forward(x: object, y: object, training: bool, update_moving: bool, "
+                "options: Options, weights: Weights, communicator: Communicator | None) -> "
+                "tuple[Weights, TrainingContext | None] | None"),
+        "train_forward (without mask or adjustment) or infer_forward of a float16/32/64 NumPy "
+        "array with host weights: returns the weights the backward reads, copied first, and "
+        "the training statistics; None, with nothing done, for any other input or weights.");
+  m.def("plain_backward", &plain_backward_binding, nb::arg("dy"), nb::arg("x"),
+        nb::arg("dx").noconvert(), nb::arg("mask").none(), nb::arg("options"),
+        nb::arg("context").none(), nb::arg("weights"), nb::arg("communicator").none(),
+        nb::sig("def plain_backward(dy: object, x: object, dx: object, mask: object | None, "
+                "options: Options, context: TrainingContext | None, weights: Weights, "
+                "communicator: Communicator | None) -> tuple[object, object | None, "
+                "object | None] | None"),
+        "Backward of a plain_forward call (context None for inference) into dx, with new "
+        "NumPy dgamma and dbeta: (dx, dgamma, dbeta); None, with nothing done, where dy is "
+        "not a NumPy array of x's dtype and shape or the weights are not on the host.");
+  m.def("kept_for_backward", &kept_for_backward, nb::arg("training"),
+        "The weights a backward reads of its forward call's, which the forward keeps a copy "
+        "of.");
   m.def(
       "runtime_info",
       [] {

@@ -1,6 +1,7 @@
 // ndarray -> TensorRef conversion: dtype/device mapping and the zero-copy checks.
 #include "tensors.hpp"
 
+#include <cstdint>
 #include <string>
 
 namespace batchnorm::python {
@@ -120,6 +121,16 @@ ArrayArgument::ArrayArgument(nb::handle object, const char* name, Access access)
       throw nb::type_error((std::string(name) + ": expected an array (NumPy or DLPack)").c_str());
     }
     tensor_ = convert(input_, name);
+  }
+}
+
+ArrayArgument::ArrayArgument(nb::handle object, Access access) {
+  if (Py_TYPE(object.ptr()) != numpy_array_type() || !read_buffer(object, access)) return;
+  const std::size_t size = dtype_size(tensor_.dtype);
+  const bool aligned = reinterpret_cast<std::uintptr_t>(tensor_.data) % size == 0;
+  if (tensor_.dtype == DType::bfloat16 || !aligned) {  // (bfloat16: a uint16 NumPy array)
+    PyBuffer_Release(&buffer_);
+    holds_buffer_ = false;
   }
 }
 

@@ -29,11 +29,16 @@ class ArrayArgument {
  public:
   enum class Access { read, write };
   ArrayArgument(nb::handle object, const char* name, Access access);
+  // Reads an exact NumPy array through the buffer protocol only, and only where its elements are
+  // float16/32/64 at addresses aligned to their size; anything else is left unread (`read()`
+  // false) for the general path to take, with its conversions and its errors.
+  ArrayArgument(nb::handle object, Access access);
   ~ArrayArgument();
   ArrayArgument(const ArrayArgument&) = delete;
   ArrayArgument& operator=(const ArrayArgument&) = delete;
 
   const TensorRef& tensor() const { return tensor_; }
+  bool read() const { return holds_buffer_; }
 
  private:
   bool read_buffer(nb::handle object, Access access);

@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace batchnorm::python {
@@ -90,18 +91,37 @@ BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const
   if (weights_.device.type != DeviceType::cpu && !arrays_.empty()) {
     throw nb::value_error("snapshot: only host weights are copied here");
   }
-  BoundWeights copy = *this;
-  const std::size_t bytes = static_cast<std::size_t>(features_) * dtype_size(weights_.dtype);
+  Weights names_checked;
   for (const std::string& name : names) {
-    void** slot = weight_slot(copy.weights_, name);
-    if (!slot) throw nb::value_error(("snapshot: no weight called '" + name + "'").c_str());
-    if (!*slot) continue;
-    std::vector<double>& storage = copy.copies_.emplace_back((bytes + 7) / 8);
-    std::memcpy(storage.data(), *slot, bytes);
-    *slot = storage.data();
-    for (auto& [bound, array] : copy.arrays_) {
-      if (bound == name) array = nb::none();
+    if (!weight_slot(names_checked, name)) {
+      throw nb::value_error(("snapshot: no weight called '" + name + "'").c_str());
     }
+  }
+  // Built entry by entry rather than copied whole and patched: this runs in every forward call
+  // of the layer, where copying the names and arrays twice costs more than the small kernels.
+  BoundWeights copy;
+  copy.weights_ = weights_;
+  copy.features_ = features_;
+  copy.copies_ = copies_;
+  copy.arrays_.reserve(arrays_.size());
+  const std::size_t bytes = static_cast<std::size_t>(features_) * dtype_size(weights_.dtype);
+  const std::size_t stride = (bytes + 7) / 8;  // doubles per copied vector
+  double* storage = nullptr;
+  std::size_t used = 0;
+  for (const auto& [name, array] : arrays_) {
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      copy.arrays_.emplace_back(name, array);
+      continue;
+    }
+    if (!storage) {  // uninitialized: every copied byte is written next
+      storage = new double[names.size() * stride];
+      copy.copies_.emplace_back(storage);
+    }
+    void** slot = weight_slot(copy.weights_, name);
+    if (bytes) std::memcpy(storage + used, *slot, bytes);  // (no vector: no pointer to copy)
+    *slot = storage + used;
+    used += stride;
+    copy.arrays_.emplace_back(name, nb::none());
   }
   return copy;
 }

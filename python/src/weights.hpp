@@ -5,6 +5,7 @@
 
 #include <nanobind/nanobind.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,7 +42,9 @@ class BoundWeights {
   Weights weights_;
   std::int64_t features_ = 0;
   std::vector<std::pair<std::string, nb::object>> arrays_;  // keeps the bound arrays alive
-  std::vector<std::vector<double>> copies_;                 // a snapshot's own vectors
+  // The blocks a snapshot's copied vectors live in, shared with its copies and with snapshots
+  // of it (whose vectors not copied again still point into them).
+  std::vector<std::shared_ptr<const double[]>> copies_;
 };
 
 void bind_weights(nb::module_& m);
