@@ -335,6 +335,48 @@ def test_input_is_read_in_place_and_out_is_used() -> None:
     assert layer.backward(np.ones_like(x), out=dx_out) is dx_out
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make_out",
+    [
+        np.empty_like,  # the plain call writes it as it is
+        lambda x: np.empty((x.shape[0], x.shape[1] * 2), x.dtype)[:, ::2],  # strided
+        lambda x: np.empty_like(x, order="F"),
+    ],
+)
+def test_out_gives_bitwise_the_default_call(training: bool, make_out: Any) -> None:
+    x = np.random.default_rng(3).normal(size=(16, 12)).astype(np.float32)
+    by_default, into_out = batchnorm.BatchNormalization(), batchnorm.BatchNormalization()
+    for step in range(2):  # a second step reads the moving statistics the first one wrote
+        expected = by_default(x, training=training)
+        out = make_out(x)
+        assert into_out(x, training=training, out=out) is out
+        assert out.tobytes() == np.ascontiguousarray(expected).tobytes(), step
+    for a, b in zip(by_default.get_weights(), into_out.get_weights(), strict=True):
+        assert a.tobytes() == b.tobytes()
+    dy = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    assert into_out.backward(dy)[0].tobytes() == by_default.backward(dy)[0].tobytes()
+
+
+def test_out_that_cannot_take_the_result_is_refused_and_nothing_changes() -> None:
+    x = np.random.default_rng(5).normal(size=(8, 6)).astype(np.float32)
+    layer = batchnorm.BatchNormalization()
+    layer(x, training=True)
+    before = [w.copy() for w in layer.get_weights()]
+    read_only = np.empty_like(x)
+    read_only.flags.writeable = False
+    for out, error in [
+        (x, "overlap"),
+        (read_only, "read-only"),
+        (np.empty((8, 5), np.float32), "expected shape"),
+        (np.empty_like(x, dtype=np.float64), "expected shape"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            layer(x, training=True, out=out)
+    for a, b in zip(before, layer.get_weights(), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_integer_inputs_are_converted() -> None:
     x = np.arange(24).reshape(6, 4)
     y = batchnorm.BatchNormalization()(x, training=True)
