@@ -159,7 +159,7 @@ class Scratch {
   }
 
  private:
-  // Cache lines: buffers of different threads never share one.
+  // Buffers start on a cache line (and suit any vector load).
   static constexpr std::size_t kAlign = 64;
   // Every buffer takes at least one line, so that the one in use last is always found.
   static std::size_t rounded(std::size_t bytes) {
