@@ -210,6 +210,21 @@ def test_a_snapshot_of_a_snapshot_keeps_the_vectors_it_shares() -> None:
     del garbage
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_into_out_is_bitwise_the_call_without_it(training: bool) -> None:
+    x = np.random.default_rng(6).normal(size=(12, 5)).astype(np.float32)
+    options = F.Options(momentum=0.5)
+    without, into = F.initial_weights(options, [12, 5]), F.initial_weights(options, [12, 5])
+    for out in (np.empty_like(x), np.empty((12, 10), np.float32)[:, ::2]):
+        expected, _ = F.forward(x, without, options, training=training)
+        y, _ = F.forward(x, into, options, training=training, out=out)
+        assert y is out
+        assert out.tobytes() == np.ascontiguousarray(expected).tobytes()
+        for name in without:  # the same moving-statistics update, step after step
+            assert without[name].tobytes() == into[name].tobytes()
+    assert training == (without["moving_mean"] != 0).any()
+
+
 def test_the_plain_numpy_call_falls_back_where_it_does_not_apply() -> None:
     """The one-call NumPy path declines dy of another dtype, bfloat16 data and a misaligned
     input; the general path then casts dy, reads bfloat16 as such, and refuses the misaligned

@@ -479,6 +479,20 @@ def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device
     )
 
 
+def plain_out(out: Any, x: np.ndarray) -> bool:
+    """Whether `out=` of a NumPy call is one the plain call may write as it is: a writable,
+    aligned NumPy array of x's shape and dtype that shares no memory with it. Any other `out`
+    takes the general path, which converts it or words the error."""
+    return (
+        type(out) is np.ndarray
+        and out.shape == x.shape
+        and out.dtype == x.dtype
+        and out.flags.writeable
+        and out.flags.aligned
+        and not np.shares_memory(out, x)
+    )
+
+
 def forward(
     x: Any,
     weights: Mapping[str, Any] | Weights,
@@ -504,13 +518,13 @@ def forward(
         type(x) is np.ndarray
         and mask is None
         and adjustment is None
-        and out is None
+        and (out is None or plain_out(out, x))
         and type(weights) is Weights
     ):
         # The common call, NumPy on the CPU: one C++ call keeps the weights the backward reads,
         # makes the statistics and runs the kernel (None where x or the weights are not that
         # case, e.g. bfloat16 data or CUDA weights, which the general path below takes).
-        y = _NUMPY.empty_like(x)
+        y = _NUMPY.empty_like(x) if out is None else out
         kept = _core.plain_forward(
             x, y, training, update_moving, options.core, weights, communicator
         )

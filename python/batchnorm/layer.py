@@ -247,20 +247,6 @@ class _Statistic(_Weight):
         return variable
 
 
-def _plain_out(out: Any, inputs: np.ndarray) -> bool:
-    """Whether `out=` of a NumPy call is one the plain call may write as it is: a writable,
-    aligned NumPy array of the input's shape and dtype that shares no memory with it. Any other
-    `out` takes the general path, which converts it or words the error."""
-    return (
-        type(out) is np.ndarray
-        and out.shape == inputs.shape
-        and out.dtype == inputs.dtype
-        and out.flags.writeable
-        and out.flags.aligned
-        and not np.shares_memory(out, inputs)
-    )
-
-
 class BatchNormalization:
     """Keras' BatchNormalization layer, computed by the batchnorm kernels.
 
@@ -805,7 +791,7 @@ class BatchNormalization:
         if (
             type(inputs) is np.ndarray
             and mask is None
-            and (out is None or _plain_out(out, inputs))
+            and (out is None or functional.plain_out(out, inputs))
             and self._numpy_compute_dtype is not None
             # (`dtype == None` is True in NumPy: the None test above must come first)
             and inputs.dtype == self._numpy_compute_dtype
