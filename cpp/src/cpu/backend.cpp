@@ -148,10 +148,11 @@ struct Cpu {
             group_statistics(c, features, groups, call.scalars.epsilon, group_stats);
       }
       if (context.ghost_batches) synchronize_ghost_sums(call.communicator, ghost);
+      const Coefficients<Acc> split_view = k.view_with_split();
       for (std::int64_t c = 0; c < features; ++c) {
         feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats,
                                        ghost[static_cast<std::size_t>(c)], call.weights,
-                                       k.view_with_split());
+                                       split_view);
       }
     }
     apply_affine(call.apply_plan, call.x, call.y, k);
@@ -164,8 +165,9 @@ struct Cpu {
     CoefficientBuffers<Acc> k(call.plan.features);
     if (!cpu::kernels<T>().inference_coefficients(call.plan.features, call.epsilon, call.weights,
                                                   k.view())) {
+      const Coefficients<Acc> split_view = k.view_with_split();
       for (std::int64_t c = 0; c < call.plan.features; ++c) {
-        inference_feature<Acc, Acc>(c, call.epsilon, call.weights, k.view_with_split());
+        inference_feature<Acc, Acc>(c, call.epsilon, call.weights, split_view);
       }
     }
     apply_affine(call.plan, call.x, call.y, k);
