@@ -15,11 +15,20 @@ std::string message(const std::string& name, const std::string& what) { return n
 
 }  // namespace
 
+int weight_slot_index(std::string_view name) {
+  for (int i = 0; i < kWeightCount; ++i) {
+    if (name == weight_name(i)) return i;
+  }
+  return -1;
+}
+
+static_assert(BoundWeights::kSlots == kWeightCount);
+
 BoundWeights::BoundWeights(const nb::kwargs& vectors) {
   for (auto [key, value] : vectors) {
     const std::string name = nb::cast<std::string>(key);
-    void** slot = weight_slot(weights_, name);
-    if (!slot) throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
+    const int slot = weight_slot_index(name);
+    if (slot < 0) throw nb::type_error(("unexpected keyword argument '" + name + "'").c_str());
     if (value.is_none()) continue;
     OutputArray array;
     if (!nb::try_cast(value, array)) {
@@ -35,38 +44,40 @@ BoundWeights::BoundWeights(const nb::kwargs& vectors) {
                                              dtype_name(t.dtype))
                                .c_str());
     }
-    if (arrays_.empty()) {
+    if (bound_ == 0) {
       weights_.dtype = t.dtype;
       weights_.device = t.device;
       features_ = length;
     } else if (t.dtype != weights_.dtype) {
       throw nb::type_error(message(name, std::string("dtype ") + dtype_name(t.dtype) +
-                                             " differs from " + arrays_.front().first + "'s " +
+                                             " differs from " + first_name() + "'s " +
                                              dtype_name(weights_.dtype))
                                .c_str());
     } else if (t.device.type != weights_.device.type || t.device.index != weights_.device.index) {
       throw nb::value_error(
-          message(name, "every weight must live on the same device as " + arrays_.front().first)
+          message(name, std::string("every weight must live on the same device as ") + first_name())
               .c_str());
     } else if (length != features_) {
-      throw nb::value_error(message(name, std::to_string(length) + " values, but " +
-                                              arrays_.front().first + " has " +
-                                              std::to_string(features_))
+      throw nb::value_error(message(name, std::to_string(length) + " values, but " + first_name() +
+                                              " has " + std::to_string(features_))
                                 .c_str());
     }
-    *slot = t.data;
-    arrays_.emplace_back(name, nb::borrow(value));
+    if (!present(slot)) order_[bound_++] = static_cast<std::int8_t>(slot);
+    *weight_slot(weights_, slot) = t.data;
+    arrays_[slot] = nb::borrow(value);
   }
 }
 
+const char* BoundWeights::first_name() const { return weight_name(order_[0]); }
+
 Weights BoundWeights::for_input(const TensorRef& x, std::int64_t features) const {
-  if (arrays_.empty()) {  // nothing bound: nothing to fit (the core says
-    Weights none;         // which weights the operation needs)
+  if (bound_ == 0) {  // nothing bound: nothing to fit (the core says
+    Weights none;     // which weights the operation needs)
     none.dtype = weight_dtype(x.dtype);
     none.device = x.device;
     return none;
   }
-  const std::string& name = arrays_.front().first;
+  const std::string name = first_name();
   const DType expected = weight_dtype(x.dtype);
   if (weights_.dtype != expected) {
     throw nb::type_error(message(name, std::string("expected dtype ") + dtype_name(expected) +
@@ -87,63 +98,56 @@ Weights BoundWeights::for_input(const TensorRef& x, std::int64_t features) const
   return weights_;
 }
 
-BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const {
-  if (weights_.device.type != DeviceType::cpu && !arrays_.empty()) {
+BoundWeights BoundWeights::snapshot(SlotMask slots) const {
+  if (weights_.device.type != DeviceType::cpu && bound_ != 0) {
     throw nb::value_error("snapshot: only host weights are copied here");
   }
-  Weights names_checked;
-  for (const std::string& name : names) {
-    if (!weight_slot(names_checked, name)) {
-      throw nb::value_error(("snapshot: no weight called '" + name + "'").c_str());
-    }
-  }
-  // Built entry by entry rather than copied whole and patched: this runs in every forward call
-  // of the layer, where copying the names and arrays twice costs more than the small kernels.
-  BoundWeights copy;
-  copy.weights_ = weights_;
-  copy.features_ = features_;
-  copy.copies_ = copies_;
-  copy.arrays_.reserve(arrays_.size());
+  BoundWeights copy(*this);
+  int copied = 0;
+  for (int i = 0; i < kSlots; ++i) copied += (slots >> i & 1u) && present(i);
+  if (copied == 0) return copy;
+  // This runs in every forward call of the layer: one block for all copied vectors, written
+  // whole next (so left uninitialized).
   const std::size_t bytes = static_cast<std::size_t>(features_) * dtype_size(weights_.dtype);
   const std::size_t stride = (bytes + 7) / 8;  // doubles per copied vector
-  double* storage = nullptr;
-  std::size_t used = 0;
-  for (const auto& [name, array] : arrays_) {
-    if (std::find(names.begin(), names.end(), name) == names.end()) {
-      copy.arrays_.emplace_back(name, array);
-      continue;
-    }
-    if (!storage) {  // uninitialized: every copied byte is written next
-      storage = new double[names.size() * stride];
-      copy.copies_.emplace_back(storage);
-    }
-    void** slot = weight_slot(copy.weights_, name);
-    if (bytes) std::memcpy(storage + used, *slot, bytes);  // (no vector: no pointer to copy)
-    *slot = storage + used;
-    used += stride;
-    copy.arrays_.emplace_back(name, nb::none());
+  std::shared_ptr<double[]> block(new double[static_cast<std::size_t>(copied) * stride]);
+  double* storage = block.get();
+  for (int i = 0; i < kSlots; ++i) {
+    if (!(slots >> i & 1u) || !present(i)) continue;
+    void** slot = weight_slot(copy.weights_, i);
+    if (bytes) std::memcpy(storage, *slot, bytes);  // (no vector: no pointer to copy)
+    *slot = storage;
+    storage += stride;
+    copy.arrays_[i] = nb::object();
+    copy.copies_[i] = block;
   }
   return copy;
 }
 
+BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const {
+  SlotMask slots = 0;
+  for (const std::string& name : names) {
+    const int slot = weight_slot_index(name);
+    if (slot < 0) throw nb::value_error(("snapshot: no weight called '" + name + "'").c_str());
+    slots |= 1u << slot;
+  }
+  return snapshot(slots);
+}
+
 bool BoundWeights::has(const std::string& name) const {
   // Bound under that name (an empty vector may have no data pointer, yet the weight exists).
-  for (const auto& [bound, array] : arrays_) {
-    if (bound == name) return true;
-  }
-  return false;
+  const int slot = weight_slot_index(name);
+  return slot >= 0 && present(slot);
 }
 
 nb::object BoundWeights::vector(const std::string& name) const {
-  for (const auto& [bound, array] : arrays_) {
-    if (bound == name) return array;
-  }
-  return nb::none();
+  const int slot = weight_slot_index(name);
+  return slot >= 0 && arrays_[slot].is_valid() ? arrays_[slot] : nb::none();
 }
 
 std::vector<std::string> BoundWeights::names() const {
   std::vector<std::string> result;
-  for (const auto& [name, array] : arrays_) result.push_back(name);
+  for (int i = 0; i < bound_; ++i) result.emplace_back(weight_name(order_[i]));
   return result;
 }
 
@@ -153,7 +157,9 @@ void bind_weights(nb::module_& m) {
                            "dtype, device and length), checked once and read by many calls.")
       .def(nb::init<const nb::kwargs&>(), nb::arg("vectors"),
            nb::sig("def __init__(self, **vectors: object) -> None"))
-      .def("snapshot", &BoundWeights::snapshot, nb::arg("names"),
+      .def("snapshot",
+           nb::overload_cast<const std::vector<std::string>&>(&BoundWeights::snapshot, nb::const_),
+           nb::arg("names"),
            "These weights with the vectors called `names` copied (host weights only).")
       .def("has", &BoundWeights::has, nb::arg("name"), "Whether the weight `name` is present.")
       .def("vector", &BoundWeights::vector, nb::arg("name"),

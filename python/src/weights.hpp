@@ -5,8 +5,10 @@
 
 #include <nanobind/nanobind.h>
 
+#include <array>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -17,6 +19,10 @@ namespace batchnorm::python {
 
 class BoundWeights {
  public:
+  // The weights in the order of Weights' members; a set of them is a bit mask over this order.
+  static constexpr int kSlots = 7;
+  using SlotMask = unsigned;
+
   // Keras' weight names to arrays (None, or left out, where the layer has no such weight).
   explicit BoundWeights(const nb::kwargs& vectors);
 
@@ -24,8 +30,10 @@ class BoundWeights {
   // vectors fit it: the dtype x computes in, x's device, one value per feature.
   Weights for_input(const TensorRef& x, std::int64_t features) const;
 
-  // A copy in which the vectors called `names` are this object's own copies (host memory only),
-  // the others shared: what a backward keeps of its forward call's weights.
+  // A copy in which the vectors of `slots` are this object's own copies (host memory only), the
+  // others shared: what a backward keeps of its forward call's weights.
+  BoundWeights snapshot(SlotMask slots) const;
+  // The same by Keras' names (ValueError for a name that is no weight).
   BoundWeights snapshot(const std::vector<std::string>& names) const;
 
   bool has(const std::string& name) const;
@@ -38,14 +46,22 @@ class BoundWeights {
 
  private:
   BoundWeights() = default;
+  bool present(int slot) const { return arrays_[slot].is_valid() || copies_[slot] != nullptr; }
+  const char* first_name() const;
 
   Weights weights_;
   std::int64_t features_ = 0;
-  std::vector<std::pair<std::string, nb::object>> arrays_;  // keeps the bound arrays alive
-  // The blocks a snapshot's copied vectors live in, shared with its copies and with snapshots
-  // of it (whose vectors not copied again still point into them).
-  std::vector<std::shared_ptr<const double[]>> copies_;
+  // Per slot, what keeps its vector alive: the bound array, or the block a snapshot copied it
+  // into (shared with this object's copies and with snapshots of it); neither where absent.
+  std::array<nb::object, kSlots> arrays_;
+  std::array<std::shared_ptr<const double[]>, kSlots> copies_;
+  // The slots in the order they were bound (names() and error messages name them so).
+  std::array<std::int8_t, kSlots> order_{};
+  int bound_ = 0;
 };
+
+// The slot of the weight called `name`, or -1 for a name that is no weight.
+int weight_slot_index(std::string_view name);
 
 void bind_weights(nb::module_& m);
 

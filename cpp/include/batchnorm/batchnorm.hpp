@@ -130,6 +130,12 @@ std::vector<std::string> weight_names(const Options& options);
 // nullptr for a name that is no weight.
 void** weight_slot(Weights& weights, std::string_view name);
 
+// The same by position, for code that indexes the weights rather than naming them: every weight a
+// layer can have, in the order of Weights' members (weight_names' order), index < kWeightCount.
+inline constexpr int kWeightCount = 7;
+void** weight_slot(Weights& weights, int index);
+const char* weight_name(int index);
+
 // Optional training-time adjustment (Keras' `adjustment`): per-feature scale and bias vectors
 // with the same dtype/device rules as Weights.
 struct Adjustment {

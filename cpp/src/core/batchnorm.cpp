@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -367,6 +368,12 @@ void** weight_slot(Weights& weights, std::string_view name) {
   }
   return nullptr;
 }
+
+static_assert(std::size(kWeightEntries) == kWeightCount);
+
+void** weight_slot(Weights& weights, int index) { return &(weights.*kWeightEntries[index].slot); }
+
+const char* weight_name(int index) { return kWeightEntries[index].name; }
 
 void statistics_to_host(TrainingContext& context) {
   if (context.device) context.device->to_host(context);
