@@ -69,6 +69,57 @@ inline int team_size(Index elements) {
   return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, call_threads));
 }
 
+// The loops of a parallel region (parallel_region): each shares its iterations among the region's
+// threads, with a barrier at its end, or runs them all where the region has one thread.
+class SharedLoops {
+ public:
+  explicit SharedLoops(bool team) : team_(team) {}
+  // Iterations handed out one at a time as threads become free (work of uneven cost).
+  template <class Body>
+  void dynamic(Index n, Body&& body) const {
+    if (team_) {
+#pragma omp for schedule(dynamic)
+      for (Index i = 0; i < n; ++i) body(i);
+    } else {
+      for (Index i = 0; i < n; ++i) body(i);
+    }
+  }
+  // Iterations split into equal contiguous shares.
+  template <class Body>
+  void fixed(Index n, Body&& body) const {
+    if (team_) {
+#pragma omp for schedule(static)
+      for (Index i = 0; i < n; ++i) body(i);
+    } else {
+      for (Index i = 0; i < n; ++i) body(i);
+    }
+  }
+
+ private:
+  bool team_;
+};
+
+// Runs region(loops) once on each of `threads` threads. One thread runs it directly, outside any
+// OpenMP construct: libgomp starts a team for a parallel region even where its `if` clause is
+// false, and wakes a futex (a system call) when it ends, about 0.4 us a region, a tenth of a small
+// call. (The loops of a one-thread region are plain loops, not orphaned worksharing constructs,
+// which would bind to a parallel region of the caller's if there were one.)
+template <class Region>
+void parallel_region(int threads, Region&& region) {
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    region(SharedLoops(true));
+  } else {
+    region(SharedLoops(false));
+  }
+}
+
+// body(i) for every i in [0, n) on `threads` threads, handed out dynamically.
+template <class Body>
+void parallel_for(int threads, Index n, Body&& body) {
+  parallel_region(threads, [&](const SharedLoops& loops) { loops.dynamic(n, body); });
+}
+
 // Geometry shared by the passes: which chunks exist and how work items map onto them.
 struct Geometry {
   Index inner = 1;  // row mode: features per row; plane mode: 1
@@ -323,22 +374,20 @@ void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces
                           Run&& run) {
   if (rp.pieces > 0) {
     const ItemBlock row = whole_row(plan, rp.width);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index item = 0; item < rp.rows * rp.pieces; ++item) {
+    parallel_for(threads, rp.rows * rp.pieces, [&](Index item) {
       const Index first = item / rp.pieces * rp.width, u0 = item % rp.pieces * rp.units_per_piece;
       run(first, row, u0, std::min(geo.units, u0 + rp.units_per_piece));
-    }
+    });
     return;
   }
   const Index chunks = geo.chunks();
   const std::vector<Block> blocks = blocks_of(plan, geo.outer, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-  for (Index item = 0; item < work; ++item) {
+  parallel_for(threads, work, [&](Index item) {
     const Block& b = blocks[size(item / chunks)];
     const Index chunk = item % chunks;
     run(b.first, b.items, geo.first_unit(chunk), geo.last_unit(chunk));
-  }
+  });
 }
 
 // Batch moments per statistic: count, mean and biased variance (operands: x, mask).
@@ -354,22 +403,19 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
     PartialBuffer<double> part_count(geo.items());
     PartialBuffer<double> part_mean(geo.items() * features);
     PartialBuffer<double> part_m2(geo.items() * features);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
+    parallel_region(threads, [&](const SharedLoops& loops) {
       PartialBuffer<double> scratch(3 * features);  // set from the first valid row
-#pragma omp for schedule(dynamic)
-      for (Index item = 0; item < geo.items(); ++item) {
+      loops.dynamic(geo.items(), [&](Index item) {
         const Index o = item / chunks, chunk = item % chunks;
         part_count[size(item)] = static_cast<double>(kernels.row_moments(
             plan, x + stat_offset(plan, o, 0), at_offset(mask, mask ? stat_offset(plan, o, 1) : 0),
             geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
             part_mean.data() + item * features, part_m2.data() + item * features));
-      }
+      });
       // Chan's merge in chunk order, as detail::merge_into does it per statistic; a chunk has
       // one count for all its features, so the weights are computed once per chunk.
       const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
-#pragma omp for schedule(static)
-      for (Index job = 0; job < geo.outer * column_blocks; ++job) {
+      loops.fixed(geo.outer * column_blocks, [&](Index job) {
         const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
         const Index c1 = std::min(features, c0 + kMergeColumns);
         double* mean_o = mean + o * features;
@@ -401,26 +447,23 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
           if (total == 0.0) mean_o[c] = 0.0;
           m2_o[c] = total > 0.0 ? m2_o[c] / total : 0.0;
         }
-      }
-    }
+      });
+    });
     return;
   }
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   std::vector<Moments> partial(size(stats * chunks));  // [chunk][statistic]
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(dynamic)
-    for (Index item = 0; item < work; ++item) {
+  parallel_region(threads, [&](const SharedLoops& loops) {
+    loops.dynamic(work, [&](Index item) {
       const Block& b = blocks[size(item / chunks)];
       const Index chunk = item % chunks;
       kernels.plane_moments(plan, x + stat_offset(plan, b.first, 0),
                             at_offset(mask, mask ? stat_offset(plan, b.first, 1) : 0), b.items,
                             geo.first_unit(chunk), geo.last_unit(chunk),
                             partial.data() + chunk * stats + b.first);
-    }
-#pragma omp for schedule(static)
-    for (Index k = 0; k < stats; ++k) {
+    });
+    loops.fixed(stats, [&](Index k) {
       Moments total;
       for (Index chunk = 0; chunk < chunks; ++chunk) {
         detail::merge_into(total, partial[size(chunk * stats + k)]);
@@ -428,8 +471,8 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
       count[k] = total.count;
       mean[k] = total.mean;
       var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
-    }
-  }
+    });
+  });
 }
 
 // out = (in - shift) * scale + offset per statistic (operands: in, out). Each array has
@@ -443,14 +486,13 @@ void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* 
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 3> k({shift, scale, offset}, geo.outer, geo.inner);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index i = 0; i < geo.items(); ++i) {
+    parallel_for(threads, geo.items(), [&](Index i) {
       const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
                          {k.at(0, o), k.at(1, o), k.at(2, o)}, geo.first_unit(chunk),
                          geo.last_unit(chunk), stream);
-    }
+    });
     return;
   }
   for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), threads,
@@ -473,18 +515,15 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   if (plan.row) {
     const Index width = geo.inner;
     PartialBuffer<double> partial(2 * geo.items() * width);  // [outer][chunk][sum][feature]
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#pragma omp for schedule(dynamic)
-      for (Index item = 0; item < geo.items(); ++item) {
+    parallel_region(threads, [&](const SharedLoops& loops) {
+      loops.dynamic(geo.items(), [&](Index item) {
         const Index o = item / chunks, chunk = item % chunks;
         double* part = partial.data() + 2 * item * width;
         kernels.row_sums(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
                          shift + o * width, geo.first_unit(chunk), geo.last_unit(chunk), part,
                          part + width);
-      }
-#pragma omp for schedule(static)
-      for (Index k = 0; k < stats; ++k) {
+      });
+      loops.fixed(stats, [&](Index k) {
         const Index o = k / width, c = k % width;
         double total_dy = 0.0, total_dyx = 0.0;
         for (Index chunk = 0; chunk < chunks; ++chunk) {
@@ -494,26 +533,23 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
         }
         sum_dy[k] = total_dy;
         sum_dy_centered[k] = total_dyx;
-      }
-    }
+      });
+    });
     return;
   }
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   PartialBuffer<double> partial(2 * stats * chunks);  // [chunk][statistic][sum]
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(dynamic)
-    for (Index item = 0; item < work; ++item) {
+  parallel_region(threads, [&](const SharedLoops& loops) {
+    loops.dynamic(work, [&](Index item) {
       const Block& b = blocks[size(item / chunks)];
       const Index chunk = item % chunks;
       kernels.plane_sums(plan, dy + stat_offset(plan, b.first, 0),
                          x + stat_offset(plan, b.first, 1), b.items, shift + b.first,
                          geo.first_unit(chunk), geo.last_unit(chunk),
                          partial.data() + 2 * (chunk * stats + b.first));
-    }
-#pragma omp for schedule(static)
-    for (Index k = 0; k < stats; ++k) {
+    });
+    loops.fixed(stats, [&](Index k) {
       double total_dy = 0.0, total_dyx = 0.0;
       for (Index chunk = 0; chunk < chunks; ++chunk) {
         total_dy += partial[size(2 * (chunk * stats + k))];
@@ -521,8 +557,8 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
       }
       sum_dy[k] = total_dy;
       sum_dy_centered[k] = total_dyx;
-    }
-  }
+    });
+  });
 }
 
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask). The
@@ -537,8 +573,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 4> rows({k.shift, k.scale, k.slope, k.offset}, geo.outer, geo.inner);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-    for (Index i = 0; i < geo.items(); ++i) {
+    parallel_for(threads, geo.items(), [&](Index i) {
       const Index item = last_first(geo, i);
       const Index o = item / chunks, chunk = item % chunks;
       kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
@@ -546,7 +581,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
                      at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
                      {rows.at(0, o), rows.at(1, o), rows.at(2, o), rows.at(3, o)},
                      geo.first_unit(chunk), geo.last_unit(chunk), stream);
-    }
+    });
     return;
   }
   // Masked passes keep the blocks: the mask's runs are not back to back with the data's.
@@ -598,8 +633,7 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
   const detail::GroupStats group_stats{
       context.count.data(),   context.mean.data(),   var,
       context.inv_std.data(), context.zscale.data(), context.zshift.data()};
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-  for (Index fb = 0; fb < feature_blocks; ++fb) {
+  parallel_for(threads, feature_blocks, [&](Index fb) {
     const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
     for (Index g = 0; g < groups; ++g) {
       for_each_block(stats_plan, g * features + c0, g * features + c1, per_block,
@@ -634,7 +668,7 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
                                             ag.units, stream);
                      });
     }
-  }
+  });
   return true;
 }
 
@@ -662,8 +696,7 @@ bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, con
   const detail::Coefficients<Acc> out{k_shift.data(), k_scale.data(), k_slope.data(),
                                       k_offset.data()};
   const detail::BackwardSums sums{sum_dy.data(), sum_dyx.data()};
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-  for (Index fb = 0; fb < feature_blocks; ++fb) {
+  parallel_for(threads, feature_blocks, [&](Index fb) {
     const Index c0 = fb * per_block, c1 = std::min(features, c0 + per_block);
     for (Index g = 0; g < groups; ++g) {
       for_each_block(sums_plan, g * features + c0, g * features + c1, per_block,
@@ -697,7 +730,7 @@ bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, con
                            0, dg.units, stream);
                      });
     }
-  }
+  });
   return true;
 }
 
