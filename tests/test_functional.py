@@ -105,6 +105,26 @@ def test_layer_used_twice_refuses_an_ambiguous_backward() -> None:
         layer.backward(np.ones_like(b))
 
 
+def test_layer_counts_each_output_once_and_a_retried_backward() -> None:
+    """An `out=` written by two training calls is one output (the last call's); a backward that
+    failed and was retried differentiates its call, whose output then no longer counts."""
+    rng = np.random.default_rng(4)
+    layer = batchnorm.BatchNormalization(dtype="float64")
+    x = rng.normal(size=(8, 3))
+    dy = rng.normal(size=x.shape)
+    out = np.empty_like(x)
+    layer(x * 2.0, training=True, out=out)
+    layer(x, training=True, out=out)
+    first = layer.backward(dy)  # the one output alive is the last call's: no refusal
+    y = layer(x, training=True)
+    with pytest.raises(ValueError):
+        layer.backward(dy[:4])  # a dy of the wrong shape
+    np.testing.assert_array_equal(layer.backward(dy), first)  # the same call again
+    later = layer(x, training=True)  # y is still alive, but it was differentiated
+    np.testing.assert_array_equal(layer.backward(dy), first)
+    assert y is not None and later is not None
+
+
 def test_backward_keeps_the_weights_of_its_call() -> None:
     """Before: a second backward after apply_gradients read the updated gamma."""
     rng = np.random.default_rng(2)
@@ -118,7 +138,7 @@ def test_backward_keeps_the_weights_of_its_call() -> None:
     # The same for an inference call followed by a training call that moves the statistics.
     layer(x)
     inference_dx = layer.backward(dy)
-    kept = layer._last
+    kept = batchnorm.layer._context_of(layer._last)  # the inference call's context
     layer(x * 3.0, training=True)
     dx_again, _, _ = F.backward(dy, kept)
     np.testing.assert_array_equal(dx_again, inference_dx)

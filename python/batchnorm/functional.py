@@ -526,7 +526,7 @@ def forward(
         # case, e.g. bfloat16 data or CUDA weights, which the general path below takes).
         y = _NUMPY.empty_like(x) if out is None else out
         kept = _core.plain_forward(
-            x, y, training, update_moving, options.core, weights, communicator
+            x, y, training, update_moving, options.core, weights, communicator, None, None
         )
         if kept is not None:
             return y, Context(training, x, None, options, kept[0], kept[1], communicator)

@@ -9,7 +9,6 @@ import itertools
 import math
 import numbers
 import operator
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -48,49 +47,20 @@ ArrayT = TypeVar("ArrayT", bound=SupportsDLPack)
 _layer_ids = itertools.count()
 
 
-class _Access:
-    """Who changes a layer's weights now, across threads (the kernels run without the GIL).
+# What a plain NumPy call keeps for its backward, until one asks for it: (x, options, (weights,
+# statistics or None), communicator). A tuple, not a functional.Context: making one costs a
+# quarter of a microsecond per call, which most calls (inference, or a training call followed by
+# another) never use.
+_PlainCall = tuple[np.ndarray, functional.Options, tuple[Any, Any], Any]
 
-    Writers (a training call, which updates the moving statistics in place, or a change of the
-    weights) hold a lock and make `version` odd while they work. Readers (inference calls,
-    weight snapshots) take no lock: they note an even version, read, and read again if the
-    version changed meanwhile, so no snapshot mixes two steps and no inference result comes
-    from a half-updated statistic, at the cost of two attribute reads per call. Two training
-    calls of one layer at once raise RuntimeError: the layer keeps one call's context for
-    backward, so their steps could not be told apart."""
 
-    __slots__ = ("_lock", "_training", "version")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._training = False
-        self.version = 0
-
-    def stable_version(self) -> int:
-        """The version when no writer is at work (waiting for one that is)."""
-        version = self.version
-        while version & 1:
-            with self._lock:
-                pass
-            version = self.version
-        return version
-
-    def begin_write(self, training: bool, name: str) -> None:
-        if not self._lock.acquire(False):  # (positional: a keyword costs a parse per call)
-            if training and self._training:
-                raise RuntimeError(
-                    f"{name}: another thread is training this layer; one layer trains in "
-                    "one thread at a time (use a layer per thread, or "
-                    "batchnorm.functional.forward/backward with weights per thread)"
-                )
-            self._lock.acquire()
-        self._training = training
-        self.version += 1
-
-    def end_write(self) -> None:
-        self.version += 1
-        self._training = False
-        self._lock.release()
+def _context_of(call: functional.Context | _PlainCall) -> functional.Context:
+    if type(call) is not tuple:
+        return call
+    x, options, (weights, statistics), communicator = call
+    return functional.Context(
+        statistics is not None, x, None, options, weights, statistics, communicator
+    )
 
 
 class Variable:
@@ -374,9 +344,10 @@ class BatchNormalization:
         self._bound: functional.Weights | None = None
         # The last call's context (what backward differentiates), and weak references to the
         # outputs of training calls not differentiated yet: two of them alive at a backward
-        # mean the layer was used twice in one computation (see _context_for_backward).
-        self._last: functional.Context | None = None
-        self._undifferentiated: list[tuple[weakref.ref, functional.Context]] = []
+        # mean the layer was used twice in one computation (see _last_call).
+        # A plain call keeps its context as a _PlainCall record, made a Context when needed.
+        self._last: functional.Context | _PlainCall | None = None
+        self._undifferentiated: list[tuple[weakref.ref, functional.Context | _PlainCall]] = []
         self._warned_detached = False
         # float32/float64 NumPy inputs of this dtype need no conversion (the fast path).
         self._numpy_compute_dtype = (
@@ -386,7 +357,9 @@ class BatchNormalization:
         )
         self._device = CPU
         self.gradients: dict[str, Any] = {}
-        self._access = _Access()
+        # Who changes the weights now, across threads: writers (training calls, weight
+        # changes) hold it; readers read again where a writer overlapped them.
+        self._access = _core.WeightAccess()
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -806,40 +779,23 @@ class BatchNormalization:
             weights = self._bound or self._bound_weights()
             options = self._options
             y = _NUMPY.empty_like(inputs) if out is None else out
-            if train:
-                communicator = self._communicator_hook() if self.synchronized else None
-                access.begin_write(True, self.name)
-                try:
-                    kept = _core.plain_forward(
-                        inputs, y, True, True, options.core, weights, communicator
-                    )
-                finally:
-                    access.end_write()
-                if kept is not None:
-                    context = functional.Context(
-                        True, inputs, None, options, kept[0], kept[1], communicator
-                    )
-                    self._last = context
-                    self._track_training_output(y, context)
-                    return y
-            else:
-                while True:  # a reader, as below
-                    version = access.version
-                    if version & 1:
-                        version = access.stable_version()
-                    kept = _core.plain_forward(inputs, y, False, True, options.core, weights, None)
-                    if kept is None:
-                        break
-                    if access.version == version:
-                        self._last = functional.Context(
-                            False, inputs, None, options, kept[0], None, None
-                        )
-                        return y
+            communicator = self._communicator_hook() if train and self.synchronized else None
+            # The extension holds the thread guard itself: as the writer for a training call,
+            # reading the weights again for an inference call that a writer overlapped.
+            kept = _core.plain_forward(
+                inputs, y, train, True, options.core, weights, communicator, access, self.name
+            )
+            if kept is not None:
+                record = (inputs, options, kept, communicator)  # a _PlainCall
+                self._last = record
+                if train:
+                    self._track_training_output(y, record)
+                return y
         x = self._prepare_input(inputs)
         weights = self._bound or self._bound_weights()
         if train:
             # The arguments, the user's adjustment among them, are evaluated before the thread
-            # guard (_Access) is taken: a training call holds it as the writer.
+            # guard (WeightAccess) is taken: a training call holds it as the writer.
             adjustment = (
                 None if self.adjustment is None else self._adjustment_vectors(tuple(x.shape))
             )
@@ -872,24 +828,31 @@ class BatchNormalization:
                 self._last = context
                 return y
 
-    def _track_training_output(self, y: Any, context: functional.Context) -> None:
-        undifferentiated = self._undifferentiated
-        alive = (
-            [(ref, c) for ref, c in undifferentiated if ref() is not None and ref() is not y]
-            if undifferentiated
-            else []
-        )
+    def _track_training_output(self, y: Any, call: functional.Context | _PlainCall) -> None:
+        pending = self._undifferentiated
+        if pending:
+            # Outputs freed meanwhile, or y itself (an `out=` written again), no longer count.
+            if len(pending) == 1:  # (the common case, without a list comprehension's frame)
+                earlier = pending[0][0]()
+                if earlier is None or earlier is y:
+                    pending = []
+            else:
+                pending = [
+                    (r, c) for r, c in pending if (output := r()) is not None and output is not y
+                ]
         try:
-            alive.append((weakref.ref(y), context))
+            entry = (weakref.ref(y), call)
         except TypeError:  # an array type without weak references: nothing to compare with
-            alive = []
-        self._undifferentiated = alive
+            self._undifferentiated = []
+            return
+        self._undifferentiated = [*pending, entry] if pending else [entry]
 
-    def _context_for_backward(self) -> functional.Context:
-        """The last call's context. Backward differentiates the last call only: if outputs of
-        two or more training calls are still alive and none of them was differentiated, the
-        layer was used more than once in one computation, and dy may belong to an earlier call
-        whose statistics are gone — refuse rather than return a wrong gradient."""
+    def _last_call(self) -> functional.Context | _PlainCall:
+        """The last call, whose output backward differentiates. Backward differentiates the
+        last call only: if outputs of two or more training calls are still alive and none of
+        them was differentiated, the layer was used more than once in one computation, and dy
+        may belong to an earlier call whose statistics are gone — refuse rather than return a
+        wrong gradient."""
         if self._last is None:
             raise ValueError(f"{self.name}: backward needs a forward call first")
         if len(self._undifferentiated) < 2:  # (the common case: nothing to prune or refuse)
@@ -911,12 +874,19 @@ class BatchNormalization:
         ({"gamma", "beta"}, also in the input's framework and on the layer's device). The call's
         own statistics and weights are used, so a second backward (even after an update of
         gamma) gives the same result."""
-        context = self._context_for_backward()
+        call = self._last_call()
+        context = _context_of(call)
         dx, dgamma, dbeta = functional.backward(dy, context, out=out)
-        if self._undifferentiated:
-            self._undifferentiated = [
-                (ref, c) for ref, c in self._undifferentiated if c is not context
-            ]
+        self._last = context  # (made once: a second backward of this call reuses it)
+        pending = self._undifferentiated
+        if pending:  # this call's output is differentiated now
+            if len(pending) == 1:
+                if pending[0][1] is call or pending[0][1] is context:
+                    self._undifferentiated = []
+            else:
+                self._undifferentiated = [
+                    (ref, c) for ref, c in pending if c is not call and c is not context
+                ]
         gradients = {}
         shape = self._param_shape
         flat = len(shape) == 1  # the vectors already have Keras' shape

@@ -10,5 +10,6 @@ void bind_weights(nanobind::module_& m);
 void bind_communicator(nanobind::module_& m);
 void bind_cuda(nanobind::module_& m);
 void bind_buffers(nanobind::module_& m);
+void bind_access(nanobind::module_& m);
 
 }  // namespace batchnorm::python

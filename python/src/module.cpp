@@ -13,6 +13,7 @@ NB_MODULE(_core, m) {
   // (tests/test_package.py checks both: no growth over many calls, no report at exit).
   nanobind::set_leak_warnings(false);
   batchnorm::python::bind_communicator(m);
+  batchnorm::python::bind_access(m);
   batchnorm::python::bind_weights(m);
   batchnorm::python::bind_operations(m);
   batchnorm::python::bind_cuda(m);

@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 
+#include "access.hpp"
 #include "bindings.hpp"
 #include "cuda/runtime.hpp"
 #include "tensors.hpp"
@@ -128,6 +129,19 @@ const std::vector<std::string>& kept_for_backward(bool training) {
   return training ? training_names : inference_names;
 }
 
+// kept_for_backward as a set of BoundWeights slots (resolved once).
+BoundWeights::SlotMask kept_slots(bool training) {
+  static const auto slots = [](bool training) {
+    BoundWeights::SlotMask mask = 0;
+    for (const std::string& name : kept_for_backward(training)) {
+      mask |= 1u << weight_slot_index(name);
+    }
+    return mask;
+  };
+  static const BoundWeights::SlotMask training_slots = slots(true), inference_slots = slots(false);
+  return training ? training_slots : inference_slots;
+}
+
 // numpy.empty(n, dtype) for a gradient vector. The function and the two dtypes are looked up
 // once and kept for the life of the process (like numpy_array_type's ndarray type).
 nb::object new_numpy_vector(std::int64_t n, DType dtype) {
@@ -150,7 +164,8 @@ nb::object new_numpy_vector(std::int64_t n, DType dtype) {
 // call is not that case; the general path then takes it, with its conversions and errors.
 nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool training,
                                  bool update_moving, const Options& options,
-                                 const BoundWeights& bound, const Communicator* communicator) {
+                                 const BoundWeights& bound, const Communicator* communicator,
+                                 WeightAccess* access, nb::handle name) {
   if (bound.device().type != DeviceType::cpu) return nb::none();
   const ArrayArgument x_argument(x_array, ArrayArgument::Access::read);
   if (!x_argument.read()) return nb::none();
@@ -158,18 +173,25 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
   const TensorRef& y = y_argument.tensor();
   const Weights weights = bound.for_input(x, feature_count(x, options));
-  // Copied before the kernel runs: a forward ordered after another thread's update keeps the
-  // values it computed with.
-  nb::object kept = nb::cast(bound.snapshot(kept_for_backward(training)));
   if (!training) {
-    {
-      nb::gil_scoped_release released;
-      infer_forward(x, y, options, weights);
+    // A reader of the weights: computed again where a writer (another thread's training call)
+    // overlapped it.
+    while (true) {
+      const std::uint64_t version = access ? access->stable_version() : 0;
+      nb::object kept = nb::cast(bound.snapshot(kept_slots(false)));
+      {
+        nb::gil_scoped_release released;
+        infer_forward(x, y, options, weights);
+      }
+      if (!access || access->version() == version) return nb::make_tuple(kept, nb::none());
     }
-    return nb::make_tuple(kept, nb::none());
   }
   nb::object statistics = nb::cast(TrainingContext());
   TrainingContext& context = nb::cast<TrainingContext&>(statistics);
+  std::optional<WriteScope> writing;  // (the layer's guard; functional's calls have none)
+  if (access) writing.emplace(*access, true, name);
+  // Copied before the kernel runs: a later update of gamma must not change this call's gradient.
+  nb::object kept = nb::cast(bound.snapshot(kept_slots(true)));
   {
     nb::gil_scoped_release released;
     train_forward(x, y, nullptr, options, weights, nullptr, update_moving, context, communicator);
@@ -373,13 +395,17 @@ void bind_operations(nb::module_& m) {
   // costs more than the smallest kernels' setup.
   m.def("plain_forward", &plain_forward_binding, nb::arg("x"), nb::arg("y").noconvert(),
         nb::arg("training"), nb::arg("update_moving"), nb::arg("options"), nb::arg("weights"),
-        nb::arg("communicator").none(),
+        nb::arg("communicator").none(), nb::arg("access").none(), nb::arg("name").none(),
         nb::sig("def plain_forward(x: object, y: object, training: bool, update_moving: bool, "
-                "options: Options, weights: Weights, communicator: Communicator | None) -> "
-                "tuple[Weights, TrainingContext | None] | None"),
+                "options: Options, weights: Weights, communicator: Communicator | None, "
+                "access: WeightAccess | None, name: object) -> tuple[Weights, TrainingContext | "
+                "None] | None"),
         "train_forward (without mask or adjustment) or infer_forward of a float16/32/64 NumPy "
-        "array with host weights: returns the weights the backward reads, copied first, and "
-        "the training statistics; None, with nothing done, for any other input or weights.");
+        "array with host weights, holding `access` (where given) as a writer (training) or "
+        "reading the weights again where a writer overlapped (inference): returns the weights the "
+        "backward "
+        "reads, copied first, and the training statistics; None, with nothing done, for any "
+        "other input or weights. `name` names the layer in errors.");
   m.def("plain_backward", &plain_backward_binding, nb::arg("dy"), nb::arg("x"),
         nb::arg("dx").noconvert(), nb::arg("mask").none(), nb::arg("options"),
         nb::arg("context").none(), nb::arg("weights"), nb::arg("communicator").none(),
