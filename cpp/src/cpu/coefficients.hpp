@@ -42,9 +42,11 @@ inline double value_at(const W* values, std::int64_t c, double fallback) {
 template <class Acc>
 bool may_need_split(std::int64_t features, const Acc* scale) {
   const Acc largest = static_cast<Acc>(detail::largest_finite<Acc>());
-  bool any = false;
-  for (std::int64_t c = 0; c < features; ++c) any |= !(std::fabs(scale[c]) < largest);
-  return any;
+  // A count, not a flag: GCC 12 vectorizes an integer sum, and left `any |= ...` scalar (a third
+  // of the inference coefficients' time at 1024 features).
+  std::int64_t outside = 0;
+  for (std::int64_t c = 0; c < features; ++c) outside += !(std::fabs(scale[c]) < largest);
+  return outside > 0;
 }
 
 // detail::group_statistics + detail::feature_coefficients for every feature of a call with one
@@ -85,8 +87,9 @@ bool plain_train_loops(std::int64_t features, const detail::TrainScalars& s,
   const double m = s.momentum;
   // Features without a valid position keep their moving statistics: the loop tests for them
   // only where there are some (a store under a condition does not vectorize).
-  bool all_valid = true;
-  for (std::int64_t c = 0; c < features; ++c) all_valid = all_valid && stats.count[c] > 0.0;
+  std::int64_t empty = 0;  // (counted, as in may_need_split, so that the scan vectorizes)
+  for (std::int64_t c = 0; c < features; ++c) empty += !(stats.count[c] > 0.0);
+  const bool all_valid = empty == 0;
   for (std::int64_t c = 0; c < features; ++c) {
     if (!all_valid && !(stats.count[c] > 0.0)) continue;
     // The mean over one ghost group, summed from 0 as the per-feature path does (0 + -0 = 0).
