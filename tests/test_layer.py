@@ -355,7 +355,12 @@ def test_out_gives_bitwise_the_default_call(training: bool, make_out: Any) -> No
     for a, b in zip(by_default.get_weights(), into_out.get_weights(), strict=True):
         assert a.tobytes() == b.tobytes()
     dy = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
-    assert into_out.backward(dy)[0].tobytes() == by_default.backward(dy)[0].tobytes()
+    expected_dx = by_default.backward(dy)
+    out = make_out(x)
+    assert into_out.backward(dy, out=out) is out
+    assert out.tobytes() == np.ascontiguousarray(expected_dx).tobytes()
+    for name, gradient in by_default.gradients.items():
+        assert into_out.gradients[name].tobytes() == gradient.tobytes(), name
 
 
 def test_out_that_cannot_take_the_result_is_refused_and_nothing_changes() -> None:
@@ -375,6 +380,18 @@ def test_out_that_cannot_take_the_result_is_refused_and_nothing_changes() -> Non
             layer(x, training=True, out=out)
     for a, b in zip(before, layer.get_weights(), strict=True):
         assert a.tobytes() == b.tobytes()
+    # The same for the backward's out: dy's memory, x's, read-only, wrong shape.
+    dy = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
+    for out, error in [
+        (dy, "overlap"),
+        (x, "overlap"),
+        (read_only, "read-only"),
+        (np.empty((8, 5), np.float32), "expected shape"),
+    ]:
+        kept = out.copy()
+        with pytest.raises(ValueError, match=error):
+            layer.backward(dy, out=out)
+        assert out.tobytes() == kept.tobytes()
 
 
 def test_integer_inputs_are_converted() -> None:

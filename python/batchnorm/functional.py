@@ -479,18 +479,20 @@ def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device
     )
 
 
-def plain_out(out: Any, x: np.ndarray) -> bool:
+def plain_out(out: Any, x: np.ndarray, *inputs: np.ndarray) -> bool:
     """Whether `out=` of a NumPy call is one the plain call may write as it is: a writable,
-    aligned NumPy array of x's shape and dtype that shares no memory with it. Any other `out`
-    takes the general path, which converts it or words the error."""
-    return (
+    aligned NumPy array of x's shape and dtype that shares no memory with x or the call's other
+    `inputs`. Any other `out` takes the general path, which converts it or words the error."""
+    if not (
         type(out) is np.ndarray
         and out.shape == x.shape
         and out.dtype == x.dtype
         and out.flags.writeable
         and out.flags.aligned
         and not np.shares_memory(out, x)
-    )
+    ):
+        return False
+    return not any(np.shares_memory(out, other) for other in inputs)
 
 
 def forward(
@@ -611,10 +613,14 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     and dgamma, dbeta as flat vectors of the weights' dtype (None where the layer has no such
     weight). Renorm's r, d and the adjustment are constants, as in Keras."""
     x = context.x
-    if out is None and type(dy) is np.ndarray and type(x) is np.ndarray:
+    if (
+        type(dy) is np.ndarray
+        and type(x) is np.ndarray
+        and (out is None or (context.mask is None and plain_out(out, x, dy)))
+    ):
         # The common call, NumPy on the CPU, in one C++ call (None, with nothing done, where dy
         # needs the general path's cast or error, or the call's weights are not on the host).
-        dx = _NUMPY.empty_like(x)
+        dx = _NUMPY.empty_like(x) if out is None else out
         result = _core.plain_backward(
             dy,
             x,
