@@ -479,22 +479,6 @@ def _snapshot(weights: Weights, names: list[str], framework: Any, device: Device
     )
 
 
-def plain_out(out: Any, x: np.ndarray, *inputs: np.ndarray) -> bool:
-    """Whether `out=` of a NumPy call is one the plain call may write as it is: a writable,
-    aligned NumPy array of x's shape and dtype that shares no memory with x or the call's other
-    `inputs`. Any other `out` takes the general path, which converts it or words the error."""
-    if not (
-        type(out) is np.ndarray
-        and out.shape == x.shape
-        and out.dtype == x.dtype
-        and out.flags.writeable
-        and out.flags.aligned
-        and not np.shares_memory(out, x)
-    ):
-        return False
-    return not any(np.shares_memory(out, other) for other in inputs)
-
-
 def forward(
     x: Any,
     weights: Mapping[str, Any] | Weights,
@@ -520,7 +504,7 @@ def forward(
         type(x) is np.ndarray
         and mask is None
         and adjustment is None
-        and (out is None or plain_out(out, x))
+        and (out is None or type(out) is np.ndarray)
         and type(weights) is Weights
     ):
         # The common call, NumPy on the CPU: one C++ call keeps the weights the backward reads,
@@ -616,7 +600,7 @@ def backward(dy: Any, context: Context, *, out: Any = None) -> tuple[Any, Any, A
     if (
         type(dy) is np.ndarray
         and type(x) is np.ndarray
-        and (out is None or (context.mask is None and plain_out(out, x, dy)))
+        and (out is None or type(out) is np.ndarray)
     ):
         # The common call, NumPy on the CPU, in one C++ call (None, with nothing done, where dy
         # needs the general path's cast or error, or the call's weights are not on the host).

@@ -5,10 +5,12 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
 #include "access.hpp"
+#include "batchnorm/layer.hpp"
 #include "bindings.hpp"
 #include "cuda/runtime.hpp"
 #include "tensors.hpp"
@@ -158,10 +160,29 @@ nb::object new_numpy_vector(std::int64_t n, DType dtype) {
   return nb::steal(result);
 }
 
+// Whether the plain call writes its result for x into `out` as it is: a writable, aligned NumPy
+// array of x's dtype and shape whose bytes lie apart from x's and the other inputs'. (Arrays that
+// interleave without sharing an element take the general path, which tells them apart.)
+bool writes_as_is(const ArrayArgument& out, const TensorRef& x,
+                  std::initializer_list<const TensorRef*> inputs) {
+  if (!out.read()) return false;
+  const TensorRef& t = out.tensor();
+  if (t.dtype != x.dtype || t.rank != x.rank ||
+      !std::equal(x.shape.begin(), x.shape.begin() + x.rank, t.shape.begin()) ||
+      detail::layer_views_overlap(t, x)) {
+    return false;
+  }
+  for (const TensorRef* input : inputs) {
+    if (input && detail::layer_views_overlap(t, *input)) return false;
+  }
+  return true;
+}
+
 // The plain call, in one binding: NumPy data read through the buffer protocol and host weights.
 // It keeps the weights the backward reads, makes the statistics object and runs the kernel, with
 // positional arguments, instead of the general path's Python objects per call. None where the
-// call is not that case; the general path then takes it, with its conversions and errors.
+// call is not that case (y included: an `out=` the call cannot write as it is); the general path
+// then takes it, with its conversions and errors.
 nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool training,
                                  bool update_moving, const Options& options,
                                  const BoundWeights& bound, const Communicator* communicator,
@@ -170,7 +191,8 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   const ArrayArgument x_argument(x_array, ArrayArgument::Access::read);
   if (!x_argument.read()) return nb::none();
   const TensorRef& x = x_argument.tensor();
-  const ArrayArgument y_argument(y_array, "y", ArrayArgument::Access::write);
+  const ArrayArgument y_argument(y_array, ArrayArgument::Access::write);
+  if (!writes_as_is(y_argument, x, {})) return nb::none();
   const TensorRef& y = y_argument.tensor();
   const Weights weights = bound.for_input(x, feature_count(x, options));
   if (!training) {
@@ -216,9 +238,10 @@ nb::object plain_backward_binding(nb::handle dy_array, nb::handle x_array, nb::h
       !std::equal(x.shape.begin(), x.shape.begin() + x.rank, dy.shape.begin())) {
     return nb::none();
   }
-  const ArrayArgument dx_argument(dx_array, "dx", ArrayArgument::Access::write);
-  const TensorRef& dx = dx_argument.tensor();
   const std::optional<TensorRef> mask = mask_of(mask_array);
+  const ArrayArgument dx_argument(dx_array, ArrayArgument::Access::write);
+  if (!writes_as_is(dx_argument, x, {&dy, mask ? &*mask : nullptr})) return nb::none();
+  const TensorRef& dx = dx_argument.tensor();
   const std::int64_t features = feature_count(x, options);
   const Weights weights = bound.for_input(x, features);
   nb::object dgamma = bound.has("gamma") ? new_numpy_vector(features, weights.dtype) : nb::none();
@@ -401,7 +424,8 @@ void bind_operations(nb::module_& m) {
                 "access: WeightAccess | None, name: object) -> tuple[Weights, TrainingContext | "
                 "None] | None"),
         "train_forward (without mask or adjustment) or infer_forward of a float16/32/64 NumPy "
-        "array with host weights, holding `access` (where given) as a writer (training) or "
+        "array with host weights into y (a writable NumPy array like x, apart from it), holding "
+        "`access` (where given) as a writer (training) or "
         "reading the weights again where a writer overlapped (inference): returns the weights the "
         "backward "
         "reads, copied first, and the training statistics; None, with nothing done, for any "
@@ -415,7 +439,8 @@ void bind_operations(nb::module_& m) {
                 "object | None] | None"),
         "Backward of a plain_forward call (context None for inference) into dx, with new "
         "NumPy dgamma and dbeta: (dx, dgamma, dbeta); None, with nothing done, where dy is "
-        "not a NumPy array of x's dtype and shape or the weights are not on the host.");
+        "not a NumPy array of x's dtype and shape, dx not a writable one apart from x, dy and "
+        "the mask, or the weights are not on the host.");
   m.def("kept_for_backward", &kept_for_backward, nb::arg("training"),
         "The weights a backward reads of its forward call's, which the forward keeps a copy "
         "of.");
