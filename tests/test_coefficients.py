@@ -50,23 +50,27 @@ def _run(x, options, weights, adjustment, mask):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "special", "denormal"])
 @pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])
-def test_plain_coefficients_match_the_per_feature_path(dtype, kind, center, scale):
+# 600 features: the row pass takes each block of 256 features' coefficients as soon as its
+# statistics are merged, so that gamma's infinity below sends the first block alone to the split
+# path, the others keeping the vectorized loops.
+@pytest.mark.parametrize("features", [40, 600])
+def test_plain_coefficients_match_the_per_feature_path(dtype, kind, center, scale, features):
     epsilon = 1e-30 if kind == "denormal" else 1e-3
     options = functional.Options(axis=-1, center=center, scale=scale, epsilon=epsilon)
-    x = _data((24, 40), dtype, kind, seed=len(kind))
+    x = _data((24, features), dtype, kind, seed=len(kind))
     weight_dtype = "float64" if dtype == "float64" else "float32"
     weights = functional.initial_weights(options, x.shape, weight_dtype)
     rng = np.random.default_rng(1)
     for name in weights:
         if name in ("gamma", "beta", "moving_mean"):
-            weights[name] = rng.standard_normal(40).astype(weights[name].dtype)
+            weights[name] = rng.standard_normal(features).astype(weights[name].dtype)
     if "gamma" in weights:  # a signed zero and an infinity (whose scale takes the split path)
         weights["gamma"][3] = -0.0
         weights["gamma"][4] = np.inf
         weights["gamma"][5] = 2.0
     if "beta" in weights:  # 0 * gamma + beta is +0 here, not beta
         weights["beta"][5] = -0.0
-    identity = (np.ones(40, weight_dtype), np.zeros(40, weight_dtype))
+    identity = (np.ones(features, weight_dtype), np.zeros(features, weight_dtype))
     for mask in (None, np.arange(24) % 3 != 0, np.zeros(24, bool)):
         plain = _run(x, options, weights, None, mask)
         per_feature = _run(x, options, weights, identity, mask)

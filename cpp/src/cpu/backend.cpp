@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "core/synchronize.hpp"
@@ -42,9 +43,9 @@ struct CoefficientBuffers {
   bool prescaled() const {
     if (!has_prescale) return false;
     const Acc* prescale = values.data() + 4 * stride;
-    bool any = false;  // no early exit: the scan vectorizes
-    for (std::int64_t i = 0; i < count; ++i) any |= prescale[i] != Acc(1);
-    return any;
+    std::int64_t split = 0;  // counted, without an early exit: the scan vectorizes
+    for (std::int64_t i = 0; i < count; ++i) split += prescale[i] != Acc(1);
+    return split > 0;
   }
 };
 
@@ -52,6 +53,31 @@ struct CoefficientBuffers {
 template <class A>
 bool plain_training(std::int64_t groups, const TrainScalars& s, const WeightPtrs<A>& w) {
   return groups == 1 && !s.renorm && w.adjust_scale == nullptr && w.adjust_bias == nullptr;
+}
+
+// The views of per-feature structures from feature `first` on (one group: feature c at index c).
+GroupStats from_feature(const GroupStats& s, std::int64_t first) {
+  return {s.count + first,   s.mean + first,   s.var + first,
+          s.inv_std + first, s.zscale + first, s.zshift + first};
+}
+
+template <class W>
+WeightPtrs<W> from_feature(WeightPtrs<W> w, std::int64_t first) {
+  for (W** p : {&w.gamma, &w.beta, &w.moving_mean, &w.moving_variance, &w.moving_stddev,
+                &w.renorm_mean, &w.renorm_stddev}) {
+    if (*p) *p += first;
+  }
+  if (w.adjust_scale) w.adjust_scale += first;
+  if (w.adjust_bias) w.adjust_bias += first;
+  return w;
+}
+
+template <class Acc>
+Coefficients<Acc> from_feature(Coefficients<Acc> k, std::int64_t first) {
+  for (Acc** p : {&k.shift, &k.scale, &k.slope, &k.offset, &k.prescale}) {
+    if (*p) *p += first;
+  }
+  return k;
 }
 
 // A per-feature array for the CPU passes: n entries and the room past them that row-mode passes
@@ -126,6 +152,40 @@ struct Cpu {
       if (k.prescaled()) apply_affine(call.apply_plan, call.x, call.y, k);
       return;
     }
+    const GroupStats group_stats{
+        context.count.data(),   context.mean.data(),   var.data(),
+        context.inv_std.data(), context.zscale.data(), context.zshift.data()};
+    if (call.stats_plan.row && call.apply_plan.row && !synchronizing(call.communicator) &&
+        plain_training(groups, call.scalars, call.weights)) {
+      // Row layouts in one region: each block of features takes its coefficients as soon as
+      // its statistics are merged. A block whose scale needs the split path (rare: denormal
+      // data, tiny epsilon) is marked and taken by the per-feature path below.
+      std::vector<char> split(static_cast<std::size_t>(features), 0);
+      const Coefficients<Acc> plain_view = k.view();
+      const bool normalized = cpu::train_rows_fused(
+          call.stats_plan, call.apply_plan, call.x, call.y, call.mask, context.count.data(),
+          context.mean.data(), var.data(), {plain_view.shift, plain_view.scale, plain_view.offset},
+          [&](std::int64_t first, std::int64_t last) {
+            if (cpu::kernels<T>().plain_train_coefficients(
+                    last - first, call.scalars, from_feature(group_stats, first),
+                    from_feature(call.weights, first), from_feature(plain_view, first))) {
+              return true;
+            }
+            std::fill(split.begin() + first, split.begin() + last, 1);
+            return false;
+          });
+      if (normalized) return;
+      const Coefficients<Acc> split_view = k.view_with_split();
+      for (std::int64_t c = 0; c < features; ++c) {
+        if (!split[static_cast<std::size_t>(c)]) continue;
+        const GhostSums sums =
+            group_statistics(c, features, groups, call.scalars.epsilon, group_stats);
+        feature_coefficients<Acc, Acc>(c, features, groups, call.scalars, group_stats, sums,
+                                       call.weights, split_view);
+      }
+      apply_affine(call.apply_plan, call.x, call.y, k);
+      return;
+    }
     cpu::moments(call.stats_plan, call.x, call.mask, context.count.data(), context.mean.data(),
                  var.data());
     // Ghost batches stay per process: only their averages are synchronized (one collective
@@ -134,9 +194,6 @@ struct Cpu {
       synchronize_moments(call.communicator, context.count, context.mean, var);
     }
 
-    const GroupStats group_stats{
-        context.count.data(),   context.mean.data(),   var.data(),
-        context.inv_std.data(), context.zscale.data(), context.zshift.data()};
     const bool plain = !context.ghost_batches &&
                        plain_training(groups, call.scalars, call.weights) &&
                        cpu::kernels<T>().plain_train_coefficients(

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
@@ -41,6 +42,12 @@ inline constexpr Index kElementsPerThread = Index{1} << 14;
 // Outputs at least this large are written with non-temporal stores: they would not stay in cache
 // anyway, and bypassing it saves the read-for-ownership and keeps the input cached.
 inline constexpr Index kStreamBytes = Index{16} << 20;
+
+// Whether an elementwise pass over `elements` values of T writes with non-temporal stores.
+template <class T>
+inline bool streams(Index elements) {
+  return elements * Index{sizeof(T)} >= kStreamBytes;
+}
 
 // Calls of the CPU backend running now, in any thread of the process.
 inline std::atomic<int> calls_in_flight{0};
@@ -390,6 +397,71 @@ void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces
   });
 }
 
+// The per-chunk partial moments of a row-mode statistics pass, in the scratch memory of the
+// thread that makes them (the caller of the parallel region).
+struct RowPartials {
+  PartialBuffer<double> count, mean, m2;
+  explicit RowPartials(const Geometry& geo)
+      : count(geo.items()), mean(geo.items() * geo.inner), m2(geo.items() * geo.inner) {}
+};
+
+// The loops of a row-mode statistics pass within a parallel region: each chunk's moments (a
+// dynamic loop), then Chan's merge of the chunks per block of columns (a fixed loop), after
+// which finished(first, last) runs on the thread that merged statistics [first, last): their
+// count, mean and biased variance are final there.
+template <class T, class Finished>
+void row_moments_loops(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* x,
+                       const std::uint8_t* mask, RowPartials& part, double* count, double* mean,
+                       double* var, Finished&& finished) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index features = geo.inner, chunks = geo.chunks();
+  PartialBuffer<double> scratch(3 * features);  // set from the first valid row
+  loops.dynamic(geo.items(), [&](Index item) {
+    const Index o = item / chunks, chunk = item % chunks;
+    part.count[size(item)] = static_cast<double>(kernels.row_moments(
+        plan, x + stat_offset(plan, o, 0), at_offset(mask, mask ? stat_offset(plan, o, 1) : 0),
+        geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
+        part.mean.data() + item * features, part.m2.data() + item * features));
+  });
+  // Chan's merge in chunk order, as detail::merge_into does it per statistic; a chunk has
+  // one count for all its features, so the weights are computed once per chunk.
+  const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
+  loops.fixed(geo.outer * column_blocks, [&](Index job) {
+    const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
+    const Index c1 = std::min(features, c0 + kMergeColumns);
+    double* mean_o = mean + o * features;
+    double* m2_o = var + o * features;  // sums of squared deviations until the end
+    double total = 0.0;
+    for (Index chunk = 0; chunk < chunks; ++chunk) {
+      const Index item = o * chunks + chunk;
+      const double n = part.count[size(item)];
+      const double* chunk_mean = part.mean.data() + item * features;
+      const double* chunk_m2 = part.m2.data() + item * features;
+      if (n == 0.0) continue;
+      if (total == 0.0) {
+        std::copy(chunk_mean + c0, chunk_mean + c1, mean_o + c0);
+        std::copy(chunk_m2 + c0, chunk_m2 + c1, m2_o + c0);
+        total = n;
+        continue;
+      }
+      const double merged = total + n;
+      const double mean_weight = n / merged, m2_weight = total * n / merged;
+      for (Index c = c0; c < c1; ++c) {
+        const double delta = chunk_mean[c] - mean_o[c];
+        mean_o[c] += delta * mean_weight;
+        m2_o[c] += chunk_m2[c] + delta * delta * m2_weight;
+      }
+      total = merged;
+    }
+    for (Index c = c0; c < c1; ++c) {
+      count[o * features + c] = total;
+      if (total == 0.0) mean_o[c] = 0.0;
+      m2_o[c] = total > 0.0 ? m2_o[c] / total : 0.0;
+    }
+    finished(o * features + c0, o * features + c1);
+  });
+}
+
 // Batch moments per statistic: count, mean and biased variance (operands: x, mask).
 template <class T>
 void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* count, double* mean,
@@ -399,55 +471,9 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
   const int threads = team_size(geo.elements());
   if (plan.row) {
-    const Index features = geo.inner;
-    PartialBuffer<double> part_count(geo.items());
-    PartialBuffer<double> part_mean(geo.items() * features);
-    PartialBuffer<double> part_m2(geo.items() * features);
+    RowPartials part(geo);
     parallel_region(threads, [&](const SharedLoops& loops) {
-      PartialBuffer<double> scratch(3 * features);  // set from the first valid row
-      loops.dynamic(geo.items(), [&](Index item) {
-        const Index o = item / chunks, chunk = item % chunks;
-        part_count[size(item)] = static_cast<double>(kernels.row_moments(
-            plan, x + stat_offset(plan, o, 0), at_offset(mask, mask ? stat_offset(plan, o, 1) : 0),
-            geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
-            part_mean.data() + item * features, part_m2.data() + item * features));
-      });
-      // Chan's merge in chunk order, as detail::merge_into does it per statistic; a chunk has
-      // one count for all its features, so the weights are computed once per chunk.
-      const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
-      loops.fixed(geo.outer * column_blocks, [&](Index job) {
-        const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
-        const Index c1 = std::min(features, c0 + kMergeColumns);
-        double* mean_o = mean + o * features;
-        double* m2_o = var + o * features;  // sums of squared deviations until the end
-        double total = 0.0;
-        for (Index chunk = 0; chunk < chunks; ++chunk) {
-          const Index item = o * chunks + chunk;
-          const double n = part_count[size(item)];
-          const double* chunk_mean = part_mean.data() + item * features;
-          const double* chunk_m2 = part_m2.data() + item * features;
-          if (n == 0.0) continue;
-          if (total == 0.0) {
-            std::copy(chunk_mean + c0, chunk_mean + c1, mean_o + c0);
-            std::copy(chunk_m2 + c0, chunk_m2 + c1, m2_o + c0);
-            total = n;
-            continue;
-          }
-          const double merged = total + n;
-          const double mean_weight = n / merged, m2_weight = total * n / merged;
-          for (Index c = c0; c < c1; ++c) {
-            const double delta = chunk_mean[c] - mean_o[c];
-            mean_o[c] += delta * mean_weight;
-            m2_o[c] += chunk_m2[c] + delta * delta * m2_weight;
-          }
-          total = merged;
-        }
-        for (Index c = c0; c < c1; ++c) {
-          count[o * features + c] = total;
-          if (total == 0.0) mean_o[c] = 0.0;
-          m2_o[c] = total > 0.0 ? m2_o[c] / total : 0.0;
-        }
-      });
+      row_moments_loops(loops, plan, geo, x, mask, part, count, mean, var, [](Index, Index) {});
     });
     return;
   }
@@ -475,24 +501,35 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   });
 }
 
+// The loop of a row-mode normalize pass within a parallel region (the items read last by a
+// statistics pass first).
+template <class T, class Acc>
+void row_affine_loop(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* in,
+                     T* out, const RowCoefficients<Acc, 3>& k) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index chunks = geo.chunks();
+  const bool stream = streams<T>(geo.elements());
+  loops.dynamic(geo.items(), [&](Index i) {
+    const Index item = last_first(geo, i);
+    const Index o = item / chunks, chunk = item % chunks;
+    kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
+                       {k.at(0, o), k.at(1, o), k.at(2, o)}, geo.first_unit(chunk),
+                       geo.last_unit(chunk), stream);
+  });
+}
+
 // out = (in - shift) * scale + offset per statistic (operands: in, out). Each array has
 // kRowWrap entries of room past its statistics, which a row-mode pass may overwrite.
 template <class T, class Acc>
 void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* offset) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const Index chunks = geo.chunks();
-  const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool stream = streams<T>(geo.elements());
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 3> k({shift, scale, offset}, geo.outer, geo.inner);
-    parallel_for(threads, geo.items(), [&](Index i) {
-      const Index item = last_first(geo, i);
-      const Index o = item / chunks, chunk = item % chunks;
-      kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
-                         {k.at(0, o), k.at(1, o), k.at(2, o)}, geo.first_unit(chunk),
-                         geo.last_unit(chunk), stream);
-    });
+    parallel_region(
+        threads, [&](const SharedLoops& loops) { row_affine_loop(loops, plan, geo, in, out, k); });
     return;
   }
   for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), threads,
@@ -569,7 +606,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index chunks = geo.chunks();
-  const bool stream = geo.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool stream = streams<T>(geo.elements());
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 4> rows({k.shift, k.scale, k.slope, k.offset}, geo.outer, geo.inner);
@@ -593,6 +630,39 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
                              at_offset(mask, mask ? stat_offset(plan, i, 3) : 0), items,
                              {k.shift + i, k.scale + i, k.slope + i, k.offset + i}, u0, u1, stream);
                        });
+}
+
+// ---- fused row pass ------------------------------------------------------------------------
+
+// Training forward on a row layout (of the statistics and the output alike) with one group, in
+// one parallel region: the statistics (as
+// `moments`), then each block of columns' coefficients and moving statistics as soon as its
+// merge is done (coefficients(first, last) for statistics [first, last), false where one of
+// their scales needs the split path), then the normalize pass (as `affine`) with the shift,
+// scale and offset arrays in `k` (kRowWrap entries of room each). Separate passes start a
+// second region and compute every coefficient on one thread while the others wait. Returns
+// false where some block's coefficients returned false, having normalized nothing: the caller
+// computes those statistics again and normalizes. Results are bitwise the separate passes'.
+template <class T, class Acc, class BlockCoefficients>
+bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x, T* y,
+                      const std::uint8_t* mask, double* count, double* mean, double* var,
+                      Acc* const (&k)[3], BlockCoefficients&& coefficients) {
+  const Geometry sg(stats_plan), ag(apply_plan);
+  const int threads = team_size(sg.elements());
+  RowPartials part(sg);
+  std::optional<RowCoefficients<Acc, 3>> rows;
+  std::atomic<bool> plain{true};
+  parallel_region(threads, [&](const SharedLoops& loops) {
+    row_moments_loops(loops, stats_plan, sg, x, mask, part, count, mean, var,
+                      [&](Index first, Index last) {
+                        if (!coefficients(first, last)) plain.store(false);
+                      });
+    // (Every thread reads the same value: the merge loop ended with a barrier.)
+    if (!plain.load()) return;
+    loops.fixed(1, [&](Index) { rows.emplace(k, ag.outer, ag.inner); });
+    row_affine_loop(loops, apply_plan, ag, x, y, *rows);
+  });
+  return plain.load();
 }
 
 // ---- fused plane passes --------------------------------------------------------------------
@@ -626,7 +696,7 @@ bool train_forward_fused(const Plan& stats_plan, const Plan& apply_plan, const T
   if (!fusable(stats_plan, apply_plan, feature_blocks, threads)) return false;
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index chunks = sg.chunks();
-  const bool stream = ag.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool stream = streams<T>(ag.elements());
   const Acc* shift = coefficients.shift;
   const Acc* scale = coefficients.scale;
   const Acc* offset = coefficients.offset;
@@ -689,7 +759,7 @@ bool backward_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, con
   if (!fusable(sums_plan, dx_plan, feature_blocks, threads)) return false;
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index chunks = sg.chunks();
-  const bool stream = dg.elements() * Index{sizeof(T)} >= kStreamBytes;
+  const bool stream = streams<T>(dg.elements());
   std::vector<double> sum_dy(size(stats)), sum_dyx(size(stats));
   std::vector<Acc> k_shift(size(stats)), k_scale(size(stats)), k_slope(size(stats)),
       k_offset(size(stats));
