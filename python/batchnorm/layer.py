@@ -774,8 +774,9 @@ class BatchNormalization:
         ):
             # The common call: a NumPy array of the layer's dtype, rank and feature sizes goes to
             # the kernels in one C++ call, without the general path's per-call conversions
-            # (None, with nothing done, where the extension finds the array misaligned or the
-            # weights on CUDA: the general path below then takes the call).
+            # (None, with nothing done, where the extension finds the array misaligned, an
+            # `out=` it cannot write as it is, or the weights on CUDA: the general path below
+            # then takes the call, with its conversions and errors).
             weights = self._bound or self._bound_weights()
             options = self._options
             y = _NUMPY.empty_like(inputs) if out is None else out
@@ -877,7 +878,8 @@ class BatchNormalization:
         call = self._last_call()
         context = _context_of(call)
         dx, dgamma, dbeta = functional.backward(dy, context, out=out)
-        self._last = context  # (made once: a second backward of this call reuses it)
+        if self._last is call:  # (not if another thread's call finished meanwhile)
+            self._last = context  # made once: a second backward of this call reuses it
         pending = self._undifferentiated
         if pending:  # this call's output is differentiated now
             if len(pending) == 1:

@@ -11,10 +11,16 @@ namespace batchnorm::python {
 std::uint64_t WeightAccess::stable_version() {
   std::uint64_t version = version_.load();
   while (version & 1) {
+    std::unique_lock<std::mutex> wait(mutex_, std::defer_lock);
     {
       nb::gil_scoped_release released;  // the writer may need the GIL to finish
-      const std::lock_guard<std::mutex> wait(mutex_);
+      wait.lock();
     }
+    // The mutex is held until the GIL is back and the version read: given back first, it went
+    // to a writer that keeps the GIL between its calls (a training loop), whose next write had
+    // begun by the time this thread ran again, so that inference next to training all but
+    // stopped (tens of calls in 2 s). Every thread that blocks on the mutex has let go of the
+    // GIL, so holding it while taking the GIL cannot deadlock.
     version = version_.load();
   }
   return version;
@@ -29,7 +35,7 @@ void WeightAccess::begin_write(bool training, nb::handle name) {
                       "at a time (use a layer per thread, or batchnorm.functional.forward/backward "
                       "with weights per thread)"));
     }
-    nb::gil_scoped_release released;
+    nb::gil_scoped_release released;  // (the holder may need the GIL to finish)
     mutex_.lock();
   }
   training_.store(training);

@@ -160,7 +160,8 @@ struct Cpu {
       // Row layouts in one region: each block of features takes its coefficients as soon as
       // its statistics are merged. A block whose scale needs the split path (rare: denormal
       // data, tiny epsilon) is marked and taken by the per-feature path below.
-      std::vector<char> split(static_cast<std::size_t>(features), 0);
+      cpu::PartialBuffer<char> split(features);
+      std::fill(split.data(), split.data() + features, char{0});
       const Coefficients<Acc> plain_view = k.view();
       const bool normalized = cpu::train_rows_fused(
           call.stats_plan, call.apply_plan, call.x, call.y, call.mask, context.count.data(),
@@ -171,7 +172,7 @@ struct Cpu {
                     from_feature(call.weights, first), from_feature(plain_view, first))) {
               return true;
             }
-            std::fill(split.begin() + first, split.begin() + last, 1);
+            std::fill(split.data() + first, split.data() + last, char{1});
             return false;
           });
       if (normalized) return;

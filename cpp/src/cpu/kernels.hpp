@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
@@ -281,22 +280,27 @@ inline constexpr Index kRowWrap = 16;
 template <class A, int N>
 class RowCoefficients {
  public:
-  RowCoefficients(A* const (&arrays)[N], Index outer, Index features)
-      : width_(features + kRowWrap) {
-    if (outer == 1) {
-      for (int i = 0; i < N; ++i) {
-        for (Index j = features; j < width_; ++j) arrays[i][j] = arrays[i][j - features];
-        base_[i] = arrays[i];
-      }
-      return;
-    }
-    copies_.resize(size(N * outer * width_));
+  // Laid out from `arrays`' values now, or (filled == false) only made ready for fill(), which
+  // allocates nothing (for a parallel region that computes the coefficients first).
+  RowCoefficients(A* const (&arrays)[N], Index outer, Index features, bool filled = true)
+      : outer_(outer), features_(features), width_(features + kRowWrap) {
+    if (outer > 1) copies_.resize(size(N * outer * width_));
     for (int i = 0; i < N; ++i) {
-      base_[i] = copies_.data() + i * outer * width_;
-      for (Index o = 0; o < outer; ++o) {
-        A* row = copies_.data() + (i * outer + o) * width_;
-        std::copy(arrays[i] + o * features, arrays[i] + (o + 1) * features, row);
-        for (Index j = features; j < width_; ++j) row[j] = row[j - features];
+      base_[i] = outer > 1 ? copies_.data() + i * outer * width_ : arrays[i];
+    }
+    if (filled) fill(arrays);
+  }
+  // Lays out `arrays`' current values.
+  void fill(A* const (&arrays)[N]) {
+    for (int i = 0; i < N; ++i) {
+      if (outer_ == 1) {
+        for (Index j = features_; j < width_; ++j) arrays[i][j] = arrays[i][j - features_];
+        continue;
+      }
+      for (Index o = 0; o < outer_; ++o) {
+        A* row = copies_.data() + (i * outer_ + o) * width_;
+        std::copy(arrays[i] + o * features_, arrays[i] + (o + 1) * features_, row);
+        for (Index j = features_; j < width_; ++j) row[j] = row[j - features_];
       }
     }
   }
@@ -304,7 +308,7 @@ class RowCoefficients {
   const A* at(int i, Index o) const { return base_[i] + o * width_; }
 
  private:
-  Index width_;
+  Index outer_, features_, width_;
   const A* base_[N];
   std::vector<A> copies_;
 };
@@ -650,7 +654,9 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
   const Geometry sg(stats_plan), ag(apply_plan);
   const int threads = team_size(sg.elements());
   RowPartials part(sg);
-  std::optional<RowCoefficients<Acc, 3>> rows;
+  // Made here, filled in the region once the coefficients are known: nothing is allocated
+  // inside the region (an exception could not leave it).
+  RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
   std::atomic<bool> plain{true};
   parallel_region(threads, [&](const SharedLoops& loops) {
     row_moments_loops(loops, stats_plan, sg, x, mask, part, count, mean, var,
@@ -659,8 +665,8 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
                       });
     // (Every thread reads the same value: the merge loop ended with a barrier.)
     if (!plain.load()) return;
-    loops.fixed(1, [&](Index) { rows.emplace(k, ag.outer, ag.inner); });
-    row_affine_loop(loops, apply_plan, ag, x, y, *rows);
+    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
+    row_affine_loop(loops, apply_plan, ag, x, y, rows);
   });
   return plain.load();
 }
