@@ -85,10 +85,11 @@ def test_plain_coefficients_match_the_per_feature_path(dtype, kind, center, scal
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "special"])
 @pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])
-def test_one_group_backward_matches_the_per_feature_path(dtype, kind, center, scale):
+@pytest.mark.parametrize("features", [40, 600])  # 600: blocks of 256 in the row pass, as above
+def test_one_group_backward_matches_the_per_feature_path(dtype, kind, center, scale, features):
     """A ghost batch as large as the batch is one group computed feature by feature (the ghost
     path); without ghost batches the same group takes the vectorized loops."""
-    x = _data((24, 40), dtype, kind, seed=7 + len(kind))
+    x = _data((24, features), dtype, kind, seed=7 + len(kind))
     runs = []
     for virtual_batch_size in (None, 24):
         options = functional.Options(
@@ -98,7 +99,7 @@ def test_one_group_backward_matches_the_per_feature_path(dtype, kind, center, sc
             options, x.shape, "float64" if dtype == "float64" else "float32"
         )
         if "gamma" in weights:
-            weights["gamma"][:] = np.linspace(-2.0, 2.0, 40)
+            weights["gamma"][:] = np.linspace(-2.0, 2.0, features)
         runs.append([_run(x, options, weights, None, mask) for mask in (None, np.zeros(24, bool))])
     for plain, per_feature in zip(*runs):
         for got, want in zip(plain[:4], per_feature[:4]):

@@ -155,8 +155,8 @@ struct Cpu {
     const GroupStats group_stats{
         context.count.data(),   context.mean.data(),   var.data(),
         context.inv_std.data(), context.zscale.data(), context.zshift.data()};
-    if (call.stats_plan.row && call.apply_plan.row && !synchronizing(call.communicator) &&
-        plain_training(groups, call.scalars, call.weights)) {
+    if (call.stats_plan.row && call.apply_plan.row && !context.ghost_batches &&
+        !synchronizing(call.communicator) && plain_training(groups, call.scalars, call.weights)) {
       // Row layouts in one region: each block of features takes its coefficients as soon as
       // its statistics are merged. A block whose scale needs the split path (rare: denormal
       // data, tiny epsilon) is marked and taken by the per-feature path below.
@@ -251,6 +251,28 @@ struct Cpu {
       return;
     }
     std::vector<double> sum_dy(stats), sum_dy_centered(stats);
+    if (groups == 1 && !context.ghost_batches && !synchronizing(call.communicator) &&
+        call.sums_plan.row && call.dx_plan.row) {
+      // Row layouts in one region: each block of features takes its coefficients, dgamma and
+      // dbeta as soon as its sums are added, then the dx pass.
+      CoefficientBuffers<Acc> k(features);
+      const Coefficients<Acc> view = k.view();
+      const auto at = [](auto* vector, std::int64_t first) {
+        return vector ? vector + first : vector;
+      };
+      cpu::backward_rows_fused(
+          call.sums_plan, call.dx_plan, call.dy, call.x, call.mask, call.dx, context.mean.data(),
+          sum_dy.data(), sum_dy_centered.data(), {view.shift, view.scale, view.slope, view.offset},
+          [&](std::int64_t first, std::int64_t last) {
+            cpu::kernels<T>().backward_coefficients(
+                last - first, context.count.data() + first, context.mean.data() + first,
+                context.inv_std.data() + first, context.zscale.data() + first,
+                context.zshift.data() + first, at(call.weights.gamma, first),
+                BackwardSums{sum_dy.data() + first, sum_dy_centered.data() + first},
+                at(call.dgamma, first), at(call.dbeta, first), from_feature(view, first));
+          });
+      return;
+    }
     cpu::backward_sums(call.sums_plan, call.dy, call.x, context.mean.data(), sum_dy.data(),
                        sum_dy_centered.data());
     // Without ghost batches dx needs the global sums; with them, dx uses its process's ghost

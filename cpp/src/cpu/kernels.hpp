@@ -545,6 +545,41 @@ void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* 
                        });
 }
 
+// The loops of a row-mode backward sums pass within a parallel region: each chunk's sums into
+// `partial` (2 * items * features values, [outer][chunk][sum][feature]; a dynamic loop), then
+// their totals in chunk order per block of columns (a fixed loop), after which finished(first,
+// last) runs on the thread that added statistics [first, last).
+template <class T, class Finished>
+void row_sums_loops(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* dy,
+                    const T* x, const double* shift, double* partial, double* sum_dy,
+                    double* sum_dy_centered, Finished&& finished) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index width = geo.inner, chunks = geo.chunks();
+  loops.dynamic(geo.items(), [&](Index item) {
+    const Index o = item / chunks, chunk = item % chunks;
+    double* part = partial + 2 * item * width;
+    kernels.row_sums(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
+                     shift + o * width, geo.first_unit(chunk), geo.last_unit(chunk), part,
+                     part + width);
+  });
+  const Index column_blocks = (width + kMergeColumns - 1) / kMergeColumns;
+  loops.fixed(geo.outer * column_blocks, [&](Index job) {
+    const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
+    const Index c1 = std::min(width, c0 + kMergeColumns);
+    for (Index c = c0; c < c1; ++c) {
+      double total_dy = 0.0, total_dyx = 0.0;
+      for (Index chunk = 0; chunk < chunks; ++chunk) {
+        const double* part = partial + 2 * (o * chunks + chunk) * width;
+        total_dy += part[c];
+        total_dyx += part[width + c];
+      }
+      sum_dy[o * width + c] = total_dy;
+      sum_dy_centered[o * width + c] = total_dyx;
+    }
+    finished(o * width + c0, o * width + c1);
+  });
+}
+
 // Per statistic, over every position: sum(dy) and sum(dy * (x - shift)) (operands: dy, x).
 template <class T>
 void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shift, double* sum_dy,
@@ -554,27 +589,10 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
   const int threads = team_size(geo.elements());
   if (plan.row) {
-    const Index width = geo.inner;
-    PartialBuffer<double> partial(2 * geo.items() * width);  // [outer][chunk][sum][feature]
+    PartialBuffer<double> partial(2 * geo.items() * geo.inner);
     parallel_region(threads, [&](const SharedLoops& loops) {
-      loops.dynamic(geo.items(), [&](Index item) {
-        const Index o = item / chunks, chunk = item % chunks;
-        double* part = partial.data() + 2 * item * width;
-        kernels.row_sums(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
-                         shift + o * width, geo.first_unit(chunk), geo.last_unit(chunk), part,
-                         part + width);
-      });
-      loops.fixed(stats, [&](Index k) {
-        const Index o = k / width, c = k % width;
-        double total_dy = 0.0, total_dyx = 0.0;
-        for (Index chunk = 0; chunk < chunks; ++chunk) {
-          const double* part = partial.data() + 2 * (o * chunks + chunk) * width;
-          total_dy += part[c];
-          total_dyx += part[width + c];
-        }
-        sum_dy[k] = total_dy;
-        sum_dy_centered[k] = total_dyx;
-      });
+      row_sums_loops(loops, plan, geo, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
+                     [](Index, Index) {});
     });
     return;
   }
@@ -602,6 +620,25 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   });
 }
 
+// The loop of a row-mode dx pass within a parallel region (the items read last by the sums
+// pass first).
+template <class T, class Acc>
+void row_dx_loop(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* dy,
+                 const T* x, const std::uint8_t* mask, T* dx, const RowCoefficients<Acc, 4>& k) {
+  const ChunkKernels<T>& kernels = cpu::kernels<T>();
+  const Index chunks = geo.chunks();
+  const bool stream = streams<T>(geo.elements());
+  loops.dynamic(geo.items(), [&](Index i) {
+    const Index item = last_first(geo, i);
+    const Index o = item / chunks, chunk = item % chunks;
+    kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
+                   dx + stat_offset(plan, o, 2),
+                   at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
+                   {k.at(0, o), k.at(1, o), k.at(2, o), k.at(3, o)}, geo.first_unit(chunk),
+                   geo.last_unit(chunk), stream);
+  });
+}
+
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)) (operands: dy, x, dx, mask). The
 // arrays of k have kRowWrap entries of room, as affine's.
 template <class T, class Acc>
@@ -609,19 +646,12 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
                  const detail::Coefficients<Acc>& k) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
-  const Index chunks = geo.chunks();
   const bool stream = streams<T>(geo.elements());
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 4> rows({k.shift, k.scale, k.slope, k.offset}, geo.outer, geo.inner);
-    parallel_for(threads, geo.items(), [&](Index i) {
-      const Index item = last_first(geo, i);
-      const Index o = item / chunks, chunk = item % chunks;
-      kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
-                     dx + stat_offset(plan, o, 2),
-                     at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
-                     {rows.at(0, o), rows.at(1, o), rows.at(2, o), rows.at(3, o)},
-                     geo.first_unit(chunk), geo.last_unit(chunk), stream);
+    parallel_region(threads, [&](const SharedLoops& loops) {
+      row_dx_loop(loops, plan, geo, dy, x, mask, dx, rows);
     });
     return;
   }
@@ -669,6 +699,29 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
     row_affine_loop(loops, apply_plan, ag, x, y, rows);
   });
   return plain.load();
+}
+
+// Training backward on a row layout (of the sums and dx alike) with one group, in one parallel
+// region: the sums (as `backward_sums`, shifted by shift[k]), each block of columns'
+// coefficients, dgamma and dbeta as soon as its sums are added (coefficients(first, last)),
+// then the dx pass (as `backward_dx`) with the shift, scale, slope and offset arrays in `k`
+// (kRowWrap entries of room each). Results are bitwise the separate passes'.
+template <class T, class Acc, class BlockCoefficients>
+void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy, const T* x,
+                         const std::uint8_t* mask, T* dx, const double* shift, double* sum_dy,
+                         double* sum_dy_centered, Acc* const (&k)[4],
+                         BlockCoefficients&& coefficients) {
+  const Geometry sg(sums_plan), dg(dx_plan);
+  PartialBuffer<double> partial(2 * sg.items() * sg.inner);
+  // Made here, filled in the region once the coefficients are known (nothing is allocated
+  // inside the region).
+  RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
+  parallel_region(team_size(sg.elements()), [&](const SharedLoops& loops) {
+    row_sums_loops(loops, sums_plan, sg, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
+                   coefficients);
+    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
+    row_dx_loop(loops, dx_plan, dg, dy, x, mask, dx, rows);
+  });
 }
 
 // ---- fused plane passes --------------------------------------------------------------------
