@@ -598,13 +598,20 @@ class BatchNormalization:
         return self._snapshot(lambda: [v._host() for v in self._variables.values()])
 
     def _snapshot(self, read: Callable[[], Any]) -> Any:
-        """`read()` of the weights, again if a writer changed them meanwhile."""
+        """`read()` of the weights, read again holding the guard's lock where a writer was at work
+        or began meanwhile (retried without the lock, a long read beside a training loop could
+        fail every time)."""
         access = self._access
-        while True:
-            version = access.stable_version()
+        version = access.version
+        if not version & 1:
             value = read()
             if access.version == version:
                 return value
+        access.begin_read()
+        try:
+            return read()
+        finally:
+            access.end_read()
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets all weights in Keras order; arrays may use any Keras layout of the same size.
@@ -820,14 +827,13 @@ class BatchNormalization:
             return y
         # An inference call reads the weights as a reader: computed again if a training step of
         # another thread overlapped it.
-        while True:
-            version = access.stable_version()
-            y, context = functional.forward(
+        y, context = self._snapshot(
+            lambda: functional.forward(
                 x, weights, self._options, training=False, mask=mask, out=out
             )
-            if access.version == version:
-                self._last = context
-                return y
+        )
+        self._last = context
+        return y
 
     def _track_training_output(self, y: Any, call: functional.Context | _PlainCall) -> None:
         pending = self._undifferentiated

@@ -8,25 +8,26 @@ namespace nb = nanobind;
 
 namespace batchnorm::python {
 
-std::uint64_t WeightAccess::stable_version() {
-  std::uint64_t version = version_.load();
-  while (version & 1) {
-    std::unique_lock<std::mutex> wait(mutex_, std::defer_lock);
-    {
-      nb::gil_scoped_release released;  // the writer may need the GIL to finish
-      wait.lock();
-    }
-    // The mutex is held until the GIL is back and the version read: given back first, it went
-    // to a writer that keeps the GIL between its calls (a training loop), whose next write had
-    // begun by the time this thread ran again, so that inference next to training all but
-    // stopped (tens of calls in 2 s). Every thread that blocks on the mutex has let go of the
-    // GIL, so holding it while taking the GIL cannot deadlock.
-    version = version_.load();
+void WeightAccess::begin_read() {
+  if (mutex_.try_lock()) return;
+  waiting_readers_.fetch_add(1);
+  nb::gil_scoped_release released;  // the writer may need the GIL to finish
+  mutex_.lock();
+  {
+    const std::lock_guard<std::mutex> turn(turn_mutex_);
+    waiting_readers_.fetch_sub(1);
   }
-  return version;
+  readers_served_.notify_all();
+  // Every thread that blocks on the mutex has let go of the GIL, so holding the mutex while the
+  // GIL is taken back (leaving this scope) cannot deadlock.
 }
 
 void WeightAccess::begin_write(bool training, nb::handle name) {
+  if (waiting_readers_.load() != 0) {
+    nb::gil_scoped_release released;  // (the readers need it to finish)
+    std::unique_lock<std::mutex> turn(turn_mutex_);
+    readers_served_.wait(turn, [this] { return waiting_readers_.load() == 0; });
+  }
   if (!mutex_.try_lock()) {
     if (training && training_.load()) {
       throw std::runtime_error(
@@ -52,12 +53,13 @@ void bind_access(nb::module_& m) {
   nb::class_<WeightAccess>(
       m, "WeightAccess",
       "Who changes a layer's weights now, across threads: writers hold a lock and keep `version` "
-      "odd while they work; readers read again where the version changed meanwhile.")
+      "odd while they work; a reader whose version changed meanwhile reads again under the lock.")
       .def(nb::init<>())
       .def_prop_ro("version", &WeightAccess::version,
                    "Odd while a writer is at work; changes with every write.")
-      .def("stable_version", &WeightAccess::stable_version,
-           "The version when no writer is at work (waiting for one that is).")
+      .def("begin_read", &WeightAccess::begin_read,
+           "Takes the lock for a reader that met a writer (the version stays as it is).")
+      .def("end_read", &WeightAccess::end_read, "Gives the reader's lock back.")
       .def("begin_write", &WeightAccess::begin_write, nb::arg("training"), nb::arg("name"),
            "Takes the writer's part; RuntimeError where `training` and another thread's training "
            "call has it (`name` names the layer in the message).")

@@ -196,17 +196,24 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   const TensorRef& y = y_argument.tensor();
   const Weights weights = bound.for_input(x, feature_count(x, options));
   if (!training) {
-    // A reader of the weights: computed again where a writer (another thread's training call)
-    // overlapped it.
-    while (true) {
-      const std::uint64_t version = access ? access->stable_version() : 0;
+    // A reader of the weights: computed again, holding the guard's lock, where a writer (another
+    // thread's training call) was at work or began meanwhile.
+    const auto read = [&] {
       nb::object kept = nb::cast(bound.snapshot(kept_slots(false)));
       {
         nb::gil_scoped_release released;
         infer_forward(x, y, options, weights);
       }
-      if (!access || access->version() == version) return nb::make_tuple(kept, nb::none());
+      return nb::make_tuple(kept, nb::none());
+    };
+    if (!access) return read();
+    const std::uint64_t version = access->version();
+    if (!(version & 1)) {
+      nb::object result = read();
+      if (access->version() == version) return result;
     }
+    const ReadScope reading(*access);
+    return read();
   }
   nb::object statistics = nb::cast(TrainingContext());
   TrainingContext& context = nb::cast<TrainingContext&>(statistics);
