@@ -58,6 +58,35 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("deviations", [3.9, 100.0, 1e4])
+@pytest.mark.parametrize("shape", [(512, 32), (8, 8, 8, 32), (500, 37)])
+def test_variance_with_an_outlier_first_row(shape, deviations):
+    """Row statistics sum x minus each chunk's first valid row: an outlier there (a spike in
+    ReLU activations) puts the shift many standard deviations from the mean, where rounding in
+    the sums would show in the variance once it cancels. The variance must stay as exact as the
+    float64 computation's. (Summing rows in float32 blocks, tried for speed, failed this at 100
+    and 1e4 deviations.)"""
+    rng = np.random.default_rng(int(deviations))
+    features = shape[-1]
+    std = rng.uniform(0.1, 10.0, size=features)
+    x = (rng.standard_normal(shape) * std + rng.uniform(-5, 5, size=features) * std).astype(
+        np.float32
+    )
+    rows = x.reshape(-1, features)
+    sign = np.where(rng.random(features) < 0.5, -1.0, 1.0)
+    rows[0] = rows[1:].mean(axis=0) + deviations * rows[1:].std(axis=0) * sign
+    layer = batchnorm.BatchNormalization(momentum=0.0)
+    layer(x, training=True)
+    want = rows.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), want, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(),
+        rows.astype(np.float64).mean(axis=0),
+        rtol=0,
+        atol=1e-6 * std.max() * deviations,
+    )
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_variance_of_large_mean_float32_data(case):
     shape, axis, virtual_batch_size, masked = CASES[case]

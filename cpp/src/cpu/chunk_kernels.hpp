@@ -681,13 +681,16 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row, Index feat
 
 // Adds up to kRowBlock rows into per-feature float64 sums of (x - shift) and its square. The sums
 // of one feature take the rows in order either way; blocking rows only saves accumulator traffic.
+// `first`: the chunk's first block, whose sums start from zero instead of being read (zeroing
+// them ahead cost a store per feature and chunk, as much as a few rows' work on short chunks).
 template <class T>
 void add_rows(const T* const* rows, int count, Index features, const double* shift, double* sum,
-              double* squares, Index ahead) {
+              double* squares, Index ahead, bool first) {
   Index c = 0;
   for (; c + kLanes <= features; c += kLanes) {
     const D s = load(shift + c);
-    D total = load(sum + c), total_squares = load(squares + c);
+    D total = first ? splat(0.0) : load(sum + c);
+    D total_squares = first ? splat(0.0) : load(squares + c);
     for (int r = 0; r < count; ++r) {
       prefetch_lanes(rows[r] + c, ahead);
       const D d = sub_on_fma(widen(load(rows[r] + c)), s);
@@ -700,7 +703,8 @@ void add_rows(const T* const* rows, int count, Index features, const double* shi
   if (c < features) {
     const int tail = static_cast<int>(features - c);
     const D s = load_first(shift + c, tail);
-    D total = load_first(sum + c, tail), total_squares = load_first(squares + c, tail);
+    D total = first ? splat(0.0) : load_first(sum + c, tail);
+    D total_squares = first ? splat(0.0) : load_first(squares + c, tail);
     for (int r = 0; r < count; ++r) {
       const D d = sub(widen(load_first(rows[r] + c, tail)), s);
       total = add(total, d);
@@ -735,23 +739,22 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
     }
     if (count++ == 0) {
       // Shift by the chunk's first valid row: sums stay near the data's spread.
-      for (Index c = 0; c < features; ++c) {
-        shift[c] = as_double(row[c]);
-        sum[c] = 0.0;
-        squares[c] = 0.0;
-      }
+      for (Index c = 0; c < features; ++c) shift[c] = as_double(row[c]);
     }
     rows[pending++] = row;
     if (pending == kRowBlock) {
-      add_rows(rows, pending, features, shift, sum, squares, ahead);
+      add_rows(rows, pending, features, shift, sum, squares, ahead, count == kRowBlock);
       pending = 0;
     }
   }
-  if (pending > 0) add_rows(rows, pending, features, shift, sum, squares, ahead);
+  if (pending > 0) add_rows(rows, pending, features, shift, sum, squares, ahead, count == pending);
+  if (count == 0) {  // (a loop, not std::fill: no shared template instantiated for this target)
+    for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
+    return 0;
+  }
+  const auto n = static_cast<double>(count);
   for (Index c = 0; c < features; ++c) {
-    const Moments m = count > 0 ? detail::moments_from_shifted_sums(static_cast<double>(count),
-                                                                    shift[c], sum[c], squares[c])
-                                : Moments{};
+    const Moments m = detail::moments_from_shifted_sums(n, shift[c], sum[c], squares[c]);
     mean[c] = m.mean;
     m2[c] = m.m2;
   }
