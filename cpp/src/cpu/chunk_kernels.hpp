@@ -763,11 +763,13 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
 
 template <class T>
 void add_backward_rows(const T* const* dy_rows, const T* const* x_rows, int count, Index features,
-                       const double* shift, double* sum_dy, double* sum_dyx, Index ahead) {
+                       const double* shift, double* sum_dy, double* sum_dyx, Index ahead,
+                       bool first) {
   Index c = 0;
   for (; c + kLanes <= features; c += kLanes) {
     const D m = load(shift + c);
-    D total = load(sum_dy + c), total_x = load(sum_dyx + c);
+    D total = first ? splat(0.0) : load(sum_dy + c);
+    D total_x = first ? splat(0.0) : load(sum_dyx + c);
     for (int r = 0; r < count; ++r) {
       prefetch_lanes(dy_rows[r] + c, ahead);
       prefetch_lanes(x_rows[r] + c, ahead);
@@ -782,7 +784,8 @@ void add_backward_rows(const T* const* dy_rows, const T* const* x_rows, int coun
   if (c < features) {
     const int tail = static_cast<int>(features - c);
     const D m = load_first(shift + c, tail);
-    D total = load_first(sum_dy + c, tail), total_x = load_first(sum_dyx + c, tail);
+    D total = first ? splat(0.0) : load_first(sum_dy + c, tail);
+    D total_x = first ? splat(0.0) : load_first(sum_dyx + c, tail);
     for (int r = 0; r < count; ++r) {
       const D g = widen(load_first(dy_rows[r] + c, tail));
       total = add(total, g);
@@ -798,22 +801,27 @@ void row_sums(const Plan& plan, const T* dy, const T* x, const double* shift, In
               double* sum_dy, double* sum_dyx) {
   const LoopNest& red = plan.reduced;
   const Index features = plan.stat.dims[plan.stat.count - 1].size;
-  for (Index c = 0; c < features; ++c) sum_dy[c] = sum_dyx[c] = 0.0;
+  if (u0 == u1) {
+    for (Index c = 0; c < features; ++c) sum_dy[c] = sum_dyx[c] = 0.0;
+    return;
+  }
   const Index ahead = row_prefetch_distance<T>(features);
   const T* dy_rows[kSumsRowBlock];
   const T* x_rows[kSumsRowBlock];
   int pending = 0;
+  bool first = true;  // (as in row_moments: the first block's sums start from zero)
   NestWalker walk(red, red.count, 2, u0);
   for (Index u = u0; u < u1; ++u, walk.next()) {
     dy_rows[pending] = dy + walk.offset[0];
     x_rows[pending++] = x + walk.offset[1];
     if (pending == kSumsRowBlock) {
-      add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx, ahead);
+      add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx, ahead, first);
       pending = 0;
+      first = false;
     }
   }
   if (pending > 0) {
-    add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx, ahead);
+    add_backward_rows(dy_rows, x_rows, pending, features, shift, sum_dy, sum_dyx, ahead, first);
   }
 }
 
