@@ -80,10 +80,14 @@ inline Chunking make_chunking(std::int64_t units, std::int64_t elements_per_unit
   c.per_chunk = kChunkElements / per_unit > 1 ? kChunkElements / per_unit : 1;
   if (c.per_chunk < min_per_chunk) c.per_chunk = min_per_chunk;
   c.chunks = (units + c.per_chunk - 1) / c.per_chunk;
-  if (c.chunks > kMaxChunks) {
-    c.per_chunk = (units + kMaxChunks - 1) / kMaxChunks;
-    c.chunks = (units + c.per_chunk - 1) / c.per_chunk;
-  }
+  if (c.chunks > kMaxChunks) c.chunks = kMaxChunks;
+  // Chunks of equal size (within a unit): a short last chunk left a team's threads uneven shares
+  // ((784, 64) rows made chunks of 256, 256, 256 and 16 rows: 512 rows for one of two threads, 272
+  // for the other), where equal ones give each thread the same share wherever the count of
+  // chunks is a multiple of the threads.
+  const std::int64_t balanced = (units + c.chunks - 1) / c.chunks;
+  if (balanced >= min_per_chunk) c.per_chunk = balanced;
+  c.chunks = (units + c.per_chunk - 1) / c.per_chunk;
   return c;
 }
 
