@@ -847,6 +847,53 @@ void for_each_row_run(const LoopNest& red, int operands, Index u0, Index u1, boo
   }
 }
 
+// y = (x - shift) * scale + offset over `rows` contiguous rows of `features` (at least kLanes)
+// elements: blocks of kRowBlock rows, each block of lanes of a feature block across the block's
+// rows with its coefficients loaded once. A flat span over the rows (affine_span with
+// PeriodicCoefficients) loads its three coefficients for every block of lanes, and on data in
+// cache those loads, not the data's, bound the pass. A block's rows are all loaded before any is
+// stored, so that no load waits behind a store to an address 4 KB apart (x and y are often both
+// page-aligned).
+// Longer rows keep the flat span: a block's rows then fall into the same few L1 sets. With rows of
+// 4 KB, the 8 rows of x and 8 of y a block of lanes touches all map to one set of an 8-way L1,
+// and (128, 1024) inference took 47 us against 18.5 us for the flat span.
+inline constexpr Index kMaxBlockRowBytes = 1024;
+// Larger inputs keep the flat span too: read from memory, they are bound by its bandwidth, which
+// the flat span's prefetching uses better ((16384, 64) on 2 threads: 74 us flat, 87-99 us in row
+// blocks; (2048, 128), 1 MB, gained: 35 -> 32 us).
+inline constexpr Index kMaxBlockBytes = Index{1} << 20;
+
+template <class T>
+void affine_rows(const T* x, T* y, Index rows, Index features, const detail::compute_t<T>* shift,
+                 const detail::compute_t<T>* scale, const detail::compute_t<T>* offset,
+                 Index ahead) {
+  using A = detail::compute_t<T>;
+  Vec<A> v[kRowBlock];
+  for (Index r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int count = static_cast<int>(min_index(rows - r0, kRowBlock));
+    const T* in = x + r0 * features;
+    T* out = y + r0 * features;
+    Index c = 0;
+    for (; c + kLanes <= features; c += kLanes) {
+      const Vec<A> s = load(shift + c), k = load(scale + c), o = load(offset + c);
+      for (int r = 0; r < count; ++r) {
+        prefetch_lanes(in + r * features + c, ahead);
+        v[r] = load(in + r * features + c);
+      }
+      for (int r = 0; r < count; ++r) store(out + r * features + c, fmadd(sub(v[r], s), k, o));
+    }
+    if (c < features) {
+      const int tail = static_cast<int>(features - c);
+      const Vec<A> s = load_first(shift + c, tail), k = load_first(scale + c, tail);
+      const Vec<A> o = load_first(offset + c, tail);
+      for (int r = 0; r < count; ++r) v[r] = load_first(in + r * features + c, tail);
+      for (int r = 0; r < count; ++r) {
+        store_first(out + r * features + c, fmadd(sub(v[r], s), k, o), tail);
+      }
+    }
+  }
+}
+
 template <class T>
 void row_affine(const Plan& plan, const T* x, T* y,
                 AffineCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1,
@@ -857,9 +904,20 @@ void row_affine(const Plan& plan, const T* x, T* y,
   const LoopDim& inner = red.dims[red.count - 1];
   const bool contiguous = inner.stride[0] == features && inner.stride[1] == features;
   const A* const arrays[3] = {k.shift, k.scale, k.offset};
+  // Row blocks for data that fits in cache, in rows of at most kMaxBlockRowBytes.
+  const Index bytes = red.total() * plan.stat.total() * Index{sizeof(T)};
+  const bool blocks = contiguous && features >= kLanes && bytes <= kMaxBlockBytes &&
+                      features * Index{sizeof(T)} <= kMaxBlockRowBytes;
+  const Index ahead = row_prefetch_distance<T>(features);
   for_each_row_run(red, 2, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
-    affine_span<true>(x + offsets[0], y + offsets[1], rows * features,
-                      PeriodicCoefficients<A, 3>(arrays, 0, features), nontemporal);
+    const T* in = x + offsets[0];
+    T* out = y + offsets[1];
+    if (!blocks) {
+      affine_span<true>(in, out, rows * features, PeriodicCoefficients<A, 3>(arrays, 0, features),
+                        nontemporal);
+      return;
+    }
+    affine_rows(in, out, rows, features, k.shift, k.scale, k.offset, ahead);
   });
   if (nontemporal) stream_fence();
 }
