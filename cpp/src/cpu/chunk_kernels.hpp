@@ -863,6 +863,14 @@ inline constexpr Index kMaxBlockRowBytes = 1024;
 // blocks; (2048, 128), 1 MB, gained: 35 -> 32 us).
 inline constexpr Index kMaxBlockBytes = Index{1} << 20;
 
+// Whether a row-mode elementwise pass over contiguous rows of `features` goes by row blocks.
+template <class T>
+bool in_row_blocks(const Plan& plan, Index features) {
+  const Index bytes = plan.reduced.total() * plan.stat.total() * Index{sizeof(T)};
+  return features >= kLanes && features * Index{sizeof(T)} <= kMaxBlockRowBytes &&
+         bytes <= kMaxBlockBytes;
+}
+
 template <class T>
 void affine_rows(const T* x, T* y, Index rows, Index features, const detail::compute_t<T>* shift,
                  const detail::compute_t<T>* scale, const detail::compute_t<T>* offset,
@@ -904,10 +912,7 @@ void row_affine(const Plan& plan, const T* x, T* y,
   const LoopDim& inner = red.dims[red.count - 1];
   const bool contiguous = inner.stride[0] == features && inner.stride[1] == features;
   const A* const arrays[3] = {k.shift, k.scale, k.offset};
-  // Row blocks for data that fits in cache, in rows of at most kMaxBlockRowBytes.
-  const Index bytes = red.total() * plan.stat.total() * Index{sizeof(T)};
-  const bool blocks = contiguous && features >= kLanes && bytes <= kMaxBlockBytes &&
-                      features * Index{sizeof(T)} <= kMaxBlockRowBytes;
+  const bool blocks = contiguous && in_row_blocks<T>(plan, features);
   const Index ahead = row_prefetch_distance<T>(features);
   for_each_row_run(red, 2, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
     const T* in = x + offsets[0];
@@ -922,6 +927,43 @@ void row_affine(const Plan& plan, const T* x, T* y,
   if (nontemporal) stream_fence();
 }
 
+// dx = scale * (dy - (offset + (x - shift) * slope)) over `rows` contiguous rows of `features`
+// elements, in row blocks as affine_rows (four coefficients a feature block instead of loads of
+// them for every block of lanes). Rows of at most kMaxBlockRowBytes: a row's store and the next
+// row's loads never lie a multiple of 4 KB apart, so each row is stored as it is done.
+template <class T>
+void dx_rows(const T* dy, const T* x, T* dx, Index rows, Index features,
+             DxCoefficients<const detail::compute_t<T>*> k, Index ahead) {
+  using A = detail::compute_t<T>;
+  const auto apply = [](Vec<A> g, Vec<A> v, Vec<A> s, Vec<A> q, Vec<A> m, Vec<A> o) {
+    return mul(q, sub(g, fmadd(sub(v, s), m, o)));
+  };
+  for (Index r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const Index r1 = min_index(rows, r0 + kRowBlock);
+    Index c = 0;
+    for (; c + kLanes <= features; c += kLanes) {
+      const Vec<A> s = load(k.shift + c), q = load(k.scale + c);
+      const Vec<A> m = load(k.slope + c), o = load(k.offset + c);
+      for (Index r = r0; r < r1; ++r) {
+        const Index i = r * features + c;
+        prefetch_lanes(dy + i, ahead);
+        prefetch_lanes(x + i, ahead);
+        store(dx + i, apply(load(dy + i), load(x + i), s, q, m, o));
+      }
+    }
+    if (c < features) {
+      const int tail = static_cast<int>(features - c);
+      const Vec<A> s = load_first(k.shift + c, tail), q = load_first(k.scale + c, tail);
+      const Vec<A> m = load_first(k.slope + c, tail), o = load_first(k.offset + c, tail);
+      for (Index r = r0; r < r1; ++r) {
+        const Index i = r * features + c;
+        store_first(dx + i, apply(load_first(dy + i, tail), load_first(x + i, tail), s, q, m, o),
+                    tail);
+      }
+    }
+  }
+}
+
 template <class T>
 void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t* mask,
             DxCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1, bool nontemporal) {
@@ -932,13 +974,17 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
   const bool contiguous = !mask && inner.stride[0] == features && inner.stride[1] == features &&
                           inner.stride[2] == features;
   const A* const arrays[4] = {k.shift, k.scale, k.slope, k.offset};
+  const bool blocks = contiguous && !nontemporal && in_row_blocks<T>(plan, features);
+  const Index ahead = row_prefetch_distance<T>(features);
   for_each_row_run(
       red, plan.operands, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
         const PeriodicCoefficients<A, 4> coefficients(arrays, 0, features);
         const T* g = dy + offsets[0];
         const T* v = x + offsets[1];
         T* out = dx + offsets[2];
-        if (mask && !mask[offsets[3]]) {
+        if (blocks) {
+          dx_rows(g, v, out, rows, features, k, ahead);
+        } else if (mask && !mask[offsets[3]]) {
           dx_span<Valid::none, true>(g, v, out, mask, features, coefficients, nontemporal);
         } else {
           dx_span<Valid::all, true>(g, v, out, mask, rows * features, coefficients, nontemporal);
