@@ -847,61 +847,6 @@ void for_each_row_run(const LoopNest& red, int operands, Index u0, Index u1, boo
   }
 }
 
-// y = (x - shift) * scale + offset over `rows` contiguous rows of `features` (at least kLanes)
-// elements: blocks of kRowBlock rows, each block of lanes of a feature block across the block's
-// rows with its coefficients loaded once. A flat span over the rows (affine_span with
-// PeriodicCoefficients) loads its three coefficients for every block of lanes, and on data in
-// cache those loads, not the data's, bound the pass. A block's rows are all loaded before any is
-// stored, so that no load waits behind a store to an address 4 KB apart (x and y are often both
-// page-aligned).
-// Longer rows keep the flat span: a block's rows then fall into the same few L1 sets. With rows of
-// 4 KB, the 8 rows of x and 8 of y a block of lanes touches all map to one set of an 8-way L1,
-// and (128, 1024) inference took 47 us against 18.5 us for the flat span.
-inline constexpr Index kMaxBlockRowBytes = 1024;
-// Larger inputs keep the flat span too: read from memory, they are bound by its bandwidth, which
-// the flat span's prefetching uses better ((16384, 64) on 2 threads: 74 us flat, 87-99 us in row
-// blocks; (2048, 128), 1 MB, gained: 35 -> 32 us).
-inline constexpr Index kMaxBlockBytes = Index{1} << 20;
-
-// Whether a row-mode elementwise pass over contiguous rows of `features` goes by row blocks.
-template <class T>
-bool in_row_blocks(const Plan& plan, Index features) {
-  const Index bytes = plan.reduced.total() * plan.stat.total() * Index{sizeof(T)};
-  return features >= kLanes && features * Index{sizeof(T)} <= kMaxBlockRowBytes &&
-         bytes <= kMaxBlockBytes;
-}
-
-template <class T>
-void affine_rows(const T* x, T* y, Index rows, Index features, const detail::compute_t<T>* shift,
-                 const detail::compute_t<T>* scale, const detail::compute_t<T>* offset,
-                 Index ahead) {
-  using A = detail::compute_t<T>;
-  Vec<A> v[kRowBlock];
-  for (Index r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int count = static_cast<int>(min_index(rows - r0, kRowBlock));
-    const T* in = x + r0 * features;
-    T* out = y + r0 * features;
-    Index c = 0;
-    for (; c + kLanes <= features; c += kLanes) {
-      const Vec<A> s = load(shift + c), k = load(scale + c), o = load(offset + c);
-      for (int r = 0; r < count; ++r) {
-        prefetch_lanes(in + r * features + c, ahead);
-        v[r] = load(in + r * features + c);
-      }
-      for (int r = 0; r < count; ++r) store(out + r * features + c, fmadd(sub(v[r], s), k, o));
-    }
-    if (c < features) {
-      const int tail = static_cast<int>(features - c);
-      const Vec<A> s = load_first(shift + c, tail), k = load_first(scale + c, tail);
-      const Vec<A> o = load_first(offset + c, tail);
-      for (int r = 0; r < count; ++r) v[r] = load_first(in + r * features + c, tail);
-      for (int r = 0; r < count; ++r) {
-        store_first(out + r * features + c, fmadd(sub(v[r], s), k, o), tail);
-      }
-    }
-  }
-}
-
 template <class T>
 void row_affine(const Plan& plan, const T* x, T* y,
                 AffineCoefficients<const detail::compute_t<T>*> k, Index u0, Index u1,
@@ -912,56 +857,11 @@ void row_affine(const Plan& plan, const T* x, T* y,
   const LoopDim& inner = red.dims[red.count - 1];
   const bool contiguous = inner.stride[0] == features && inner.stride[1] == features;
   const A* const arrays[3] = {k.shift, k.scale, k.offset};
-  const bool blocks = contiguous && in_row_blocks<T>(plan, features);
-  const Index ahead = row_prefetch_distance<T>(features);
   for_each_row_run(red, 2, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
-    const T* in = x + offsets[0];
-    T* out = y + offsets[1];
-    if (!blocks) {
-      affine_span<true>(in, out, rows * features, PeriodicCoefficients<A, 3>(arrays, 0, features),
-                        nontemporal);
-      return;
-    }
-    affine_rows(in, out, rows, features, k.shift, k.scale, k.offset, ahead);
+    affine_span<true>(x + offsets[0], y + offsets[1], rows * features,
+                      PeriodicCoefficients<A, 3>(arrays, 0, features), nontemporal);
   });
   if (nontemporal) stream_fence();
-}
-
-// dx = scale * (dy - (offset + (x - shift) * slope)) over `rows` contiguous rows of `features`
-// elements, in row blocks as affine_rows (four coefficients a feature block instead of loads of
-// them for every block of lanes). Rows of at most kMaxBlockRowBytes: a row's store and the next
-// row's loads never lie a multiple of 4 KB apart, so each row is stored as it is done.
-template <class T>
-void dx_rows(const T* dy, const T* x, T* dx, Index rows, Index features,
-             DxCoefficients<const detail::compute_t<T>*> k, Index ahead) {
-  using A = detail::compute_t<T>;
-  const auto apply = [](Vec<A> g, Vec<A> v, Vec<A> s, Vec<A> q, Vec<A> m, Vec<A> o) {
-    return mul(q, sub(g, fmadd(sub(v, s), m, o)));
-  };
-  for (Index r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const Index r1 = min_index(rows, r0 + kRowBlock);
-    Index c = 0;
-    for (; c + kLanes <= features; c += kLanes) {
-      const Vec<A> s = load(k.shift + c), q = load(k.scale + c);
-      const Vec<A> m = load(k.slope + c), o = load(k.offset + c);
-      for (Index r = r0; r < r1; ++r) {
-        const Index i = r * features + c;
-        prefetch_lanes(dy + i, ahead);
-        prefetch_lanes(x + i, ahead);
-        store(dx + i, apply(load(dy + i), load(x + i), s, q, m, o));
-      }
-    }
-    if (c < features) {
-      const int tail = static_cast<int>(features - c);
-      const Vec<A> s = load_first(k.shift + c, tail), q = load_first(k.scale + c, tail);
-      const Vec<A> m = load_first(k.slope + c, tail), o = load_first(k.offset + c, tail);
-      for (Index r = r0; r < r1; ++r) {
-        const Index i = r * features + c;
-        store_first(dx + i, apply(load_first(dy + i, tail), load_first(x + i, tail), s, q, m, o),
-                    tail);
-      }
-    }
-  }
 }
 
 template <class T>
@@ -974,17 +874,13 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
   const bool contiguous = !mask && inner.stride[0] == features && inner.stride[1] == features &&
                           inner.stride[2] == features;
   const A* const arrays[4] = {k.shift, k.scale, k.slope, k.offset};
-  const bool blocks = contiguous && !nontemporal && in_row_blocks<T>(plan, features);
-  const Index ahead = row_prefetch_distance<T>(features);
   for_each_row_run(
       red, plan.operands, u0, u1, contiguous, [&](const std::int64_t* offsets, Index rows) {
         const PeriodicCoefficients<A, 4> coefficients(arrays, 0, features);
         const T* g = dy + offsets[0];
         const T* v = x + offsets[1];
         T* out = dx + offsets[2];
-        if (blocks) {
-          dx_rows(g, v, out, rows, features, k, ahead);
-        } else if (mask && !mask[offsets[3]]) {
+        if (mask && !mask[offsets[3]]) {
           dx_span<Valid::none, true>(g, v, out, mask, features, coefficients, nontemporal);
         } else {
           dx_span<Valid::all, true>(g, v, out, mask, rows * features, coefficients, nontemporal);
