@@ -889,6 +889,31 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
   if (nontemporal) stream_fence();
 }
 
+// ChunkKernels::merge_moments, in this instruction set's vectors: compiled with the baseline
+// build's SSE2, the merge of a row layout's chunks took a tenth of a (128, 1024) training call.
+// Each feature takes the same operations in the same order as a scalar loop would.
+inline void merge_moments(const double* chunk_mean, const double* chunk_m2, double mean_weight,
+                          double m2_weight, double* mean, double* m2, Index n) {
+  const D w = splat(mean_weight), w2 = splat(m2_weight);
+  Index c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const D m = load(mean + c);
+    const D delta = sub(load(chunk_mean + c), m);
+    store(mean + c, add(m, mul(delta, w)));
+    store(m2 + c, add(load(m2 + c), add(load(chunk_m2 + c), mul(mul(delta, delta), w2))));
+  }
+  if (c < n) {
+    const int tail = static_cast<int>(n - c);
+    const D m = load_first(mean + c, tail);
+    const D delta = sub(load_first(chunk_mean + c, tail), m);
+    store_first(mean + c, add(m, mul(delta, w)), tail);
+    store_first(m2 + c,
+                add(load_first(m2 + c, tail),
+                    add(load_first(chunk_m2 + c, tail), mul(mul(delta, delta), w2))),
+                tail);
+  }
+}
+
 template <class T>
 ChunkKernels<T> make_kernels() {
   using A = detail::compute_t<T>;
@@ -902,7 +927,8 @@ ChunkKernels<T> make_kernels() {
           &row_dx<T>,
           &plain_train_coefficients<A>,
           &inference_coefficients<A>,
-          &backward_coefficients<A>};
+          &backward_coefficients<A>,
+          &merge_moments};
 }
 
 // The kernels of every element type (detail::Elements), as the dispatch keeps them.

@@ -107,6 +107,10 @@ struct ChunkKernels {
                                 const double* inv_std, const double* zscale, const double* zshift,
                                 const A* gamma, detail::BackwardSums sums, A* dgamma, A* dbeta,
                                 detail::Coefficients<A> out);
+  // Chan's merge of a chunk's moments into the running ones of n features, the weights given:
+  // delta = chunk_mean - mean; mean += delta * mean_weight; m2 += chunk_m2 + delta^2 * m2_weight.
+  void (*merge_moments)(const double* chunk_mean, const double* chunk_m2, double mean_weight,
+                        double m2_weight, double* mean, double* m2, Index n);
 };
 
 // The chunk kernels of every element type for one instruction set, ChunkKernels<T> being the

@@ -449,12 +449,8 @@ void row_moments_loops(const SharedLoops& loops, const Plan& plan, const Geometr
         continue;
       }
       const double merged = total + n;
-      const double mean_weight = n / merged, m2_weight = total * n / merged;
-      for (Index c = c0; c < c1; ++c) {
-        const double delta = chunk_mean[c] - mean_o[c];
-        mean_o[c] += delta * mean_weight;
-        m2_o[c] += chunk_m2[c] + delta * delta * m2_weight;
-      }
+      kernels.merge_moments(chunk_mean + c0, chunk_m2 + c0, n / merged, total * n / merged,
+                            mean_o + c0, m2_o + c0, c1 - c0);
       total = merged;
     }
     for (Index c = c0; c < c1; ++c) {
