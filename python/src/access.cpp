@@ -9,10 +9,10 @@ namespace nb = nanobind;
 namespace batchnorm::python {
 
 void WeightAccess::begin_read() {
-  if (mutex_.try_lock()) return;
+  if (mutex_.try_lock_shared()) return;
   waiting_readers_.fetch_add(1);
   nb::gil_scoped_release released;  // the writer may need the GIL to finish
-  mutex_.lock();
+  mutex_.lock_shared();
   {
     const std::lock_guard<std::mutex> turn(turn_mutex_);
     waiting_readers_.fetch_sub(1);
@@ -53,12 +53,13 @@ void bind_access(nb::module_& m) {
   nb::class_<WeightAccess>(
       m, "WeightAccess",
       "Who changes a layer's weights now, across threads: writers hold a lock and keep `version` "
-      "odd while they work; a reader whose version changed meanwhile reads again under the lock.")
+      "odd while they work; a reader whose version changed meanwhile reads again under the lock, "
+      "shared with other readers.")
       .def(nb::init<>())
       .def_prop_ro("version", &WeightAccess::version,
                    "Odd while a writer is at work; changes with every write.")
       .def("begin_read", &WeightAccess::begin_read,
-           "Takes the lock for a reader that met a writer (the version stays as it is).")
+           "Takes the lock, shared, for a reader that met a writer (the version stays as it is).")
       .def("end_read", &WeightAccess::end_read, "Gives the reader's lock back.")
       .def("begin_write", &WeightAccess::begin_write, nb::arg("training"), nb::arg("name"),
            "Takes the writer's part; RuntimeError where `training` and another thread's training "

@@ -197,23 +197,26 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   const Weights weights = bound.for_input(x, feature_count(x, options));
   if (!training) {
     // A reader of the weights: computed again, holding the guard's lock, where a writer (another
-    // thread's training call) was at work or began meanwhile.
-    const auto read = [&] {
+    // thread's training call) was at work or began meanwhile. The lock is given back as soon as
+    // the kernel is done, before the GIL is taken again: other threads' Python can hold the GIL
+    // for milliseconds, and a training call waiting for the lock would wait that long too.
+    const auto read = [&](ReadScope* reading) {
       nb::object kept = nb::cast(bound.snapshot(kept_slots(false)));
       {
         nb::gil_scoped_release released;
         infer_forward(x, y, options, weights);
+        if (reading) reading->release();
       }
       return nb::make_tuple(kept, nb::none());
     };
-    if (!access) return read();
+    if (!access) return read(nullptr);
     const std::uint64_t version = access->version();
     if (!(version & 1)) {
-      nb::object result = read();
+      nb::object result = read(nullptr);
       if (access->version() == version) return result;
     }
-    const ReadScope reading(*access);
-    return read();
+    ReadScope reading(*access);
+    return read(&reading);
   }
   nb::object statistics = nb::cast(TrainingContext());
   TrainingContext& context = nb::cast<TrainingContext&>(statistics);
@@ -224,6 +227,7 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   {
     nb::gil_scoped_release released;
     train_forward(x, y, nullptr, options, weights, nullptr, update_moving, context, communicator);
+    writing.reset();  // (given back before the GIL is taken again, as a reader gives its lock)
   }
   return nb::make_tuple(kept, statistics);
 }
