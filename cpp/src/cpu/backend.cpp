@@ -55,6 +55,12 @@ bool plain_training(std::int64_t groups, const TrainScalars& s, const WeightPtrs
   return groups == 1 && !s.renorm && w.adjust_scale == nullptr && w.adjust_bias == nullptr;
 }
 
+// The view of an optional per-feature array from feature `first` on (null stays null).
+template <class P>
+P* from_feature(P* array, std::int64_t first) {
+  return array ? array + first : array;
+}
+
 // The views of per-feature structures from feature `first` on (one group: feature c at index c).
 GroupStats from_feature(const GroupStats& s, std::int64_t first) {
   return {s.count + first,   s.mean + first,   s.var + first,
@@ -65,18 +71,17 @@ template <class W>
 WeightPtrs<W> from_feature(WeightPtrs<W> w, std::int64_t first) {
   for (W** p : {&w.gamma, &w.beta, &w.moving_mean, &w.moving_variance, &w.moving_stddev,
                 &w.renorm_mean, &w.renorm_stddev}) {
-    if (*p) *p += first;
+    *p = from_feature(*p, first);
   }
-  if (w.adjust_scale) w.adjust_scale += first;
-  if (w.adjust_bias) w.adjust_bias += first;
+  w.adjust_scale = from_feature(w.adjust_scale, first);
+  w.adjust_bias = from_feature(w.adjust_bias, first);
   return w;
 }
 
 template <class Acc>
 Coefficients<Acc> from_feature(Coefficients<Acc> k, std::int64_t first) {
-  for (Acc** p : {&k.shift, &k.scale, &k.slope, &k.offset, &k.prescale}) {
-    if (*p) *p += first;
-  }
+  for (Acc** p : {&k.shift, &k.scale, &k.slope, &k.offset, &k.prescale})
+    *p = from_feature(*p, first);
   return k;
 }
 
@@ -257,9 +262,6 @@ struct Cpu {
       // dbeta as soon as its sums are added, then the dx pass.
       CoefficientBuffers<Acc> k(features);
       const Coefficients<Acc> view = k.view();
-      const auto at = [](auto* vector, std::int64_t first) {
-        return vector ? vector + first : vector;
-      };
       cpu::backward_rows_fused(
           call.sums_plan, call.dx_plan, call.dy, call.x, call.mask, call.dx, context.mean.data(),
           sum_dy.data(), sum_dy_centered.data(), {view.shift, view.scale, view.slope, view.offset},
@@ -267,9 +269,10 @@ struct Cpu {
             cpu::kernels<T>().backward_coefficients(
                 last - first, context.count.data() + first, context.mean.data() + first,
                 context.inv_std.data() + first, context.zscale.data() + first,
-                context.zshift.data() + first, at(call.weights.gamma, first),
+                context.zshift.data() + first, from_feature(call.weights.gamma, first),
                 BackwardSums{sum_dy.data() + first, sum_dy_centered.data() + first},
-                at(call.dgamma, first), at(call.dbeta, first), from_feature(view, first));
+                from_feature(call.dgamma, first), from_feature(call.dbeta, first),
+                from_feature(view, first));
           });
       return;
     }

@@ -268,6 +268,19 @@ class PartialBuffer {
 // depend on the order.
 inline Index last_first(const Geometry& geo, Index i) { return geo.items() - 1 - i; }
 
+// Runs chunk(o, first_unit, last_unit) for each work item of a row-mode elementwise pass (outer
+// statistic item o, a chunk of its rows), shared among the region's threads as they become free,
+// the last first.
+template <class Chunk>
+void row_chunks_last_first(const SharedLoops& loops, const Geometry& geo, Chunk&& chunk) {
+  const Index chunks = geo.chunks();
+  loops.dynamic(geo.items(), [&](Index i) {
+    const Index item = last_first(geo, i);
+    const Index c = item % chunks;
+    chunk(item / chunks, geo.first_unit(c), geo.last_unit(c));
+  });
+}
+
 // Row-mode passes read each coefficient array kRowWrap entries past its C features, entry C + i
 // being feature i mod C, so that a block of 16 lanes starting at any feature reads its
 // coefficients contiguously.
@@ -401,6 +414,19 @@ void for_each_plane_piece(const Plan& plan, const Geometry& geo, const RowPieces
   });
 }
 
+// Runs block(o, c0, c1) for each block of up to kMergeColumns columns [c0, c1) of each outer
+// statistic item o of a row layout, split evenly among the region's threads (the merges of a
+// row-mode reduction's chunks).
+template <class Block>
+void row_column_blocks(const SharedLoops& loops, const Geometry& geo, Block&& block) {
+  const Index features = geo.inner;
+  const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
+  loops.fixed(geo.outer * column_blocks, [&](Index job) {
+    const Index c0 = job % column_blocks * kMergeColumns;
+    block(job / column_blocks, c0, std::min(features, c0 + kMergeColumns));
+  });
+}
+
 // The per-chunk partial moments of a row-mode statistics pass, in the scratch memory of the
 // thread that makes them (the caller of the parallel region).
 struct RowPartials {
@@ -429,10 +455,7 @@ void row_moments_loops(const SharedLoops& loops, const Plan& plan, const Geometr
   });
   // Chan's merge in chunk order, as detail::merge_into does it per statistic; a chunk has
   // one count for all its features, so the weights are computed once per chunk.
-  const Index column_blocks = (features + kMergeColumns - 1) / kMergeColumns;
-  loops.fixed(geo.outer * column_blocks, [&](Index job) {
-    const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
-    const Index c1 = std::min(features, c0 + kMergeColumns);
+  row_column_blocks(loops, geo, [&](Index o, Index c0, Index c1) {
     double* mean_o = mean + o * features;
     double* m2_o = var + o * features;  // sums of squared deviations until the end
     double total = 0.0;
@@ -507,14 +530,10 @@ template <class T, class Acc>
 void row_affine_loop(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* in,
                      T* out, const RowCoefficients<Acc, 3>& k) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
-  const Index chunks = geo.chunks();
   const bool stream = streams<T>(geo.elements());
-  loops.dynamic(geo.items(), [&](Index i) {
-    const Index item = last_first(geo, i);
-    const Index o = item / chunks, chunk = item % chunks;
+  row_chunks_last_first(loops, geo, [&](Index o, Index u0, Index u1) {
     kernels.row_affine(plan, in + stat_offset(plan, o, 0), out + stat_offset(plan, o, 1),
-                       {k.at(0, o), k.at(1, o), k.at(2, o)}, geo.first_unit(chunk),
-                       geo.last_unit(chunk), stream);
+                       {k.at(0, o), k.at(1, o), k.at(2, o)}, u0, u1, stream);
   });
 }
 
@@ -558,10 +577,7 @@ void row_sums_loops(const SharedLoops& loops, const Plan& plan, const Geometry& 
                      shift + o * width, geo.first_unit(chunk), geo.last_unit(chunk), part,
                      part + width);
   });
-  const Index column_blocks = (width + kMergeColumns - 1) / kMergeColumns;
-  loops.fixed(geo.outer * column_blocks, [&](Index job) {
-    const Index o = job / column_blocks, c0 = job % column_blocks * kMergeColumns;
-    const Index c1 = std::min(width, c0 + kMergeColumns);
+  row_column_blocks(loops, geo, [&](Index o, Index c0, Index c1) {
     // Chunk by chunk across the columns, each column's sum in chunk order from zero: the same
     // additions as column by column, but independent ones side by side (a column's chain of
     // dependent additions took 15% of a (128, 1024) backward).
@@ -626,16 +642,12 @@ template <class T, class Acc>
 void row_dx_loop(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* dy,
                  const T* x, const std::uint8_t* mask, T* dx, const RowCoefficients<Acc, 4>& k) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
-  const Index chunks = geo.chunks();
   const bool stream = streams<T>(geo.elements());
-  loops.dynamic(geo.items(), [&](Index i) {
-    const Index item = last_first(geo, i);
-    const Index o = item / chunks, chunk = item % chunks;
+  row_chunks_last_first(loops, geo, [&](Index o, Index u0, Index u1) {
     kernels.row_dx(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),
                    dx + stat_offset(plan, o, 2),
                    at_offset(mask, mask ? stat_offset(plan, o, 3) : 0),
-                   {k.at(0, o), k.at(1, o), k.at(2, o), k.at(3, o)}, geo.first_unit(chunk),
-                   geo.last_unit(chunk), stream);
+                   {k.at(0, o), k.at(1, o), k.at(2, o), k.at(3, o)}, u0, u1, stream);
   });
 }
 
