@@ -270,7 +270,7 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   Index i = 0;
   if (xs == 1 && !valid) {
     for (; i + kLanes <= n; i += kLanes) {
-      const D d = sub_on_fma(widen(load(values + i)), shift);
+      const D d = sub_on_fma(load_wide(values + i), shift);
       sum = add_on_fma(sum, d);
       squares = add(squares, mul(d, d));
     }
@@ -364,7 +364,7 @@ void plane_moments_dense(const Plan& plan, const T* x, ItemBlock items, Index u0
       const D m = shift[j];
       D s = sum[j], q = squares[j];
       for (Index i = 0; i < full; i += kLanes) {
-        const D d = sub_on_fma(widen(load(values + i)), m);
+        const D d = sub_on_fma(load_wide(values + i), m);
         s = add_on_fma(s, d);
         q = add(q, mul(d, d));
       }
@@ -550,7 +550,7 @@ void plane_sums(const Plan& plan, const T* dy, const T* x, ItemBlock items, cons
       if (gs == 1 && xs == 1) {
         Index i = 0;
         for (; i + kLanes <= n; i += kLanes) {
-          add_block(widen(load(g + i)), sub_on_fma(widen(load(v + i)), m));
+          add_block(load_wide(g + i), sub_on_fma(load_wide(v + i), m));
         }
         if (i < n) {
           const int tail = static_cast<int>(n - i);
@@ -693,7 +693,7 @@ void add_rows(const T* const* rows, int count, Index features, const double* shi
     D total_squares = first ? splat(0.0) : load(squares + c);
     for (int r = 0; r < count; ++r) {
       prefetch_lanes(rows[r] + c, ahead);
-      const D d = sub_on_fma(widen(load(rows[r] + c)), s);
+      const D d = sub_on_fma(load_wide(rows[r] + c), s);
       total = add_on_fma(total, d);
       total_squares = add(total_squares, mul(d, d));
     }
@@ -774,9 +774,9 @@ void add_backward_rows(const T* const* dy_rows, const T* const* x_rows, int coun
       prefetch_lanes(dy_rows[r] + c, ahead);
       prefetch_lanes(x_rows[r] + c, ahead);
       // On the multiply-add units as in plane_sums.
-      const D g = widen(load(dy_rows[r] + c));
+      const D g = load_wide(dy_rows[r] + c);
       total = add_on_fma(total, g);
-      total_x = add(total_x, mul(g, sub_on_fma(widen(load(x_rows[r] + c)), m)));
+      total_x = add(total_x, mul(g, sub_on_fma(load_wide(x_rows[r] + c), m)));
     }
     store(sum_dy + c, total);
     store(sum_dyx + c, total_x);
