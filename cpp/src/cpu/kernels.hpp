@@ -90,40 +90,30 @@ class SharedLoops {
       for (Index i = 0; i < n; ++i) body(i);
     }
   }
-  // Iterations split into contiguous shares, one per thread, the same for the same n and team:
-  // body(i) for this thread's share in order, or last first with `reverse`; the team waits for
-  // every share at the end, as after the other loops. For row passes over the same chunks one
-  // after the other: a thread gets back the chunks its core read, and reads one stretch of
-  // memory. Handed out as threads became free, on 2 cores (C++ API, calls in a loop) the row
-  // cases took up to 1.3x this time ((64, 28, 28, 256) backward 4.89 against 3.81 ms,
-  // (64, 128, 1024) training 1.98 against 1.54 ms). The plane passes keep `dynamic`: with shares
-  // of their own, (256, 2048, 7, 7) NCHW backward fell from 77-88% to 64-67% of
-  // batchnorm-bench's copy probe.
+  // Which way a thread walks its share in `fixed`.
+  enum class Order { in_order, last_first };
+  // Iterations split into contiguous shares, one per thread, the same for the same n and team
+  // size; each thread runs body(i) over its own share in `order`. Row passes over the same chunks
+  // one after the other get, on each thread, the chunks its core read, in one stretch of memory.
+  // Handed out as threads became free, on 2 cores (C++ API, calls in a loop) the row cases took
+  // up to 1.3x this time ((64, 28, 28, 256) backward 4.89 against 3.81 ms, (64, 128, 1024)
+  // training 1.98 against 1.54 ms). The plane passes keep `dynamic`: with fixed shares,
+  // (256, 2048, 7, 7) NCHW backward fell from 77-88% to 64-67% of batchnorm-bench's copy probe.
   template <class Body>
-  void own_share(Index n, bool reverse, Body&& body) const {
+  void fixed(Index n, Body&& body, Order order = Order::in_order) const {
     Index first = 0, last = n;
     if (team_) {
       const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
       first = n * t / threads;
       last = n * (t + 1) / threads;
     }
-    if (reverse) {
+    if (order == Order::last_first) {
       for (Index i = last; i-- > first;) body(i);
     } else {
       for (Index i = first; i < last; ++i) body(i);
     }
     if (team_) {
 #pragma omp barrier
-    }
-  }
-  // Iterations split into equal contiguous shares.
-  template <class Body>
-  void fixed(Index n, Body&& body) const {
-    if (team_) {
-#pragma omp for schedule(static)
-      for (Index i = 0; i < n; ++i) body(i);
-    } else {
-      for (Index i = 0; i < n; ++i) body(i);
     }
   }
 
@@ -288,7 +278,7 @@ class PartialBuffer {
 
 // Runs chunk(o, first_unit, last_unit) for each work item of a row-mode elementwise pass (outer
 // statistic item o, a chunk of its rows): each thread takes the share of items whose statistics
-// or sums it made (SharedLoops::own_share, as the reductions share them), the last first. The
+// or sums it made (SharedLoops::fixed, as the reductions share them), the last first. The
 // reduction read its share in order, so the items it read last may still be in that core's
 // caches; starting from them reads those from cache instead of memory (on the profiled machine,
 // reading 128 MB last chunk first right after reading it in order took 0.90-0.93x the time of a
@@ -296,10 +286,13 @@ class PartialBuffer {
 template <class Chunk>
 void row_chunks_last_first(const SharedLoops& loops, const Geometry& geo, Chunk&& chunk) {
   const Index chunks = geo.chunks();
-  loops.own_share(geo.items(), true, [&](Index item) {
-    const Index c = item % chunks;
-    chunk(item / chunks, geo.first_unit(c), geo.last_unit(c));
-  });
+  loops.fixed(
+      geo.items(),
+      [&](Index item) {
+        const Index c = item % chunks;
+        chunk(item / chunks, geo.first_unit(c), geo.last_unit(c));
+      },
+      SharedLoops::Order::last_first);
 }
 
 // Row-mode passes read each coefficient array kRowWrap entries past its C features, entry C + i
@@ -467,7 +460,7 @@ void row_moments_loops(const SharedLoops& loops, const Plan& plan, const Geometr
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index features = geo.inner, chunks = geo.chunks();
   PartialBuffer<double> scratch(3 * features);  // set from the first valid row
-  loops.own_share(geo.items(), false, [&](Index item) {
+  loops.fixed(geo.items(), [&](Index item) {
     const Index o = item / chunks, chunk = item % chunks;
     part.count[size(item)] = static_cast<double>(kernels.row_moments(
         plan, x + stat_offset(plan, o, 0), at_offset(mask, mask ? stat_offset(plan, o, 1) : 0),
@@ -582,16 +575,16 @@ void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* 
 }
 
 // The loops of a row-mode backward sums pass within a parallel region: each chunk's sums into
-// `partial` (2 * items * features values, [outer][chunk][sum][feature]; each thread its own share),
-// then their totals in chunk order per block of columns (a fixed loop), after which finished(first,
-// last) runs on the thread that added statistics [first, last).
+// `partial` (2 * items * features values, [outer][chunk][sum][feature]; each thread its own share,
+// `fixed`), then their totals in chunk order per block of columns (a fixed loop), after which
+// finished(first, last) runs on the thread that added statistics [first, last).
 template <class T, class Finished>
 void row_sums_loops(const SharedLoops& loops, const Plan& plan, const Geometry& geo, const T* dy,
                     const T* x, const double* shift, double* partial, double* sum_dy,
                     double* sum_dy_centered, Finished&& finished) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Index width = geo.inner, chunks = geo.chunks();
-  loops.own_share(geo.items(), false, [&](Index item) {
+  loops.fixed(geo.items(), [&](Index item) {
     const Index o = item / chunks, chunk = item % chunks;
     double* part = partial + 2 * item * width;
     kernels.row_sums(plan, dy + stat_offset(plan, o, 0), x + stat_offset(plan, o, 1),

@@ -75,12 +75,15 @@ inline D load_wide(const float16* p) {
   return {_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(bits))),
           _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(bits + 1)))};
 }
-inline __m256 widen_bfloat16_half(const bfloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+// Eight bfloat16 lanes as float32 (the 16-lane form follows below; the AVX2 kernels have this
+// one too).
+inline __m256 widen_bfloat16(__m128i bits) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 inline D load_wide(const bfloat16* p) {
-  return {_mm512_cvtps_pd(widen_bfloat16_half(p)), _mm512_cvtps_pd(widen_bfloat16_half(p + 8))};
+  const __m128i* bits = reinterpret_cast<const __m128i*>(p);
+  return {_mm512_cvtps_pd(widen_bfloat16(_mm_loadu_si128(bits))),
+          _mm512_cvtps_pd(widen_bfloat16(_mm_loadu_si128(bits + 1)))};
 }
 
 inline Mask mask_first(int n) { return static_cast<Mask>((1u << n) - 1u); }
