@@ -312,27 +312,115 @@ inline Index first_valid(const std::uint8_t* valid, Index ms, Index n) {
   return -1;
 }
 
-// Runs shorter than this are fetched a unit ahead: a block's short runs of one unit make a
-// stretch of a few KB, too short for the hardware prefetchers (which stop at each page).
+// Runs shorter than this are prefetched ahead: a block's short runs of one unit make a stretch of
+// a few KB, too short for the hardware prefetchers (which stop at each page).
 inline constexpr Index kPrefetchRunBytes = 4096;
 
-// Prefetches the runs of a block in the unit after `walk`'s. Always inlined: GCC deems a function
-// that only prefetches free of side effects and drops the calls.
+// Prefetches `count` runs of run_bytes, `step` elements apart, from p. Always inlined: GCC deems a
+// function that only prefetches free of side effects and drops the calls.
+template <class T>
+__attribute__((always_inline)) inline void prefetch_runs(const T* p, Index count, Index step,
+                                                         Index run_bytes) {
+  for (Index j = 0; j < count; ++j) {
+    const char* run = reinterpret_cast<const char*>(p + j * step);
+    for (Index b = 0; b < run_bytes; b += 64) __builtin_prefetch(run + b, 0, 2);
+  }
+}
+
+// Prefetches the runs of a block in the unit after `walk`'s.
 template <class T>
 __attribute__((always_inline)) inline void prefetch_next_unit(const NestWalker& walk, const T* base,
                                                               int op, const ItemBlock& items,
                                                               Index run_bytes) {
   NestWalker next = walk;
   next.next();
-  const char* first = reinterpret_cast<const char*>(base + next.offset[op]);
-  for (Index j = 0; j < items.count; ++j) {
-    const char* run = first + j * items.step[op] * Index{sizeof(T)};
-    for (Index b = 0; b < run_bytes; b += 64) __builtin_prefetch(run + b, 0, 2);
+  prefetch_runs(base + next.offset[op], items.count, items.step[op], run_bytes);
+}
+
+// Units a reduction over a group of statistics' short runs reads ahead of the unit it sums: about
+// kPrefetchRunBytes of the group's runs per operand (0: long runs, left to the hardware).
+inline Index units_ahead(Index run_bytes, int group) {
+  if (run_bytes >= kPrefetchRunBytes) return 0;
+  const Index units = kPrefetchRunBytes / (run_bytes * group);
+  return units > 0 ? units : 1;
+}
+
+// One statistic's running sums over contiguous runs: the sum and the sum of squares of its
+// elements less its shift.
+struct RunSums {
+  D shift, sum, squares;
+
+  template <class T>
+  __attribute__((always_inline)) void add_block(const T* values) {
+    const D d = sub_on_fma(load_wide(values), shift);
+    sum = add_on_fma(sum, d);
+    squares = cpu::BATCHNORM_CPU_NS::add(squares, mul(d, d));
   }
+
+  // The first `tail` elements at values, the last of a run.
+  template <class T>
+  __attribute__((always_inline)) void add_tail(const T* values, int tail, Mask tail_lanes) {
+    const D d = select(tail_lanes, sub(widen(load_first(values, tail)), shift));
+    sum = cpu::BATCHNORM_CPU_NS::add(sum, d);
+    squares = cpu::BATCHNORM_CPU_NS::add(squares, mul(d, d));
+  }
+};
+
+// Shifted sums of G (at most 4) statistics of a block over units [u0, u1) of contiguous runs of n
+// elements, `step` elements apart (x at the first of them). The group's sums stay in registers
+// through the walk over the units, where a walk taking all the block's statistics in each unit
+// keeps them in memory; every lane adds the same elements in the same order either way. (Named
+// variables in a function of their own: GCC leaves arrays indexed in a loop, or sums inlined
+// into a larger function, in memory.)
+template <int G, class T>
+__attribute__((noinline)) void shifted_sums_of_group(const LoopNest& red, const T* x, Index step,
+                                                     Index n, Index u0, Index u1,
+                                                     const double* first, D* sum_out,
+                                                     D* squares_out) {
+  static_assert(G >= 1 && G <= 4, "a group has one to four statistics");
+  const Index full = n - n % kLanes;
+  const int tail = static_cast<int>(n % kLanes);
+  const Mask tail_lanes = mask_first(tail);
+  const Index run_bytes = n * Index{sizeof(T)};
+  const Index ahead = units_ahead(run_bytes, G);
+  // Sums past the group's G are never used (nor kept: the compiler drops them).
+  const auto start = [&](int g) {
+    return RunSums{splat(first[g < G ? g : 0]), splat(0.0), splat(0.0)};
+  };
+  RunSums s0 = start(0), s1 = start(1), s2 = start(2), s3 = start(3);
+  NestWalker walk(red, red.count - 1, 1, u0), lead(red, red.count - 1, 1, u0 + ahead);
+  for (Index u = u0; u < u1; ++u, walk.next()) {
+    if (ahead > 0 && u + ahead < u1) {
+      prefetch_runs(x + lead.offset[0], G, step, run_bytes);
+      lead.next();
+    }
+    // The group's runs side by side: one loop, whose chains of additions are independent.
+    const T* values = x + walk.offset[0];
+    for (Index i = 0; i < full; i += kLanes) {
+      s0.add_block(values + i);
+      if constexpr (G > 1) s1.add_block(values + step + i);
+      if constexpr (G > 2) s2.add_block(values + 2 * step + i);
+      if constexpr (G > 3) s3.add_block(values + 3 * step + i);
+    }
+    if (tail) {
+      s0.add_tail(values + full, tail, tail_lanes);
+      if constexpr (G > 1) s1.add_tail(values + step + full, tail, tail_lanes);
+      if constexpr (G > 2) s2.add_tail(values + 2 * step + full, tail, tail_lanes);
+      if constexpr (G > 3) s3.add_tail(values + 3 * step + full, tail, tail_lanes);
+    }
+  }
+  const auto put = [&](int g, const RunSums& sums) {
+    sum_out[g] = sums.sum;
+    squares_out[g] = sums.squares;
+  };
+  put(0, s0);
+  if constexpr (G > 1) put(1, s1);
+  if constexpr (G > 2) put(2, s2);
+  if constexpr (G > 3) put(3, s3);
 }
 
 // plane_moments without a mask on contiguous runs: every run counts whole, and each statistic's
-// shift is its first element in the chunk.
+// shift is its first element in the chunk. The statistics go kRegisterStats at a time.
 template <class T>
 void plane_moments_dense(const Plan& plan, const T* x, ItemBlock items, Index u0, Index u1,
                          Moments* out) {
@@ -342,43 +430,21 @@ void plane_moments_dense(const Plan& plan, const T* x, ItemBlock items, Index u0
     for (Index j = 0; j < items.count; ++j) out[j] = Moments{};
     return;
   }
-  const Index full = n - n % kLanes;
-  const int tail = static_cast<int>(n % kLanes);
-  const Mask tail_lanes = mask_first(tail);
-  const Index run_bytes = n * Index{sizeof(T)};
-  D shift[kMaxBlockItems], sum[kMaxBlockItems], squares[kMaxBlockItems];
+  const Index step = items.step[0];
+  const T* start = x + NestWalker(red, red.count - 1, 1, u0).offset[0];
   double first[kMaxBlockItems];
-  NestWalker walk(red, red.count - 1, 1, u0);
-  for (Index j = 0; j < items.count; ++j) {
-    first[j] = as_double(x[walk.offset[0] + j * items.step[0]]);
-    shift[j] = splat(first[j]);
-    sum[j] = squares[j] = splat(0.0);
+  for (Index j = 0; j < items.count; ++j) first[j] = as_double(start[j * step]);
+  D sum[kMaxBlockItems], squares[kMaxBlockItems];
+  Index j = 0;
+  for (; j + kRegisterStats <= items.count; j += kRegisterStats) {
+    shifted_sums_of_group<kRegisterStats>(red, x + j * step, step, n, u0, u1, first + j, sum + j,
+                                          squares + j);
   }
-  for (Index u = u0; u < u1; ++u, walk.next()) {
-    if (run_bytes < kPrefetchRunBytes && u + 1 < u1) {
-      prefetch_next_unit(walk, x, 0, items, run_bytes);
-    }
-    const T* base = x + walk.offset[0];
-    for (Index j = 0; j < items.count; ++j) {
-      const T* values = base + j * items.step[0];
-      const D m = shift[j];
-      D s = sum[j], q = squares[j];
-      for (Index i = 0; i < full; i += kLanes) {
-        const D d = sub_on_fma(load_wide(values + i), m);
-        s = add_on_fma(s, d);
-        q = add(q, mul(d, d));
-      }
-      if (tail) {
-        const D d = select(tail_lanes, sub(widen(load_first(values + full, tail)), m));
-        s = add(s, d);
-        q = add(q, mul(d, d));
-      }
-      sum[j] = s;
-      squares[j] = q;
-    }
+  for (; j < items.count; ++j) {
+    shifted_sums_of_group<1>(red, x + j * step, step, n, u0, u1, first + j, sum + j, squares + j);
   }
   const auto count = static_cast<double>((u1 - u0) * n);
-  for (Index j = 0; j < items.count; ++j) {
+  for (j = 0; j < items.count; ++j) {
     out[j] =
         detail::moments_from_shifted_sums(count, first[j], lane_sum(sum[j]), lane_sum(squares[j]));
   }

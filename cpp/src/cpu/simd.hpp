@@ -30,6 +30,10 @@ inline constexpr std::uintptr_t kStreamAlign = 64;
 
 #if defined(BATCHNORM_CPU_AVX512)
 
+// Statistics a reduction over short runs keeps in registers at once: each takes six of the 32
+// vector registers (its shift, sum and sum of squares, two each).
+inline constexpr int kRegisterStats = 4;
+
 struct F {
   __m512 v;
 };
@@ -193,6 +197,9 @@ inline void stream(bfloat16* p, F a) {
 inline void stream_fence() { _mm_sfence(); }
 
 #elif defined(BATCHNORM_CPU_AVX2)
+
+// One statistic's shift, sum and sum of squares take twelve of the 16 vector registers.
+inline constexpr int kRegisterStats = 1;
 
 struct F {
   __m256 lo, hi;
@@ -375,6 +382,8 @@ inline void stream(bfloat16* p, F a) {
 inline void stream_fence() { _mm_sfence(); }
 
 #else  // portable baseline: plain loops the compiler vectorizes for the base instruction set
+
+inline constexpr int kRegisterStats = 1;
 
 struct F {
   float v[kLanes];
