@@ -346,9 +346,9 @@ inline Index items_per_block(const Geometry& geo) {
   return std::clamp<Index>(kBlockSpan / std::max<Index>(geo.run, 1), 1, kMaxBlockItems);
 }
 
-// The fused passes' blocks of features: at most items_per_block each, and as even as their count
-// allows, since each block is one thread's work ((32, 64, 8, 8) made blocks of 50 and 14 features:
-// three quarters of the call for one of two threads).
+// The fused passes' blocks of features: as few as with items_per_block each, and the largest as
+// small as that count allows, since each block is one thread's work ((32, 64, 8, 8) made blocks
+// of 50 and 14 features, three quarters of the call for one of two threads).
 inline Index even_block_items(const Geometry& geo, Index features) {
   const Index most = items_per_block(geo);
   const Index blocks = (features + most - 1) / most;
