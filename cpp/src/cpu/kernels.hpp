@@ -377,12 +377,14 @@ struct Block {
 
 // Elementwise plane passes: where the runs of a stat row lie back to back in every data operand
 // (contiguous NCHW), each unit of a row is one long stretch, so work splits by units (about 64K
-// elements per piece) instead of by statistics, and every thread streams sequentially.
+// elements per piece, and at least a piece per thread: (16, 64, 8, 8) made one piece, which left
+// the second of two threads idle) instead of by statistics, and every thread streams
+// sequentially.
 struct RowPieces {
   Index rows = 0, width = 0, units_per_piece = 1, pieces = 0;
 };
 
-inline RowPieces row_pieces(const Plan& plan, const Geometry& geo, int data_operands) {
+inline RowPieces row_pieces(const Plan& plan, const Geometry& geo, int data_operands, int threads) {
   const detail::LoopDim& inner = plan.stat.dims[plan.stat.count - 1];
   const detail::LoopDim& run = plan.reduced.dims[plan.reduced.count - 1];
   RowPieces p;
@@ -392,7 +394,9 @@ inline RowPieces row_pieces(const Plan& plan, const Geometry& geo, int data_oper
   }
   p.width = inner.size;
   p.rows = geo.outer / inner.size;
-  p.units_per_piece = std::max<Index>(1, (Index{1} << 16) / (p.width * geo.run));
+  const Index per_thread = (geo.units + threads - 1) / threads;  // (threads >= 1)
+  p.units_per_piece =
+      std::max<Index>(1, std::min((Index{1} << 16) / (p.width * geo.run), per_thread));
   p.pieces = (geo.units + p.units_per_piece - 1) / p.units_per_piece;
   return p;
 }
@@ -574,7 +578,7 @@ void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* 
         threads, [&](const SharedLoops& loops) { row_affine_loop(loops, plan, geo, in, out, k); });
     return;
   }
-  for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2), threads,
+  for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2, threads), threads,
                        [&](Index first, const ItemBlock& items, Index u0, Index u1) {
                          kernels.plane_affine(plan, in + stat_offset(plan, first, 0),
                                               out + stat_offset(plan, first, 1), items,
@@ -691,7 +695,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
     return;
   }
   // Masked passes keep the blocks: the mask's runs are not back to back with the data's.
-  for_each_plane_piece(plan, geo, mask ? RowPieces{} : row_pieces(plan, geo, 3), threads,
+  for_each_plane_piece(plan, geo, mask ? RowPieces{} : row_pieces(plan, geo, 3, threads), threads,
                        [&](Index i, const ItemBlock& items, Index u0, Index u1) {
                          kernels.plane_dx(
                              plan, dy + stat_offset(plan, i, 0), x + stat_offset(plan, i, 1),
