@@ -75,6 +75,11 @@ inline int team_size(Index elements) {
   return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, call_threads));
 }
 
+// team_size, but no more threads than work items to share.
+inline int team_for(Index elements, Index work_items) {
+  return static_cast<int>(std::min<Index>(team_size(elements), std::max<Index>(work_items, 1)));
+}
+
 // The loops of a parallel region (parallel_region): each shares its iterations among the region's
 // threads, with a barrier at its end, or runs them all where the region has one thread.
 class SharedLoops {
@@ -136,10 +141,11 @@ void parallel_region(int threads, Region&& region) {
   }
 }
 
-// body(i) for every i in [0, n) on `threads` threads, handed out dynamically.
+// body(i) for every i in [0, n) on `threads` threads (at most n), handed out dynamically.
 template <class Body>
 void parallel_for(int threads, Index n, Body&& body) {
-  parallel_region(threads, [&](const SharedLoops& loops) { loops.dynamic(n, body); });
+  const int team = static_cast<int>(std::min<Index>(threads, std::max<Index>(n, 1)));
+  parallel_region(team, [&](const SharedLoops& loops) { loops.dynamic(n, body); });
 }
 
 // Geometry shared by the passes: which chunks exist and how work items map onto them.
@@ -170,6 +176,10 @@ struct Geometry {
 
   Index chunks() const { return chunking.chunks; }
   Index items() const { return outer * chunking.chunks; }
+  // Threads for a row pass: team_size, but no more than there are items (chunks) to share. A
+  // few long rows are one chunk ((16, 2048) is one chunk of 16 rows), where a second thread only
+  // cost its start ((16, 2048) inference on two threads: 1.3x the time of one).
+  int team() const { return team_for(elements(), items()); }
   Index elements() const { return outer * inner * units * run; }
   Index first_unit(Index chunk) const { return chunk * chunking.per_chunk; }
   Index last_unit(Index chunk) const { return std::min(units, (chunk + 1) * chunking.per_chunk); }
@@ -519,10 +529,9 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
-  const int threads = team_size(geo.elements());
   if (plan.row) {
     RowPartials part(geo);
-    parallel_region(threads, [&](const SharedLoops& loops) {
+    parallel_region(geo.team(), [&](const SharedLoops& loops) {
       row_moments_loops(loops, plan, geo, x, mask, part, count, mean, var, [](Index, Index) {});
     });
     return;
@@ -530,7 +539,7 @@ void moments(const Plan& plan, const T* x, const std::uint8_t* mask, double* cou
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   std::vector<Moments> partial(size(stats * chunks));  // [chunk][statistic]
-  parallel_region(threads, [&](const SharedLoops& loops) {
+  parallel_region(team_for(geo.elements(), work), [&](const SharedLoops& loops) {
     loops.dynamic(work, [&](Index item) {
       const Block& b = blocks[size(item / chunks)];
       const Index chunk = item % chunks;
@@ -574,8 +583,9 @@ void affine(const Plan& plan, const T* in, T* out, Acc* shift, Acc* scale, Acc* 
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 3> k({shift, scale, offset}, geo.outer, geo.inner);
-    parallel_region(
-        threads, [&](const SharedLoops& loops) { row_affine_loop(loops, plan, geo, in, out, k); });
+    parallel_region(geo.team(), [&](const SharedLoops& loops) {
+      row_affine_loop(loops, plan, geo, in, out, k);
+    });
     return;
   }
   for_each_plane_piece(plan, geo, row_pieces(plan, geo, 2, threads), threads,
@@ -630,10 +640,9 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
   const Geometry geo(plan);
   const Index stats = geo.outer * geo.inner, chunks = geo.chunks();
-  const int threads = team_size(geo.elements());
   if (plan.row) {
     PartialBuffer<double> partial(2 * geo.items() * geo.inner);
-    parallel_region(threads, [&](const SharedLoops& loops) {
+    parallel_region(geo.team(), [&](const SharedLoops& loops) {
       row_sums_loops(loops, plan, geo, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
                      [](Index, Index) {});
     });
@@ -642,7 +651,7 @@ void backward_sums(const Plan& plan, const T* dy, const T* x, const double* shif
   const std::vector<Block> blocks = blocks_of(plan, stats, items_per_block(geo));
   const auto work = static_cast<Index>(blocks.size()) * chunks;
   PartialBuffer<double> partial(2 * stats * chunks);  // [chunk][statistic][sum]
-  parallel_region(threads, [&](const SharedLoops& loops) {
+  parallel_region(team_for(geo.elements(), work), [&](const SharedLoops& loops) {
     loops.dynamic(work, [&](Index item) {
       const Block& b = blocks[size(item / chunks)];
       const Index chunk = item % chunks;
@@ -689,7 +698,7 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
   const int threads = team_size(geo.elements());
   if (plan.row) {
     const RowCoefficients<Acc, 4> rows({k.shift, k.scale, k.slope, k.offset}, geo.outer, geo.inner);
-    parallel_region(threads, [&](const SharedLoops& loops) {
+    parallel_region(geo.team(), [&](const SharedLoops& loops) {
       row_dx_loop(loops, plan, geo, dy, x, mask, dx, rows);
     });
     return;
@@ -721,13 +730,12 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
                       const std::uint8_t* mask, double* count, double* mean, double* var,
                       Acc* const (&k)[3], BlockCoefficients&& coefficients) {
   const Geometry sg(stats_plan), ag(apply_plan);
-  const int threads = team_size(sg.elements());
   RowPartials part(sg);
   // Made here, filled in the region once the coefficients are known: nothing is allocated
   // inside the region (an exception could not leave it).
   RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
   std::atomic<bool> plain{true};
-  parallel_region(threads, [&](const SharedLoops& loops) {
+  parallel_region(sg.team(), [&](const SharedLoops& loops) {
     row_moments_loops(loops, stats_plan, sg, x, mask, part, count, mean, var,
                       [&](Index first, Index last) {
                         if (!coefficients(first, last)) plain.store(false);
@@ -755,7 +763,7 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
   // Made here, filled in the region once the coefficients are known (nothing is allocated
   // inside the region).
   RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
-  parallel_region(team_size(sg.elements()), [&](const SharedLoops& loops) {
+  parallel_region(sg.team(), [&](const SharedLoops& loops) {
     row_sums_loops(loops, sums_plan, sg, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
                    coefficients);
     loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
