@@ -139,11 +139,31 @@ inline constexpr Index kSpanPrefetchBytes = Index{16} << 10;
 
 // ---- elementwise spans -------------------------------------------------------------------------
 
+// The elementwise formulas, one block of lanes at a time, in one place: every normalize and dx
+// path (spans, strided, rows together) computes them with the same operations, so their results
+// agree bit for bit. k holds (shift, scale, offset) for a normalize, (shift, scale, slope,
+// offset) for a dx.
+template <class A, class Coefficients>
+__attribute__((always_inline)) inline Vec<A> normalized(Vec<A> v, const Coefficients& k) {
+  return fmadd(sub(v, k.get(0)), k.get(1), k.get(2));
+}
+// (x - shift) * slope + offset: the part of dx that x contributes.
+template <class A, class Coefficients>
+__attribute__((always_inline)) inline Vec<A> dx_correction(Vec<A> v, const Coefficients& k) {
+  return fmadd(sub(v, k.get(0)), k.get(2), k.get(3));
+}
+// scale * (dy - correction).
+template <class A, class Coefficients>
+__attribute__((always_inline)) inline Vec<A> dx_from(Vec<A> g, Vec<A> correction,
+                                                     const Coefficients& k) {
+  return mul(k.get(1), sub(g, correction));
+}
+
 // y = (x - shift) * scale + offset over n contiguous elements; kPrefetch: prefetch x ahead.
 template <bool kPrefetch, class T, class Coefficients>
 void affine_span(const T* x, T* y, Index n, Coefficients k, bool nontemporal) {
   using A = detail::compute_t<T>;
-  const auto apply = [&](Vec<A> v) { return fmadd(sub(v, k.get(0)), k.get(1), k.get(2)); };
+  const auto apply = [&](Vec<A> v) { return normalized<A>(v, k); };
   Index i = 0;
   nontemporal = nontemporal && n * Index{sizeof(T)} >= kMinStreamBytes;
   if (nontemporal) {
@@ -178,7 +198,7 @@ void affine_strided(const T* x, Index xs, T* y, Index ys, Index n, Coefficients 
   for (Index i = 0; i < n; i += kLanes) {
     const int lanes = static_cast<int>(min_index(kLanes, n - i));
     const Vec<A> v = load_strided(x + i * xs, xs, lanes);
-    store_strided(y + i * ys, ys, fmadd(sub(v, k.get(0)), k.get(1), k.get(2)), lanes);
+    store_strided(y + i * ys, ys, normalized<A>(v, k), lanes);
   }
 }
 
@@ -202,12 +222,12 @@ void dx_span(const T* dy, const T* x, T* dx, const std::uint8_t* mask, Index n, 
       return mul(k.get(1), g);
     } else {
       const Vec<A> v = lanes == kLanes ? load(x + i) : load_first(x + i, lanes);
-      Vec<A> correction = fmadd(sub(v, k.get(0)), k.get(2), k.get(3));
+      Vec<A> correction = dx_correction<A>(v, k);
       if constexpr (kValid == Valid::masked) {
         correction = select(
             lanes == kLanes ? mask_bytes(mask + i) : mask_bytes_first(mask + i, lanes), correction);
       }
-      return mul(k.get(1), sub(g, correction));
+      return dx_from<A>(g, correction, k);
     }
   };
   Index i = 0;
@@ -241,9 +261,9 @@ void dx_strided(const T* dy, Index gs, const T* x, Index xs, T* dx, Index ds,
     const int lanes = static_cast<int>(min_index(kLanes, n - i));
     const Vec<A> g = load_strided(dy + i * gs, gs, lanes);
     const Vec<A> v = load_strided(x + i * xs, xs, lanes);
-    Vec<A> correction = fmadd(sub(v, k.get(0)), k.get(2), k.get(3));
+    Vec<A> correction = dx_correction<A>(v, k);
     if (mask) correction = select(mask_strided(mask + i * ms, ms, lanes), correction);
-    store_strided(dx + i * ds, ds, mul(k.get(1), sub(g, correction)), lanes);
+    store_strided(dx + i * ds, ds, dx_from<A>(g, correction, k), lanes);
   }
 }
 
@@ -939,12 +959,12 @@ template <int R, class T, class A>
 __attribute__((always_inline)) inline void affine_row_group(const T* x, T* y, Index features,
                                                             const A* const (&k)[3]) {
   for (Index c = 0; c < features; c += kLanes) {
-    const Vec<A> shift = load(k[0] + c), scale = load(k[1] + c), offset = load(k[2] + c);
+    const UniformCoefficients<A, 3> block{{load(k[0] + c), load(k[1] + c), load(k[2] + c)}};
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const Index i = r * features + c;
       prefetch_lanes(x + i, kSpanPrefetchBytes);
-      store(y + i, fmadd(sub(load(x + i), shift), scale, offset));
+      store(y + i, normalized<A>(load(x + i), block));
     }
   }
 }
@@ -963,15 +983,14 @@ template <int R, class T, class A>
 __attribute__((always_inline)) inline void dx_row_group(const T* dy, const T* x, T* dx,
                                                         Index features, const A* const (&k)[4]) {
   for (Index c = 0; c < features; c += kLanes) {
-    const Vec<A> shift = load(k[0] + c), scale = load(k[1] + c), slope = load(k[2] + c),
-                 offset = load(k[3] + c);
+    const UniformCoefficients<A, 4> block{
+        {load(k[0] + c), load(k[1] + c), load(k[2] + c), load(k[3] + c)}};
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const Index i = r * features + c;
       prefetch_lanes(dy + i, kSpanPrefetchBytes);
       prefetch_lanes(x + i, kSpanPrefetchBytes);
-      const Vec<A> correction = fmadd(sub(load(x + i), shift), slope, offset);
-      store(dx + i, mul(scale, sub(load(dy + i), correction)));
+      store(dx + i, dx_from<A>(load(dy + i), dx_correction<A>(load(x + i), block), block));
     }
   }
 }
