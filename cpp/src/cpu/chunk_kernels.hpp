@@ -269,35 +269,47 @@ void dx_strided(const T* dy, Index gs, const T* x, Index xs, T* dx, Index ds,
 
 // ---- plane mode ----------------------------------------------------------------------------
 
-// Shifted float64 sums of a chunk's valid elements of one statistic, lane by lane.
+// Shifted float64 sums of a chunk's valid elements of one statistic, lane by lane: the sum and
+// the sum of squares of the elements less the shift.
 struct ShiftedSums {
   D shift = splat(0.0), sum = splat(0.0), squares = splat(0.0);
   Index count = 0;
+
+  // A whole block of lanes at values (not counted: callers count whole runs).
+  template <class T>
+  __attribute__((always_inline)) void add_block(const T* values) {
+    const D d = sub_on_fma(load_wide(values), shift);
+    sum = add_on_fma(sum, d);
+    squares = add(squares, mul(d, d));
+  }
+
+  // The first `tail` elements at values, the last of a run (not counted either).
+  template <class T>
+  __attribute__((always_inline)) void add_tail(const T* values, int tail, Mask tail_lanes) {
+    const D d = select(tail_lanes, sub(widen(load_first(values, tail)), shift));
+    sum = add(sum, d);
+    squares = add(squares, mul(d, d));
+  }
 };
 
 // Adds one run (n elements, stride xs; `valid` null or one byte per element at stride ms) to s.
 template <class T>
 void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* valid, Index ms,
              Index n) {
-  // Locals, not the referenced state, so the accumulators stay in registers along the run.
-  const D shift = state.shift;
-  D sum = state.sum, squares = state.squares;
+  // A local copy, not the referenced state, so the accumulators stay in registers along the run.
+  ShiftedSums run{state.shift, state.sum, state.squares};
   Index count = 0;
   // The subtraction and the running sum go to the multiply-add units, as in the unmasked loop:
   // with plain ones the adders carried three of the four operations besides the conversions.
   const auto add_block = [&](D v, Mask m) {
-    const D d = sub_select_on_fma(m, v, shift);
-    sum = add_on_fma(sum, d);
-    squares = add(squares, mul(d, d));
+    const D d = sub_select_on_fma(m, v, run.shift);
+    run.sum = add_on_fma(run.sum, d);
+    run.squares = add(run.squares, mul(d, d));
     count += lanes_set(m);
   };
   Index i = 0;
   if (xs == 1 && !valid) {
-    for (; i + kLanes <= n; i += kLanes) {
-      const D d = sub_on_fma(load_wide(values + i), shift);
-      sum = add_on_fma(sum, d);
-      squares = add(squares, mul(d, d));
-    }
+    for (; i + kLanes <= n; i += kLanes) run.add_block(values + i);
     count += i;
     if (i < n) {
       const int tail = static_cast<int>(n - i);
@@ -322,8 +334,8 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
                 valid ? mask_strided(valid + i * ms, ms, lanes) : mask_first(lanes));
     }
   }
-  state.sum = sum;
-  state.squares = squares;
+  state.sum = run.sum;
+  state.squares = run.squares;
   state.count += count;
 }
 
@@ -369,27 +381,6 @@ inline Index units_ahead(Index run_bytes, int group) {
   return units > 0 ? units : 1;
 }
 
-// One statistic's running sums over contiguous runs: the sum and the sum of squares of its
-// elements less its shift.
-struct RunSums {
-  D shift, sum, squares;
-
-  template <class T>
-  __attribute__((always_inline)) void add_block(const T* values) {
-    const D d = sub_on_fma(load_wide(values), shift);
-    sum = add_on_fma(sum, d);
-    squares = cpu::BATCHNORM_CPU_NS::add(squares, mul(d, d));
-  }
-
-  // The first `tail` elements at values, the last of a run.
-  template <class T>
-  __attribute__((always_inline)) void add_tail(const T* values, int tail, Mask tail_lanes) {
-    const D d = select(tail_lanes, sub(widen(load_first(values, tail)), shift));
-    sum = cpu::BATCHNORM_CPU_NS::add(sum, d);
-    squares = cpu::BATCHNORM_CPU_NS::add(squares, mul(d, d));
-  }
-};
-
 // Shifted sums of G (at most 4) statistics of a block over units [u0, u1) of contiguous runs of n
 // elements, `step` elements apart (x at the first of them). The group's sums stay in registers
 // through the walk over the units, where a walk taking all the block's statistics in each unit
@@ -409,9 +400,9 @@ __attribute__((noinline)) void shifted_sums_of_group(const LoopNest& red, const 
   const Index ahead = units_ahead(run_bytes, G);
   // Sums past the group's G are never used (nor kept: the compiler drops them).
   const auto start = [&](int g) {
-    return RunSums{splat(first[g < G ? g : 0]), splat(0.0), splat(0.0)};
+    return ShiftedSums{splat(first[g < G ? g : 0]), splat(0.0), splat(0.0)};
   };
-  RunSums s0 = start(0), s1 = start(1), s2 = start(2), s3 = start(3);
+  ShiftedSums s0 = start(0), s1 = start(1), s2 = start(2), s3 = start(3);
   NestWalker walk(red, red.count - 1, 1, u0), lead(red, red.count - 1, 1, u0 + ahead);
   for (Index u = u0; u < u1; ++u, walk.next()) {
     if (ahead > 0 && u + ahead < u1) {
@@ -433,7 +424,7 @@ __attribute__((noinline)) void shifted_sums_of_group(const LoopNest& red, const 
       if constexpr (G > 3) s3.add_tail(values + 3 * step + full, tail, tail_lanes);
     }
   }
-  const auto put = [&](int g, const RunSums& sums) {
+  const auto put = [&](int g, const ShiftedSums& sums) {
     sum_out[g] = sums.sum;
     squares_out[g] = sums.squares;
   };
