@@ -43,6 +43,8 @@ CASES = {
     "nhwc_mask_ghost": ((16, 24, 24, 64), -1, "float32", 4, True),
     "dense": ((4096, 96), -1, "float32", None, False),
     "sequence_mask": ((32, 100, 40), -1, "float32", None, True),
+    "rows_of_three": ((50000, 3), -1, "float32", None, False),
+    "nhwc_five_ghost": ((32, 20, 20, 5), -1, "float32", 4, False),
     "bfloat16": ((16, 48, 20, 20), 1, "bfloat16", None, False),
 }
 

@@ -132,6 +132,48 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
     run_case((4, 6, 5, 7), np.float32, [True, False], view=view, axis=axis)
 
 
+# Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes; rows
+# whose count leaves part of a block, several chunks, ghost batches and views whose rows are not
+# back to back (the one-row-a-block loops) must all give the reference's statistics and sums.
+FEW_FEATURE_ROWS = [(rows, features) for rows in (6, 19, 20003) for features in (1, 3, 5, 7, 8, 9)]
+
+
+@pytest.mark.parametrize("shape", FEW_FEATURE_ROWS, ids=[f"{r}x{f}" for r, f in FEW_FEATURE_ROWS])
+def test_rows_of_a_few_features(shape: tuple[int, int]) -> None:
+    run_case(shape, np.float32, [True, True, False], axis=-1, momentum=0.8)
+
+
+@pytest.mark.parametrize(
+    "shape,config,view",
+    [
+        ((32, 20, 20, 3), {"virtual_batch_size": 8}, None),
+        ((2, 3, 50, 7, 6), {"axis": [-2, -1]}, None),  # 42 features: not packed
+        ((8, 3, 30, 30), {}, lambda a: a.transpose(0, 2, 3, 1)),  # features 900 elements apart
+        ((64, 30, 4), {}, lambda a: a[:, ::2]),  # rows 8 elements apart
+        ((64, 30, 5), {}, lambda a: a[::-1, ::-1]),  # rows walked backwards
+    ],
+    ids=["ghost", "two-axes", "transposed", "every-other-row", "reversed"],
+)
+def test_rows_of_a_few_features_in_other_arrangements(shape, config, view) -> None:
+    run_case(shape, np.float32, [True, False], view=view, **{"axis": -1, **config})
+
+
+@pytest.mark.parametrize("features,row", [(3, 2000), (7, 2000), (7, 2001), (5, 3)])
+def test_nan_in_rows_of_a_few_features_stays_in_its_feature(features: int, row: int) -> None:
+    # The NaN is the first element of a packed block's row or falls in the lanes past its last
+    # whole row (3 features: lane 15 holds the next block's first element).
+    rng = np.random.default_rng(features)
+    x = rng.normal(size=(4096, features)).astype(np.float32)
+    x[row, 0] = np.nan
+    layer = batchnorm.BatchNormalization()
+    y = layer(x, training=True)
+    layer.backward(rng.normal(size=x.shape).astype(np.float32))
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1:]).all()
+    mean, dgamma = layer.moving_mean.numpy(), np.asarray(layer.gradients["gamma"])
+    assert np.isnan(mean[0]) and np.isfinite(mean[1:]).all()
+    assert np.isnan(dgamma[0]) and np.isfinite(dgamma[1:]).all()
+
+
 @pytest.mark.parametrize("shape,axis", [((6, 5, 4), -1), ((6, 4, 5), 1)], ids=["btc", "bct"])
 def test_masks(shape: tuple[int, ...], axis: int) -> None:
     # Keras' form: the leading axes, broadcast along the last. With axis=1 on (B, C, T) that
