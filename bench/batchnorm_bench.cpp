@@ -265,8 +265,9 @@ Case make_case(const Shape& given, const std::string& layout, int axis, Variant 
   return c;
 }
 
-// The cases of the issue: image shapes in both layouts, dense and sequence shapes, a small
-// tensor (call overhead), and the training-forward options on the largest image shape.
+// The cases of the issue: image shapes in both layouts, an RGB input channels-last (rows of three
+// features), dense and sequence shapes, a small tensor (call overhead), and the training-forward
+// options on the largest image shape.
 std::vector<Case> default_suite() {
   const std::vector<Mode> all{Mode::train, Mode::infer, Mode::backward};
   std::vector<Case> cases;
@@ -274,6 +275,7 @@ std::vector<Case> default_suite() {
     cases.push_back(make_case(s, "nchw", 1, Variant::plain, all));
     cases.push_back(make_case(s, "nhwc", -1, Variant::plain, all));
   }
+  cases.push_back(make_case({32, 3, 224, 224}, "nhwc", -1, Variant::plain, all));
   cases.push_back(make_case({65536, 512}, "", -1, Variant::plain, all));
   cases.push_back(make_case({64, 128, 1024}, "", -1, Variant::plain, all));
   cases.push_back(make_case({64, 256}, "", -1, Variant::plain, all));
