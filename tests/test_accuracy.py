@@ -59,7 +59,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("deviations", [3.9, 100.0, 1e4])
-@pytest.mark.parametrize("shape", [(512, 32), (8, 8, 8, 32), (500, 37), (4096, 3), (999, 7)])
+@pytest.mark.parametrize(
+    "shape", [(512, 32), (8, 8, 8, 32), (500, 37), (4096, 3), (999, 7), (2048, 24)]
+)
 def test_variance_with_an_outlier_first_row(shape, deviations):
     """Row statistics sum x minus each chunk's first valid row: an outlier there (a spike in
     ReLU activations) puts the shift many standard deviations from the mean, where rounding in

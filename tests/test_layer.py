@@ -132,10 +132,14 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
     run_case((4, 6, 5, 7), np.float32, [True, False], view=view, axis=axis)
 
 
-# Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes; rows
-# whose count leaves part of a block, several chunks, ghost batches and views whose rows are not
-# back to back (the one-row-a-block loops) must all give the reference's statistics and sums.
-FEW_FEATURE_ROWS = [(rows, features) for rows in (6, 19, 20003) for features in (1, 3, 5, 7, 8, 9)]
+# Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes, rows of
+# other widths that leave a tail block (9, 12, 24, 40) as groups of rows that fill whole blocks
+# (33: a group would be too wide); row counts that leave part of a block or group, several chunks,
+# ghost batches and views whose rows are not back to back (the row-by-row loops) must all give the
+# reference's statistics and sums.
+FEW_FEATURE_ROWS = [
+    (rows, features) for rows in (6, 19, 20003) for features in (1, 3, 5, 7, 8, 9, 12, 24, 33, 40)
+]
 
 
 @pytest.mark.parametrize("shape", FEW_FEATURE_ROWS, ids=[f"{r}x{f}" for r, f in FEW_FEATURE_ROWS])
@@ -147,7 +151,7 @@ def test_rows_of_a_few_features(shape: tuple[int, int]) -> None:
     "shape,config,view",
     [
         ((32, 20, 20, 3), {"virtual_batch_size": 8}, None),
-        ((2, 3, 50, 7, 6), {"axis": [-2, -1]}, None),  # 42 features: not packed
+        ((2, 3, 50, 7, 6), {"axis": [-2, -1]}, None),  # rows of 42 features, in groups of 8
         ((8, 3, 30, 30), {}, lambda a: a.transpose(0, 2, 3, 1)),  # features 900 elements apart
         ((64, 30, 4), {}, lambda a: a[:, ::2]),  # rows 8 elements apart
         ((64, 30, 5), {}, lambda a: a[::-1, ::-1]),  # rows walked backwards
@@ -158,10 +162,13 @@ def test_rows_of_a_few_features_in_other_arrangements(shape, config, view) -> No
     run_case(shape, np.float32, [True, False], view=view, **{"axis": -1, **config})
 
 
-@pytest.mark.parametrize("features,row", [(3, 2000), (7, 2000), (7, 2001), (5, 3)])
+@pytest.mark.parametrize(
+    "features,row", [(3, 2000), (7, 2000), (7, 2001), (5, 3), (12, 2001), (24, 4095)]
+)
 def test_nan_in_rows_of_a_few_features_stays_in_its_feature(features: int, row: int) -> None:
     # The NaN is the first element of a packed block's row or falls in the lanes past its last
-    # whole row (3 features: lane 15 holds the next block's first element).
+    # whole row (3 features: lane 15 holds the next block's first element); with 12 and 24
+    # features it is in a group of rows, or (row 4095 of 4096) one of the rows left after them.
     rng = np.random.default_rng(features)
     x = rng.normal(size=(4096, features)).astype(np.float32)
     x[row, 0] = np.nan
