@@ -133,12 +133,14 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
 
 
 # Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes, rows of
-# other widths that leave a tail block (9, 12, 24, 40) as groups of rows that fill whole blocks
-# (33: a group would be too wide); row counts that leave part of a block or group, several chunks,
+# other widths that leave a tail block (9, 12, 24, 33, 40) as groups of rows that fill whole
+# blocks (65: a group would be too wide); row counts that leave part of a block or group, several chunks,
 # ghost batches and views whose rows are not back to back (the row-by-row loops) must all give the
 # reference's statistics and sums.
 FEW_FEATURE_ROWS = [
-    (rows, features) for rows in (6, 19, 20003) for features in (1, 3, 5, 7, 8, 9, 12, 24, 33, 40)
+    (rows, features)
+    for rows in (6, 19, 20003)
+    for features in (1, 3, 5, 7, 8, 9, 12, 24, 33, 40, 65)
 ]
 
 

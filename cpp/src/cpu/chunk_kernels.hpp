@@ -935,7 +935,7 @@ void packed_row_sums(const Plan& plan, const T* dy, const T* x, const double* sh
 // read like rows of that many features: (524288, 24) spent 1.6x the time of (262144, 48) in
 // training. A run's last rows, fewer than a group, add into the first row's sums one at a time.
 // At the chunk's end a feature adds its copies in the group in order.
-inline constexpr Index kMaxGroupedWidth = 512;
+inline constexpr Index kMaxGroupedWidth = 1024;
 
 inline Index greatest_common_divisor(Index a, Index b) {
   while (b != 0) {
