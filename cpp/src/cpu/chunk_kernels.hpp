@@ -2,8 +2,8 @@
 // compiled once per instruction set. Reductions keep 16 float64 lanes per statistic (lane i of a
 // run takes its elements i, i + 16, ...; rows of a few features share the lanes, see
 // packed_row_moments), fuse no multiply-adds (the build compiles these units with
-// -ffp-contract=off) and finish with a fixed tree, so their results depend neither on threads,
-// chunk placement or loop blocking nor on the instruction set.
+// -ffp-contract=off) and add their lanes in a fixed order, so their results depend neither on
+// threads, chunk placement or loop blocking nor on the instruction set.
 // Not a normal header: included once by each cpp/src/cpu/isa_*.cpp inside its target region, after
 // every header it depends on (so that nothing shared is compiled for a wider instruction set).
 #ifndef BATCHNORM_CPU_NS
@@ -808,8 +808,8 @@ inline int packed_lanes(Index features) { return static_cast<int>(kLanes / featu
 
 // Calls add(i, k, tail) for the packed block at element i of a run of n elements, for each block
 // in order: k (the set of sums) alternates 0, 1 from the run's start; tail is 0 where a whole
-// block of kLanes elements can be loaded, else the elements left (load only those, and use the
-// lanes below min(tail, lanes)).
+// block of kLanes elements can be loaded, else the elements left (load and use only those: whole
+// rows, fewer than kLanes, so at most `lanes`).
 template <class Add>
 __attribute__((always_inline)) inline void for_each_packed_block(Index n, int lanes, Add&& add) {
   Index i = 0;
@@ -845,7 +845,7 @@ Index packed_row_moments(const Plan& plan, const T* x, Index u0, Index u1, doubl
         }
         return;
       }
-      const Mask used = mask_first(tail < lanes ? tail : lanes);
+      const Mask used = mask_first(tail);
       if (k == 0) {
         even.add_tail(values + i, tail, used);
       } else {
@@ -906,7 +906,7 @@ void packed_row_sums(const Plan& plan, const T* dy, const T* x, const double* sh
         return;
       }
       // Lanes past the data are zeroed after centering, as in plane_sums.
-      const Mask used = mask_first(tail < lanes ? tail : lanes);
+      const Mask used = mask_first(tail);
       const D gv = widen(load_first(g + i, tail));
       const D centered = select(used, sub(widen(load_first(v + i, tail)), m));
       if (k == 0) {
@@ -933,8 +933,9 @@ void packed_row_sums(const Plan& plan, const T* dy, const T* x, const double* sh
 // Rows of more features that leave a tail block each ((N, 24): a block and half a block a row) are
 // reduced as groups of kLanes / gcd(features, kLanes) consecutive rows, which fill whole blocks,
 // read like rows of that many features: (524288, 24) spent 1.6x the time of (262144, 48) in
-// training. A run's last rows, fewer than a group, add into the first row's sums one at a time.
-// At the chunk's end a feature adds its copies in the group in order.
+// training. A run's last rows, fewer than a group, add into the first row's sums as rows of their
+// own. At the chunk's end a feature adds its copies in the group in order. (The grouped sums live
+// on the stack: three arrays of kMaxGroupedWidth float64 values, 24 KB.)
 inline constexpr Index kMaxGroupedWidth = 1024;
 
 inline Index greatest_common_divisor(Index a, Index b) {

@@ -39,8 +39,9 @@ inline constexpr Index kMergeColumns = 256;
 // ((16, 7, 7, 64), (128, 1024), (32, 64, 8, 8)).
 inline constexpr Index kElementsPerThread = Index{1} << 14;
 // A lone row normalize pass (an inference call) costs less per element than the other passes,
-// about 0.3 cycles in cache, so its team pays only where each thread past the first takes this many
-// elements off the calling thread's share, in whole chunks. On 2 cores, one thread against two:
+// about 0.3 cycles in cache, so its team pays only where, in whole chunks, the busiest thread's
+// share is at least this many elements per thread past the first below the whole pass. On 2
+// cores, one thread against two:
 // (32, 1024) 4.2 against 4.9 us, (48, 1024) 5.6 against 6.2 (three chunks: two for one thread),
 // (16, 7, 7, 64) 4.1 against 3.4, (256, 256) 5.7 against 4.4.
 inline constexpr Index kRowNormalizeSaving = 24576;
@@ -86,8 +87,8 @@ inline int team_for(Index elements, Index work_items) {
   return static_cast<int>(std::min<Index>(team_size(elements), std::max<Index>(work_items, 1)));
 }
 
-// Threads for a lone row normalize pass of `items` chunks: at most `team`, fewer where the chunks a
-// thread would take leave the calling thread too much (kRowNormalizeSaving).
+// Threads for a lone row normalize pass of `items` chunks: at most `team`, fewer where the busiest
+// thread's whole chunks would save too little of the pass (kRowNormalizeSaving).
 inline int row_normalize_team(Index elements, Index items, int team) {
   const Index per_item = elements / std::max<Index>(items, 1);
   for (; team > 1; --team) {
