@@ -65,6 +65,7 @@ CASES = [
     ((64, 256, 28, 28), "nhwc", "NHWC"),
     ((256, 2048, 7, 7), "nchw", "NCHW"),
     ((256, 2048, 7, 7), "nhwc", "NHWC"),
+    ((32, 3, 224, 224), "nhwc", "NHWC"),  # an RGB input, normalized channels-last
     ((65536, 512), "last", ""),
     ((64, 128, 1024), "last", ""),
     # Small calls, where per-call overhead decides: (N, C), (N, C) wide, NCHW, channels-last.
