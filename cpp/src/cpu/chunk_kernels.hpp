@@ -822,6 +822,30 @@ __attribute__((always_inline)) inline void for_each_packed_block(Index n, int la
   }
 }
 
+// Feature c's copies in a and in b (at c, c + features, ... below width), added in that order
+// into a[c] and b[c].
+inline void fold_copies(double* a, double* b, Index features, Index width) {
+  for (Index c = 0; c < features; ++c) {
+    double total_a = 0.0, total_b = 0.0;
+    for (Index k = c; k < width; k += features) {
+      total_a += a[k];
+      total_b += b[k];
+    }
+    a[c] = total_a;
+    b[c] = total_b;
+  }
+}
+
+// Each feature's mean and sum of squared deviations from its shifted sums over `count` rows.
+inline void moments_of_rows(double count, const double* shift, const double* sum,
+                            const double* squares, Index features, double* mean, double* m2) {
+  for (Index c = 0; c < features; ++c) {
+    const Moments m = detail::moments_from_shifted_sums(count, shift[c], sum[c], squares[c]);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
+  }
+}
+
 template <class T>
 Index packed_row_moments(const Plan& plan, const T* x, Index u0, Index u1, double* mean,
                          double* m2) {
@@ -856,18 +880,8 @@ Index packed_row_moments(const Plan& plan, const T* x, Index u0, Index u1, doubl
   double sum[kLanes], squares[kLanes];
   store(sum, add(even.sum, odd.sum));
   store(squares, add(even.squares, odd.squares));
-  const auto count = static_cast<double>(u1 - u0);
-  for (Index c = 0; c < features; ++c) {
-    double feature_sum = 0.0, feature_squares = 0.0;
-    for (Index j = c; j < lanes; j += features) {
-      feature_sum += sum[j];
-      feature_squares += squares[j];
-    }
-    const Moments m =
-        detail::moments_from_shifted_sums(count, shift[c], feature_sum, feature_squares);
-    mean[c] = m.mean;
-    m2[c] = m.m2;
-  }
+  fold_copies(sum, squares, features, lanes);
+  moments_of_rows(static_cast<double>(u1 - u0), shift, sum, squares, features, mean, m2);
   return u1 - u0;
 }
 
@@ -919,14 +933,10 @@ void packed_row_sums(const Plan& plan, const T* dy, const T* x, const double* sh
   double totals[kLanes], centered_totals[kLanes];
   store(totals, add(even.sum_dy, odd.sum_dy));
   store(centered_totals, add(even.sum_dyx, odd.sum_dyx));
+  fold_copies(totals, centered_totals, features, lanes);
   for (Index c = 0; c < features; ++c) {
-    double total = 0.0, centered_total = 0.0;
-    for (Index j = c; j < lanes; j += features) {
-      total += totals[j];
-      centered_total += centered_totals[j];
-    }
-    sum_dy[c] = total;
-    sum_dyx[c] = centered_total;
+    sum_dy[c] = totals[c];
+    sum_dyx[c] = centered_totals[c];
   }
 }
 
@@ -1034,18 +1044,8 @@ Index grouped_row_moments(const Plan& plan, const T* x, Index group, Index u0, I
                            add_rows(starts, count, columns, shift, sum, squares, ahead, false);
                          });
   });
-  const auto count = static_cast<double>(u1 - u0);
-  for (Index c = 0; c < features; ++c) {
-    double feature_sum = 0.0, feature_squares = 0.0;
-    for (Index k = c; k < width; k += features) {
-      feature_sum += sum[k];
-      feature_squares += squares[k];
-    }
-    const Moments m =
-        detail::moments_from_shifted_sums(count, shift[c], feature_sum, feature_squares);
-    mean[c] = m.mean;
-    m2[c] = m.m2;
-  }
+  fold_copies(sum, squares, features, width);
+  moments_of_rows(static_cast<double>(u1 - u0), shift, sum, squares, features, mean, m2);
   return u1 - u0;
 }
 
@@ -1091,12 +1091,7 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
     for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
     return 0;
   }
-  const auto n = static_cast<double>(count);
-  for (Index c = 0; c < features; ++c) {
-    const Moments m = detail::moments_from_shifted_sums(n, shift[c], sum[c], squares[c]);
-    mean[c] = m.mean;
-    m2[c] = m.m2;
-  }
+  moments_of_rows(static_cast<double>(count), shift, sum, squares, features, mean, m2);
   return count;
 }
 
@@ -1161,14 +1156,10 @@ void grouped_row_sums(const Plan& plan, const T* dy, const T* x, const double* s
                                              centered_totals, ahead, false);
                          });
   });
+  fold_copies(totals, centered_totals, features, width);
   for (Index c = 0; c < features; ++c) {
-    double total = 0.0, centered_total = 0.0;
-    for (Index k = c; k < width; k += features) {
-      total += totals[k];
-      centered_total += centered_totals[k];
-    }
-    sum_dy[c] = total;
-    sum_dyx[c] = centered_total;
+    sum_dy[c] = totals[c];
+    sum_dyx[c] = centered_totals[c];
   }
 }
 
