@@ -44,6 +44,7 @@ CASES = {
     "dense": ((4096, 96), -1, "float32", None, False),
     "sequence_mask": ((32, 100, 40), -1, "float32", None, True),
     "rows_of_three": ((50000, 3), -1, "float32", None, False),
+    "rows_of_three_mask": ((50000, 3), -1, "float32", None, True),
     "nhwc_five_ghost": ((32, 20, 20, 5), -1, "float32", 4, False),
     "rows_of_twenty_four": ((20001, 24), -1, "float32", None, False),
     "nhwc_forty_ghost": ((16, 10, 10, 40), -1, "float32", 4, False),

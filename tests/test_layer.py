@@ -134,9 +134,9 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
 
 # Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes, rows of
 # other widths that leave a tail block (9, 12, 24, 33, 40) as groups of rows that fill whole
-# blocks (65: a group would be too wide); row counts that leave part of a block or group, several chunks,
-# ghost batches and views whose rows are not back to back (the row-by-row loops) must all give the
-# reference's statistics and sums.
+# blocks (65: a group would be too wide); row counts that leave part of a block or group, several
+# chunks, ghost batches and views whose rows are not back to back (the row-by-row loops) must all
+# give the reference's statistics and sums.
 FEW_FEATURE_ROWS = [
     (rows, features)
     for rows in (6, 19, 20003)
@@ -162,6 +162,39 @@ def test_rows_of_a_few_features(shape: tuple[int, int]) -> None:
 )
 def test_rows_of_a_few_features_in_other_arrangements(shape, config, view) -> None:
     run_case(shape, np.float32, [True, False], view=view, **{"axis": -1, **config})
+
+
+@pytest.mark.parametrize(
+    "shape,vbs",
+    [((6, 3), None), ((19, 5), None), ((20003, 3), None), ((20003, 8), None), ((32, 20, 20, 7), 4)],
+    ids=["6x3", "19x5", "20003x3", "20003x8", "nhwc-ghost"],
+)
+def test_masked_rows_of_a_few_features(shape: tuple[int, ...], vbs: int | None) -> None:
+    # Masked rows of up to 8 features are packed too: each block's lanes take their row's mask.
+    run_case(
+        shape,
+        np.float32,
+        [True, True, False],
+        mask_fn=lambda r: r.random(shape[:-1]) > 0.3,
+        axis=-1,
+        virtual_batch_size=vbs,
+    )
+
+
+def test_masked_rows_of_a_few_features_ignore_masked_out_values() -> None:
+    # NaN and infinity in masked-out rows, and a first chunk with no valid row at all, leave the
+    # statistics those of the valid rows.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(40000, 3)).astype(np.float32)
+    valid = rng.random(40000) > 0.4
+    valid[:9000] = False  # more than the first chunk (16384 elements: 5461 rows)
+    x[~valid] = np.nan
+    x[np.flatnonzero(~valid)[::7]] = np.inf
+    layer = batchnorm.BatchNormalization(momentum=0.0)
+    layer(x, training=True, mask=valid)
+    kept = x[valid].astype(np.float64)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), kept.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), kept.var(axis=0), rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -284,6 +284,15 @@ struct ShiftedSums {
     squares = add(squares, mul(d, d));
   }
 
+  // The lanes m selects of v (not counted). The subtraction and the running sum go to the
+  // multiply-add units, as in add_block: with plain ones the adders carried three of the four
+  // operations besides the conversions.
+  __attribute__((always_inline)) void add_selected(D v, Mask m) {
+    const D d = sub_select_on_fma(m, v, shift);
+    sum = add_on_fma(sum, d);
+    squares = add(squares, mul(d, d));
+  }
+
   // The first `tail` elements at values, the last of a run (not counted either).
   template <class T>
   __attribute__((always_inline)) void add_tail(const T* values, int tail, Mask tail_lanes) {
@@ -300,12 +309,8 @@ void add_run(ShiftedSums& state, const T* values, Index xs, const std::uint8_t* 
   // A local copy, not the referenced state, so the accumulators stay in registers along the run.
   ShiftedSums run{state.shift, state.sum, state.squares};
   Index count = 0;
-  // The subtraction and the running sum go to the multiply-add units, as in the unmasked loop:
-  // with plain ones the adders carried three of the four operations besides the conversions.
   const auto add_block = [&](D v, Mask m) {
-    const D d = sub_select_on_fma(m, v, run.shift);
-    run.sum = add_on_fma(run.sum, d);
-    run.squares = add(run.squares, mul(d, d));
+    run.add_selected(v, m);
     count += lanes_set(m);
   };
   Index i = 0;
@@ -885,6 +890,60 @@ Index packed_row_moments(const Plan& plan, const T* x, Index u0, Index u1, doubl
   return u1 - u0;
 }
 
+// packed_row_moments with a mask of one byte per row, the bytes of a run's rows back to back: a
+// block's lanes count where their row is valid (its bytes spread to the lanes by one shuffle),
+// and the shift is the chunk's first valid row.
+template <class T>
+Index packed_masked_row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index u0,
+                                Index u1, double* mean, double* m2) {
+  const LoopNest& red = plan.reduced;
+  const Index features = plan.stat.dims[plan.stat.count - 1].size;
+  const int lanes = packed_lanes(features);
+  const T* first_row = nullptr;
+  NestWalker walk(red, red.count, 2, u0);
+  for (Index u = u0; u < u1 && !first_row; ++u, walk.next()) {
+    if (mask[walk.offset[1]]) first_row = x + walk.offset[0];
+  }
+  if (!first_row) {
+    for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
+    return 0;
+  }
+  double shift[kLanes] = {};
+  std::uint8_t lane_row[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    if (j < lanes) shift[j] = as_double(first_row[j % features]);
+    lane_row[j] = static_cast<std::uint8_t>(j < lanes ? j / features : 0x80);
+  }
+  ShiftedSums even{load(static_cast<const double*>(shift)), splat(0.0), splat(0.0)};
+  ShiftedSums odd = even;
+  Index valid_lanes = 0;
+  for_each_row_run(red, 2, u0, u1, true, [&](const std::int64_t* offsets, Index rows) {
+    const T* values = x + offsets[0];
+    const std::uint8_t* valid = mask + offsets[1];  // the mask byte of the block's first row
+    Index row = 0;                                  // and the row's index in the run
+    for_each_packed_block(rows * features, lanes, [&](Index i, int k, int tail) {
+      const int block_rows = (tail == 0 ? lanes : tail) / static_cast<int>(features);
+      const Mask m = spread_rows(valid, block_rows, rows - row, lane_row);
+      valid += block_rows;
+      row += block_rows;
+      valid_lanes += lanes_set(m);
+      const D v = tail == 0 ? load_wide(values + i) : widen(load_first(values + i, tail));
+      if (k == 0) {
+        even.add_selected(v, m);
+      } else {
+        odd.add_selected(v, m);
+      }
+    });
+  });
+  double sum[kLanes], squares[kLanes];
+  store(sum, add(even.sum, odd.sum));
+  store(squares, add(even.squares, odd.squares));
+  fold_copies(sum, squares, features, lanes);
+  const Index count = valid_lanes / features;
+  moments_of_rows(static_cast<double>(count), shift, sum, squares, features, mean, m2);
+  return count;
+}
+
 // Sums of dy and dy * (x - shift) of one set of a packed run's blocks.
 struct BackwardSums {
   D sum_dy = splat(0.0), sum_dyx = splat(0.0);
@@ -1054,9 +1113,15 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
                   double* scratch, double* mean, double* m2) {
   const LoopNest& red = plan.reduced;
   const Index features = plan.stat.dims[plan.stat.count - 1].size;
-  if (!mask && u0 < u1 && rows_back_to_back(red, features, 1)) {
-    if (features <= kMaxPackedFeatures) return packed_row_moments(plan, x, u0, u1, mean, m2);
-    const Index group = row_group(features);
+  if (u0 < u1 && rows_back_to_back(red, features, 1)) {
+    if (!mask && features <= kMaxPackedFeatures) {
+      return packed_row_moments(plan, x, u0, u1, mean, m2);
+    }
+    // A row mask with its bytes back to back (the mask operand steps one byte a row).
+    if (mask && features <= kMaxPackedFeatures && red.dims[red.count - 1].stride[1] == 1) {
+      return packed_masked_row_moments(plan, x, mask, u0, u1, mean, m2);
+    }
+    const Index group = mask ? 1 : row_group(features);
     if (group > 1) return grouped_row_moments(plan, x, group, u0, u1, mean, m2);
   }
   double* shift = scratch;

@@ -99,6 +99,15 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
   const __m128i bytes = _mm_maskz_loadu_epi8(mask_first(n), p);
   return _mm_test_epi8_mask(bytes, bytes);
 }
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
+// the caller may read `readable` bytes at rows (at least n).
+inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t /* readable */,
+                        const std::uint8_t* lane_row) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(mask_first(n), rows);
+  const __m128i lanes =
+      _mm_shuffle_epi8(bytes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lane_row)));
+  return _mm_test_epi8_mask(lanes, lanes);
+}
 inline int lanes_set(Mask m) { return __builtin_popcount(m); }
 inline F select(Mask m, F a) { return {_mm512_maskz_mov_ps(m, a.v)}; }
 // Lanes of a where m is set, of b elsewhere.
@@ -446,6 +455,14 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
   for (int i = 0; i < kLanes; ++i) m.v[i] = i < n && p[i] != 0;
   return m;
 }
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
+// the caller may read `readable` bytes at rows (at least n).
+inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t /* readable */,
+                        const std::uint8_t* lane_row) {
+  Mask m;
+  for (int i = 0; i < kLanes; ++i) m.v[i] = lane_row[i] < n && rows[lane_row[i]] != 0;
+  return m;
+}
 inline int lanes_set(Mask m) {
   int n = 0;
   for (int i = 0; i < kLanes; ++i) n += m.v[i];
@@ -577,6 +594,22 @@ inline F load_first(const bfloat16* p, int n) {
   const __m256i bits = load_first_bits16(reinterpret_cast<const std::uint16_t*>(p), n);
   return {widen_bfloat16(_mm256_castsi256_si128(bits)),
           widen_bfloat16(_mm256_extracti128_si256(bits, 1))};
+}
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
+// the caller may read `readable` bytes at rows (at least n).
+inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t readable,
+                        const std::uint8_t* lane_row) {
+  alignas(16) std::uint8_t copy[kLanes] = {};
+  __m128i bytes;
+  if (readable >= kLanes) {
+    bytes =
+        _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)), mask_first(n).bytes);
+  } else {  // (a run's last blocks)
+    std::memcpy(copy, rows, static_cast<std::size_t>(n));
+    bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(copy));
+  }
+  return nonzero_bytes(
+      _mm_shuffle_epi8(bytes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lane_row))));
 }
 #endif
 
