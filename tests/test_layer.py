@@ -164,13 +164,30 @@ def test_rows_of_a_few_features_in_other_arrangements(shape, config, view) -> No
     run_case(shape, np.float32, [True, False], view=view, **{"axis": -1, **config})
 
 
+MASKED_FEW_FEATURE_ROWS = [
+    ((6, 3), None),
+    ((19, 5), None),
+    ((20003, 3), None),
+    ((20003, 8), None),
+    ((32, 20, 20, 7), 4),
+    ((6, 12), None),
+    ((19, 24), None),
+    ((20003, 9), None),
+    ((20003, 24), None),
+    ((5003, 40), None),
+    ((3001, 63), None),
+    ((32, 20, 20, 12), 4),
+]
+
+
 @pytest.mark.parametrize(
     "shape,vbs",
-    [((6, 3), None), ((19, 5), None), ((20003, 3), None), ((20003, 8), None), ((32, 20, 20, 7), 4)],
-    ids=["6x3", "19x5", "20003x3", "20003x8", "nhwc-ghost"],
+    MASKED_FEW_FEATURE_ROWS,
+    ids=["x".join(map(str, s)) + ("-ghost" if v else "") for s, v in MASKED_FEW_FEATURE_ROWS],
 )
 def test_masked_rows_of_a_few_features(shape: tuple[int, ...], vbs: int | None) -> None:
-    # Masked rows of up to 8 features are packed too: each block's lanes take their row's mask.
+    # Masked rows of up to 8 features are packed, rows of 9 to 63 that leave a tail block are
+    # grouped (63: groups of 16 rows): each block's lanes take their row's mask.
     run_case(
         shape,
         np.float32,
@@ -181,13 +198,15 @@ def test_masked_rows_of_a_few_features(shape: tuple[int, ...], vbs: int | None) 
     )
 
 
-def test_masked_rows_of_a_few_features_ignore_masked_out_values() -> None:
+@pytest.mark.parametrize("features", [3, 24, 33])
+def test_masked_rows_of_a_few_features_ignore_masked_out_values(features: int) -> None:
     # NaN and infinity in masked-out rows, and a first chunk with no valid row at all, leave the
-    # statistics those of the valid rows.
+    # statistics those of the valid rows (3 features packed, 24 and 33 grouped).
     rng = np.random.default_rng(11)
-    x = rng.normal(size=(40000, 3)).astype(np.float32)
-    valid = rng.random(40000) > 0.4
-    valid[:9000] = False  # more than the first chunk (16384 elements: 5461 rows)
+    rows = 40000 * 3 // features + 1
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    valid = rng.random(rows) > 0.4
+    valid[: rows * 9 // 40] = False  # more than the first chunk (about 16384 elements)
     x[~valid] = np.nan
     x[np.flatnonzero(~valid)[::7]] = np.inf
     layer = batchnorm.BatchNormalization(momentum=0.0)
