@@ -923,17 +923,23 @@ Index packed_masked_row_moments(const Plan& plan, const T* x, const std::uint8_t
   }
   ShiftedSums even{load(static_cast<const double*>(shift)), splat(0.0), splat(0.0)};
   ShiftedSums odd = even;
-  Index valid_lanes = 0;
+  const int whole_block_rows = lanes / static_cast<int>(features);
+  Index count = 0;
   for_each_row_run(red, 2, u0, u1, true, [&](const std::int64_t* offsets, Index rows) {
     const T* values = x + offsets[0];
     const std::uint8_t* valid = mask + offsets[1];  // the mask byte of the block's first row
     Index row = 0;                                  // and the row's index in the run
+    // The valid rows are counted apart from the blocks, which then count no lanes (a move from
+    // the mask register, a popcount and an add each): an in-cache masked training forward of
+    // (8, 64, 64, 3) went from 1.32x to 1.23x a plain one.
+    Index run_count = 0;  // (a local: the mask's bytes may alias a referenced count)
+    for (Index r = 0; r < rows; ++r) run_count += valid[r] != 0;
+    count += run_count;
     for_each_packed_block(rows * features, lanes, [&](Index i, int k, int tail) {
-      const int block_rows = (tail == 0 ? lanes : tail) / static_cast<int>(features);
+      const int block_rows = tail == 0 ? whole_block_rows : tail / static_cast<int>(features);
       const Mask m = spread_rows(valid, block_rows, rows - row, lane_row);
       valid += block_rows;
       row += block_rows;
-      valid_lanes += lanes_set(m);
       const D v = tail == 0 ? load_wide(values + i) : widen(load_first(values + i, tail));
       if (k == 0) {
         even.add_selected(v, m);
@@ -946,7 +952,6 @@ Index packed_masked_row_moments(const Plan& plan, const T* x, const std::uint8_t
   store(sum, add(even.sum, odd.sum));
   store(squares, add(even.squares, odd.squares));
   fold_copies(sum, squares, features, lanes);
-  const Index count = valid_lanes / features;
   moments_of_rows(static_cast<double>(count), shift, sum, squares, features, mean, m2);
   return count;
 }
@@ -1164,7 +1169,9 @@ Index grouped_masked_row_moments(const Plan& plan, const T* x, const std::uint8_
   for_each_row_run(red, 2, u0, u1, true, [&](const std::int64_t* offsets, Index rows) {
     const T* values = x + offsets[0];
     const std::uint8_t* run_mask = mask + offsets[1];
-    for (Index r = 0; r < rows; ++r) count += run_mask[r] != 0;
+    Index run_count = 0;  // (a local: the mask's bytes may alias a referenced count)
+    for (Index r = 0; r < rows; ++r) run_count += run_mask[r] != 0;
+    count += run_count;
     for_each_group_block(values, rows, features, group, kRowBlock,
                          [&](const T* const* starts, int n, Index columns) {
                            if (columns == width) {
