@@ -109,6 +109,19 @@ inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t /* readabl
   return _mm_test_epi8_mask(lanes, lanes);
 }
 inline int lanes_set(Mask m) { return __builtin_popcount(m); }
+// Nonzero bytes among the n at p, 64 at a time.
+inline std::int64_t nonzero_count(const std::uint8_t* p, std::int64_t n) {
+  std::int64_t count = 0, i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i bytes = _mm512_loadu_si512(p + i);
+    count += __builtin_popcountll(_mm512_test_epi8_mask(bytes, bytes));
+  }
+  if (i < n) {
+    const __m512i bytes = _mm512_maskz_loadu_epi8(~std::uint64_t{0} >> (64 - (n - i)), p + i);
+    count += __builtin_popcountll(_mm512_test_epi8_mask(bytes, bytes));
+  }
+  return count;
+}
 inline F select(Mask m, F a) { return {_mm512_maskz_mov_ps(m, a.v)}; }
 // Lanes of a where m is set, of b elsewhere.
 inline F blend(Mask m, F a, F b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
@@ -287,6 +300,18 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
   return nonzero_bytes(_mm_load_si128(reinterpret_cast<const __m128i*>(copy)));
 }
 inline int lanes_set(Mask m) { return __builtin_popcount(_mm_movemask_epi8(m.bytes)); }
+// Nonzero bytes among the n at p, 32 at a time.
+inline std::int64_t nonzero_count(const std::uint8_t* p, std::int64_t n) {
+  std::int64_t count = 0, i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const auto zeros = static_cast<unsigned>(
+        _mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+    count += 32 - __builtin_popcount(zeros);
+  }
+  for (; i < n; ++i) count += p[i] != 0;
+  return count;
+}
 inline F select(Mask m, F a) {
   const __m256i lo = _mm256_cvtepi8_epi32(m.bytes);
   const __m256i hi = _mm256_cvtepi8_epi32(_mm_srli_si128(m.bytes, 8));
@@ -467,6 +492,12 @@ inline int lanes_set(Mask m) {
   int n = 0;
   for (int i = 0; i < kLanes; ++i) n += m.v[i];
   return n;
+}
+// Nonzero bytes among the n at p.
+inline std::int64_t nonzero_count(const std::uint8_t* p, std::int64_t n) {
+  std::int64_t count = 0;
+  for (std::int64_t i = 0; i < n; ++i) count += p[i] != 0;
+  return count;
 }
 inline F select(Mask m, F a) {
   for (int i = 0; i < kLanes; ++i) a.v[i] = m.v[i] ? a.v[i] : 0.0f;
