@@ -816,19 +816,26 @@ inline bool rows_back_to_back(const LoopNest& red, Index features, int data_oper
 // Lanes of a packed block that hold whole rows.
 inline int packed_lanes(Index features) { return static_cast<int>(kLanes / features * features); }
 
-// Calls add(i, k, tail) for the packed block at element i of a run of n elements, for each block
-// in order: k (the set of sums) alternates 0, 1 from the run's start; tail is 0 where a whole
-// block of kLanes elements can be loaded, else the elements left (load and use only those: whole
-// rows, fewer than kLanes, so at most `lanes`).
-template <class Add>
-__attribute__((always_inline)) inline void for_each_packed_block(Index n, int lanes, Add&& add) {
+// Calls add(i, sums, tail) for the packed block at element i of a run of n elements, for each
+// block in order: sums is `even` or `odd` by turns from the run's start (two independent chains of
+// additions); tail is 0 where a whole block of kLanes elements can be loaded, else the elements
+// left (load and use only those: whole rows, fewer than kLanes, so at most `lanes`). The loop of
+// pairs names each set directly, so its sums stay in registers.
+template <class Sums, class Add>
+__attribute__((always_inline)) inline void for_each_packed_block(Index n, int lanes, Sums& even,
+                                                                 Sums& odd, Add&& add) {
   Index i = 0;
   for (; i + lanes + kLanes <= n; i += 2 * lanes) {
-    add(i, 0, 0);
-    add(i + lanes, 1, 0);
+    add(i, even, 0);
+    add(i + lanes, odd, 0);
   }
-  for (int k = 0; i < n; i += lanes, k ^= 1) {
-    add(i, k, n - i >= kLanes ? 0 : static_cast<int>(n - i));
+  for (bool second = false; i < n; i += lanes, second = !second) {
+    const int tail = n - i >= kLanes ? 0 : static_cast<int>(n - i);
+    if (second) {
+      add(i, odd, tail);
+    } else {
+      add(i, even, tail);
+    }
   }
 }
 
@@ -870,22 +877,14 @@ Index packed_row_moments(const Plan& plan, const T* x, Index u0, Index u1, doubl
   ShiftedSums odd = even;
   for_each_row_run(red, 1, u0, u1, true, [&](const std::int64_t* offsets, Index rows) {
     const T* values = x + offsets[0];
-    for_each_packed_block(rows * features, lanes, [&](Index i, int k, int tail) {
-      if (tail == 0) {
-        if (k == 0) {
-          even.add_block(values + i);
-        } else {
-          odd.add_block(values + i);
-        }
-        return;
-      }
-      const Mask used = mask_first(tail);
-      if (k == 0) {
-        even.add_tail(values + i, tail, used);
-      } else {
-        odd.add_tail(values + i, tail, used);
-      }
-    });
+    for_each_packed_block(rows * features, lanes, even, odd,
+                          [&](Index i, ShiftedSums& sums, int tail) {
+                            if (tail == 0) {
+                              sums.add_block(values + i);
+                            } else {
+                              sums.add_tail(values + i, tail, mask_first(tail));
+                            }
+                          });
   });
   double sum[kLanes], squares[kLanes];
   store(sum, add(even.sum, odd.sum));
@@ -938,18 +937,15 @@ Index packed_masked_row_moments(const Plan& plan, const T* x, const std::uint8_t
     // the mask register, a popcount and an add each): an in-cache masked training forward of
     // (8, 64, 64, 3) went from 1.32x to 1.23x a plain one.
     count += nonzero_count(valid, rows);
-    for_each_packed_block(rows * features, lanes, [&](Index i, int k, int tail) {
-      const int block_rows = tail == 0 ? whole_block_rows : tail / static_cast<int>(features);
-      const Mask m = spread_rows(valid, block_rows, rows - row, lane_row);
-      valid += block_rows;
-      row += block_rows;
-      const D v = tail == 0 ? load_wide(values + i) : widen(load_first(values + i, tail));
-      if (k == 0) {
-        even.add_selected(v, m);
-      } else {
-        odd.add_selected(v, m);
-      }
-    });
+    for_each_packed_block(
+        rows * features, lanes, even, odd, [&](Index i, ShiftedSums& sums, int tail) {
+          const int block_rows = tail == 0 ? whole_block_rows : tail / static_cast<int>(features);
+          const Mask m = spread_rows(valid, block_rows, rows - row, lane_row);
+          valid += block_rows;
+          row += block_rows;
+          sums.add_selected(tail == 0 ? load_wide(values + i) : widen(load_first(values + i, tail)),
+                            m);
+        });
   });
   double sum[kLanes], squares[kLanes];
   store(sum, add(even.sum, odd.sum));
@@ -983,26 +979,16 @@ void packed_row_sums(const Plan& plan, const T* dy, const T* x, const double* sh
   for_each_row_run(red, 2, u0, u1, true, [&](const std::int64_t* offsets, Index rows) {
     const T* g = dy + offsets[0];
     const T* v = x + offsets[1];
-    for_each_packed_block(rows * features, lanes, [&](Index i, int k, int tail) {
-      if (tail == 0) {
-        const D gv = load_wide(g + i), centered = sub_on_fma(load_wide(v + i), m);
-        if (k == 0) {
-          even.add_block(gv, centered);
-        } else {
-          odd.add_block(gv, centered);
-        }
-        return;
-      }
-      // Lanes past the data are zeroed after centering, as in plane_sums.
-      const Mask used = mask_first(tail);
-      const D gv = widen(load_first(g + i, tail));
-      const D centered = select(used, sub(widen(load_first(v + i, tail)), m));
-      if (k == 0) {
-        even.add_block(gv, centered);
-      } else {
-        odd.add_block(gv, centered);
-      }
-    });
+    for_each_packed_block(
+        rows * features, lanes, even, odd, [&](Index i, BackwardSums& sums, int tail) {
+          if (tail == 0) {
+            sums.add_block(load_wide(g + i), sub_on_fma(load_wide(v + i), m));
+            return;
+          }
+          // Lanes past the data are zeroed after centering, as in plane_sums.
+          sums.add_block(widen(load_first(g + i, tail)),
+                         select(mask_first(tail), sub(widen(load_first(v + i, tail)), m)));
+        });
   });
   double totals[kLanes], centered_totals[kLanes];
   store(totals, add(even.sum_dy, odd.sum_dy));

@@ -630,17 +630,11 @@ inline F load_first(const bfloat16* p, int n) {
 // the caller may read `readable` bytes at rows (at least n).
 inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t readable,
                         const std::uint8_t* lane_row) {
-  alignas(16) std::uint8_t copy[kLanes] = {};
-  __m128i bytes;
-  if (readable >= kLanes) {
-    bytes =
-        _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)), mask_first(n).bytes);
-  } else {  // (a run's last blocks)
-    std::memcpy(copy, rows, static_cast<std::size_t>(n));
-    bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(copy));
-  }
-  return nonzero_bytes(
-      _mm_shuffle_epi8(bytes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lane_row))));
+  // The rows' bytes as a mask (0 or 0xff each), so the shuffle's result is one too.
+  const __m128i valid = readable >= kLanes
+                            ? _mm_and_si128(mask_bytes(rows).bytes, mask_first(n).bytes)
+                            : mask_bytes_first(rows, n).bytes;  // (a run's last blocks)
+  return {_mm_shuffle_epi8(valid, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lane_row)))};
 }
 #endif
 
