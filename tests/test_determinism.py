@@ -48,6 +48,7 @@ CASES = {
     "nhwc_five_ghost": ((32, 20, 20, 5), -1, "float32", 4, False),
     "rows_of_twenty_four": ((20001, 24), -1, "float32", None, False),
     "rows_of_twenty_four_mask": ((20001, 24), -1, "float32", None, True),
+    "rows_of_nine_mask": ((20001, 9), -1, "float32", None, True),
     "nhwc_forty_ghost": ((16, 10, 10, 40), -1, "float32", 4, False),
     "bfloat16": ((16, 48, 20, 20), 1, "bfloat16", None, False),
 }

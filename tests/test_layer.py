@@ -177,6 +177,9 @@ MASKED_FEW_FEATURE_ROWS = [
     ((5003, 40), None),
     ((3001, 63), None),
     ((32, 20, 20, 12), 4),
+    ((1003, 100), None),
+    ((7, 63), None),
+    ((10, 9), None),
 ]
 
 
@@ -186,8 +189,9 @@ MASKED_FEW_FEATURE_ROWS = [
     ids=["x".join(map(str, s)) + ("-ghost" if v else "") for s, v in MASKED_FEW_FEATURE_ROWS],
 )
 def test_masked_rows_of_a_few_features(shape: tuple[int, ...], vbs: int | None) -> None:
-    # Masked rows of up to 8 features are packed, rows of 9 to 63 that leave a tail block are
-    # grouped (63: groups of 16 rows): each block's lanes take their row's mask.
+    # Masked rows of up to 8 features are packed, wider rows that leave a tail block are grouped
+    # (63: groups of 16 rows; (7, 63) and (10, 9): fewer rows than a group): each block's lanes
+    # take their row's mask.
     run_case(
         shape,
         np.float32,

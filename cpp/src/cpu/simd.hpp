@@ -99,8 +99,9 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
   const __m128i bytes = _mm_maskz_loadu_epi8(mask_first(n), p);
   return _mm_test_epi8_mask(bytes, bytes);
 }
-// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
-// the caller may read `readable` bytes at rows (at least n).
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows. lane_row[j] is below 16,
+// or at least 0x80 for a lane left unset (below 0x80 the shuffles read only its low four bits).
+// The caller may read `readable` bytes at rows (at least n).
 inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t /* readable */,
                         const std::uint8_t* lane_row) {
   const __m128i bytes = _mm_maskz_loadu_epi8(mask_first(n), rows);
@@ -480,8 +481,9 @@ inline Mask mask_bytes_first(const std::uint8_t* p, int n) {
   for (int i = 0; i < kLanes; ++i) m.v[i] = i < n && p[i] != 0;
   return m;
 }
-// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
-// the caller may read `readable` bytes at rows (at least n).
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows. lane_row[j] is below 16,
+// or at least 0x80 for a lane left unset (below 0x80 the shuffles read only its low four bits).
+// The caller may read `readable` bytes at rows (at least n).
 inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t /* readable */,
                         const std::uint8_t* lane_row) {
   Mask m;
@@ -626,8 +628,9 @@ inline F load_first(const bfloat16* p, int n) {
   return {widen_bfloat16(_mm256_castsi256_si128(bits)),
           widen_bfloat16(_mm256_extracti128_si256(bits, 1))};
 }
-// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows (lane_row[j] >= 0x80: not);
-// the caller may read `readable` bytes at rows (at least n).
+// Lane j set where rows[lane_row[j]] is nonzero, for the first n rows. lane_row[j] is below 16,
+// or at least 0x80 for a lane left unset (below 0x80 the shuffles read only its low four bits).
+// The caller may read `readable` bytes at rows (at least n).
 inline Mask spread_rows(const std::uint8_t* rows, int n, std::int64_t readable,
                         const std::uint8_t* lane_row) {
   // The rows' bytes as a mask (0 or 0xff each), so the shuffle's result is one too.
