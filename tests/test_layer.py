@@ -202,6 +202,22 @@ def test_masked_rows_of_a_few_features(shape: tuple[int, ...], vbs: int | None) 
     )
 
 
+def _padding_mask(shape: tuple[int, ...]) -> Any:
+    # Sequences of random lengths (Keras' padding mask): long stretches of valid rows, then
+    # masked-out ones, so the dx pass meets stretches long enough to stream.
+    def make(rng: Any) -> Any:
+        lengths = rng.integers(0, shape[1] + 1, size=shape[0])
+        return np.arange(shape[1])[None, :] < lengths[:, None]
+
+    return make
+
+
+@pytest.mark.parametrize("shape", [(16, 700, 3), (8, 300, 24), (4, 1000, 64)], ids=str)
+def test_masked_backward_with_padding_masks(shape: tuple[int, ...]) -> None:
+    # The dx pass takes each stretch of rows of one kind (valid or masked out) as one span.
+    run_case(shape, np.float32, [True, False], mask_fn=_padding_mask(shape), axis=-1)
+
+
 @pytest.mark.parametrize("features", [3, 24, 33])
 def test_masked_rows_of_a_few_features_ignore_masked_out_values(features: int) -> None:
     # NaN and infinity in masked-out rows, and a first chunk with no valid row at all, leave the

@@ -1453,7 +1453,11 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
   const LoopNest& red = plan.reduced;
   const Index features = plan.stat.dims[plan.stat.count - 1].size;
   const LoopDim& inner = red.dims[red.count - 1];
-  const bool contiguous = !mask && inner.stride[0] == features && inner.stride[1] == features &&
+  // A row mask whose bytes lie back to back (one a row) keeps the runs: each stretch of rows
+  // alike goes as one span. Row by row, (8, 64, 64, 3) channels-last backward after a masked
+  // forward took 14x the time of an unmasked one (a call per row of three elements).
+  const bool row_bytes = !mask || inner.stride[3] == 1;
+  const bool contiguous = row_bytes && inner.stride[0] == features && inner.stride[1] == features &&
                           inner.stride[2] == features;
   const A* const arrays[4] = {k.shift, k.scale, k.slope, k.offset};
   for_each_row_run(
@@ -1462,7 +1466,23 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
         const T* g = dy + offsets[0];
         const T* v = x + offsets[1];
         T* out = dx + offsets[2];
-        if (mask && !mask[offsets[3]]) {
+        if (mask && rows > 1) {
+          const std::uint8_t* valid = mask + offsets[3];
+          for (Index r = 0; r < rows;) {
+            const bool on = valid[r] != 0;
+            Index end = r + 1;
+            while (end < rows && (valid[end] != 0) == on) ++end;
+            const Index at = r * features, n = (end - r) * features;
+            if (on) {
+              dx_span<Valid::all, true>(g + at, v + at, out + at, mask, n, coefficients,
+                                        nontemporal);
+            } else {
+              dx_span<Valid::none, true>(g + at, v + at, out + at, mask, n, coefficients,
+                                         nontemporal);
+            }
+            r = end;
+          }
+        } else if (mask && !mask[offsets[3]]) {
           dx_span<Valid::none, true>(g, v, out, mask, features, coefficients, nontemporal);
         } else if (rows_together<T>(rows, features, nontemporal)) {
           dx_rows(g, v, out, rows, features, arrays);
