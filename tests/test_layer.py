@@ -218,6 +218,18 @@ def test_masked_backward_with_padding_masks(shape: tuple[int, ...]) -> None:
     run_case(shape, np.float32, [True, False], mask_fn=_padding_mask(shape), axis=-1)
 
 
+@pytest.mark.parametrize("features", [3, 24])
+def test_masked_backward_with_a_strided_mask(features: int) -> None:
+    # A mask whose bytes are not back to back (every other column of a wider array) may reach the
+    # dx pass row by row; its results must still match the float64 reference.
+    shape = (64, 50, features)
+
+    def strided_mask(rng: Any) -> Any:
+        return (rng.random((shape[0], 2 * shape[1])) > 0.3)[:, ::2]
+
+    run_case(shape, np.float32, [True, False], mask_fn=strided_mask, axis=-1)
+
+
 @pytest.mark.parametrize("features", [3, 24, 33])
 def test_masked_rows_of_a_few_features_ignore_masked_out_values(features: int) -> None:
     # NaN and infinity in masked-out rows, and a first chunk with no valid row at all, leave the

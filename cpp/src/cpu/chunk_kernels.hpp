@@ -853,6 +853,13 @@ inline void fold_copies(double* a, double* b, Index features, Index width) {
   }
 }
 
+// A chunk without a valid row: zero moments for every feature, and a count of 0 (a loop, not
+// std::fill: no shared template instantiated for this target).
+inline Index no_valid_rows(Index features, double* mean, double* m2) {
+  for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
+  return 0;
+}
+
 // Each feature's mean and sum of squared deviations from its shifted sums over `count` rows.
 inline void moments_of_rows(double count, const double* shift, const double* sum,
                             const double* squares, Index features, double* mean, double* m2) {
@@ -915,10 +922,7 @@ Index packed_masked_row_moments(const Plan& plan, const T* x, const std::uint8_t
   const Index features = plan.stat.dims[plan.stat.count - 1].size;
   const int lanes = packed_lanes(features);
   const T* first_row = first_valid_row(red, x, mask, u0, u1);
-  if (!first_row) {
-    for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
-    return 0;
-  }
+  if (!first_row) return no_valid_rows(features, mean, m2);
   double shift[kLanes] = {};
   std::uint8_t lane_row[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -1142,10 +1146,7 @@ Index grouped_masked_row_moments(const Plan& plan, const T* x, const std::uint8_
   const Index features = plan.stat.dims[plan.stat.count - 1].size;
   const Index width = group * features;
   const T* first_row = first_valid_row(red, x, mask, u0, u1);
-  if (!first_row) {
-    for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
-    return 0;
-  }
+  if (!first_row) return no_valid_rows(features, mean, m2);
   double shift[kMaxGroupedWidth], sum[kMaxGroupedWidth], squares[kMaxGroupedWidth];
   std::uint8_t lane_row[kMaxGroupedWidth];
   for (Index c = 0; c < width; ++c) {
@@ -1237,10 +1238,7 @@ Index row_moments(const Plan& plan, const T* x, const std::uint8_t* mask, Index 
     }
   }
   if (pending > 0) add_rows(rows, pending, features, shift, sum, squares, ahead, count == pending);
-  if (count == 0) {  // (a loop, not std::fill: no shared template instantiated for this target)
-    for (Index c = 0; c < features; ++c) mean[c] = m2[c] = 0.0;
-    return 0;
-  }
+  if (count == 0) return no_valid_rows(features, mean, m2);
   moments_of_rows(static_cast<double>(count), shift, sum, squares, features, mean, m2);
   return count;
 }
@@ -1456,8 +1454,8 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
   // A row mask whose bytes lie back to back (one a row) keeps the runs: each stretch of rows
   // alike goes as one span. Row by row, (8, 64, 64, 3) channels-last backward after a masked
   // forward took 14x the time of an unmasked one (a call per row of three elements).
-  const bool row_bytes = !mask || inner.stride[3] == 1;
-  const bool contiguous = row_bytes && inner.stride[0] == features && inner.stride[1] == features &&
+  const bool mask_runs = !mask || inner.stride[3] == 1;
+  const bool contiguous = mask_runs && inner.stride[0] == features && inner.stride[1] == features &&
                           inner.stride[2] == features;
   const A* const arrays[4] = {k.shift, k.scale, k.slope, k.offset};
   for_each_row_run(
@@ -1466,7 +1464,7 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
         const T* g = dy + offsets[0];
         const T* v = x + offsets[1];
         T* out = dx + offsets[2];
-        if (mask && rows > 1) {
+        if (mask) {  // (a single row where the runs are not kept: one stretch)
           const std::uint8_t* valid = mask + offsets[3];
           for (Index r = 0; r < rows;) {
             const bool on = valid[r] != 0;
@@ -1482,8 +1480,6 @@ void row_dx(const Plan& plan, const T* dy, const T* x, T* dx, const std::uint8_t
             }
             r = end;
           }
-        } else if (mask && !mask[offsets[3]]) {
-          dx_span<Valid::none, true>(g, v, out, mask, features, coefficients, nontemporal);
         } else if (rows_together<T>(rows, features, nontemporal)) {
           dx_rows(g, v, out, rows, features, arrays);
         } else {
