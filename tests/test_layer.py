@@ -180,6 +180,8 @@ MASKED_FEW_FEATURE_ROWS = [
     ((1003, 100), None),
     ((7, 63), None),
     ((10, 9), None),
+    ((40001, 1), None),
+    ((20003, 16), None),
 ]
 
 
@@ -216,6 +218,19 @@ def _padding_mask(shape: tuple[int, ...]) -> Any:
 def test_masked_backward_with_padding_masks(shape: tuple[int, ...]) -> None:
     # The dx pass takes each stretch of rows of one kind (valid or masked out) as one span.
     run_case(shape, np.float32, [True, False], mask_fn=_padding_mask(shape), axis=-1)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((1400003, 3), np.float32), ((20003, 5), np.float64), ((3001, 11), np.float64)],
+    ids=["streamed", "float64", "float64-11"],
+)
+def test_masked_backward_of_rows_of_a_few_features(shape: tuple[int, ...], dtype: Any) -> None:
+    # Under a random row mask, the dx pass of rows of up to 16 features takes a run as one span
+    # whose blocks of lanes take their rows' mask bytes. 16.8 MB of dx is written with streaming
+    # stores: each chunk after the first starts mid cache line, so its span begins with a short
+    # head block, after which the whole blocks start at a row's second or third feature.
+    run_case(shape, dtype, [True], mask_fn=lambda r: r.random(shape[:-1]) > 0.3, axis=-1)
 
 
 @pytest.mark.parametrize("features", [3, 24])

@@ -33,6 +33,8 @@ inline constexpr std::uintptr_t kStreamAlign = 64;
 // Statistics a reduction over short runs keeps in registers at once: each takes six of the 32
 // vector registers (its shift, sum and sum of squares, two each).
 inline constexpr int kRegisterStats = 4;
+// Whether spread_rows is one shuffle (a lane loop on the portable baseline).
+inline constexpr bool kShuffledRows = true;
 
 struct F {
   __m512 v;
@@ -223,6 +225,7 @@ inline void stream_fence() { _mm_sfence(); }
 
 // One statistic's shift, sum and sum of squares take twelve of the 16 vector registers.
 inline constexpr int kRegisterStats = 1;
+inline constexpr bool kShuffledRows = true;
 
 struct F {
   __m256 lo, hi;
@@ -419,6 +422,7 @@ inline void stream_fence() { _mm_sfence(); }
 #else  // portable baseline: plain loops the compiler vectorizes for the base instruction set
 
 inline constexpr int kRegisterStats = 1;
+inline constexpr bool kShuffledRows = false;
 
 struct F {
   float v[kLanes];
