@@ -45,6 +45,8 @@ CASES = {
     "sequence_mask": ((32, 100, 40), -1, "float32", None, True),
     "rows_of_three": ((50000, 3), -1, "float32", None, False),
     "rows_of_three_mask": ((50000, 3), -1, "float32", None, True),
+    # 16.8 MB of output: streaming stores, spans that start with a head block.
+    "rows_of_three_streamed_mask": ((1400003, 3), -1, "float32", None, True),
     "nhwc_five_ghost": ((32, 20, 20, 5), -1, "float32", 4, False),
     "rows_of_twenty_four": ((20001, 24), -1, "float32", None, False),
     "rows_of_twenty_four_mask": ((20001, 24), -1, "float32", None, True),

@@ -205,3 +205,57 @@ def test_inference_dx_does_not_depend_on_x(shape: tuple[int, ...], axis: int, ba
     np.testing.assert_allclose(dx, want_dx, rtol=1e-6)
     dgamma = np.asarray(layer.gradients["gamma"]).reshape(-1)
     assert not np.isfinite(dgamma[1]) and np.isfinite(dgamma[[0, 2]]).all()
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((300, 16), -1), ((6, 16, 7, 7), 1), ((5, 41, 16), -1)], ids=str
+)
+def test_bfloat16_outputs_are_float32_results_rounded_to_nearest_even(
+    shape: tuple[int, ...], axis: int
+) -> None:
+    """A mixed_bfloat16 layer computes as a float32 layer does on the same values, then rounds
+    each output to bfloat16 in vector code: to nearest, ties to even, past the largest bfloat16 to
+    infinity, and a NaN stays a NaN."""
+    import ml_dtypes
+
+    bfloat16 = np.dtype(ml_dtypes.bfloat16)
+    largest = float(ml_dtypes.finfo(bfloat16).max)
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=shape) * 4.0
+    last = np.moveaxis(x, axis, -1)  # a view: features last
+    last.reshape(-1, 16)[::7] = 1.0  # times 1 + 2^-8 below: halfway between two bfloat16 values
+    last[..., 1].flat[::5] = largest  # times 1 + 3 * 2^-10: finite in float32, rounds to inf
+    last[..., 2].flat[::3] = -largest
+    specials = [np.nan, np.inf, -np.inf, 1e-39, -0.0, 0.0, 3.0 + 2.0**-6]
+    last[..., 3].flat[: len(specials)] = specials
+    x16 = x.astype(bfloat16)
+    dy16 = rng.normal(size=shape).astype(bfloat16)
+    dy16.flat[::11] = np.nan
+    scales = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-10, 1.0 + 3 * 2.0**-10, 1.5, 0.75, 3.0, 1e-3, 7.0]
+    weights = [np.resize(scales, 16), np.zeros(16), np.zeros(16), np.ones(16)]  # mean 0, var 1
+    # A NaN gamma whose payload fills the low half: rounding must not carry it into the sign.
+    weights[0] = weights[0].astype(np.float32)
+    weights[0].view(np.uint32)[15] = 0x7FFFFFFF
+    layer = batchnorm.BatchNormalization(axis=axis, epsilon=1e-30, dtype="mixed_bfloat16")
+    exact = batchnorm.BatchNormalization(axis=axis, epsilon=1e-30)  # scale = gamma exactly
+    for each in (layer, exact):
+        each.build(shape)
+        each.set_weights(weights)
+
+    def bits(a: Any) -> Any:
+        return np.asarray(a).view(np.uint16)
+
+    for name, got, want in [
+        ("y", layer(x16), exact(x16.astype(np.float32))),
+        ("dx", layer.backward(dy16), exact.backward(dy16.astype(np.float32))),
+    ]:
+        assert got.dtype == bfloat16 and want.dtype == np.float32
+        expected = want.astype(bfloat16)
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan, err_msg=name)
+        np.testing.assert_array_equal(bits(got)[~nan], bits(expected)[~nan], err_msg=name)
+        assert (bits(got)[nan] & 0x40).all(), f"{name}: a NaN lost its quiet bit"
+    want_y = exact(x16.astype(np.float32))
+    ties = (want_y.view(np.uint32) & 0xFFFF) == 0x8000
+    assert ties.sum() > 10, "no halfway cases: the test would not tell ties from rounding up"
+    assert (np.isinf(layer(x16).astype(np.float32)) & np.isfinite(want_y)).any()

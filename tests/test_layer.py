@@ -228,9 +228,51 @@ def test_masked_backward_with_padding_masks(shape: tuple[int, ...]) -> None:
 def test_masked_backward_of_rows_of_a_few_features(shape: tuple[int, ...], dtype: Any) -> None:
     # Under a random row mask, the dx pass of rows of up to 16 features takes a run as one span
     # whose blocks of lanes take their rows' mask bytes. 16.8 MB of dx is written with streaming
-    # stores: each chunk after the first starts mid cache line, so its span begins with a short
-    # head block, after which the whole blocks start at a row's second or third feature.
+    # stores: chunks start at various offsets within a cache line, so a span may begin with a
+    # short head block, after which its whole blocks start at another feature than the first.
     run_case(shape, dtype, [True], mask_fn=lambda r: r.random(shape[:-1]) > 0.3, axis=-1)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("shape", [(20003, 3), (4097, 7), (5, 41, 16)], ids=str)
+def test_masked_rows_of_a_few_features_in_16_bits(policy: str, shape: tuple[int, ...]) -> None:
+    # 16-bit data take the masked paths (their loads and the head and tail of a span) with the
+    # same float32 arithmetic as their values in float32: each output is that result rounded once.
+    import ml_dtypes
+
+    half = np.dtype(np.float16 if policy == "mixed_float16" else ml_dtypes.bfloat16)
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    x = (rng.normal(size=shape) * 3.0 + 1.0).astype(half)
+    dy = rng.normal(size=shape).astype(half)
+    mask = rng.random(shape[:-1]) > 0.3
+    mixed = batchnorm.BatchNormalization(dtype=policy)
+    full = batchnorm.BatchNormalization()
+    pairs = [
+        ("y", mixed(x, training=True, mask=mask), full(x.astype(np.float32), True, mask)),
+        ("dx", mixed.backward(dy), full.backward(dy.astype(np.float32))),
+    ]
+    for name, got, want in pairs:
+        assert got.dtype == half, name
+        np.testing.assert_array_equal(
+            got.view(np.uint16), want.astype(half).view(np.uint16), err_msg=name
+        )
+
+
+def _rows_apart(a: Any) -> Any:
+    return a[:, ::2]  # each row two rows' width after the last
+
+
+def test_masked_backward_of_rows_that_are_not_back_to_back() -> None:
+    # The mask's bytes lie back to back but the data's rows do not: each run is a single row.
+    shape = (64, 100, 5)
+    run_case(
+        shape,
+        np.float32,
+        [True, False],
+        mask_fn=lambda r: r.random((64, 50)) > 0.3,
+        view=_rows_apart,
+        axis=-1,
+    )
 
 
 @pytest.mark.parametrize("features", [3, 24])

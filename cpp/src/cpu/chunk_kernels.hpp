@@ -244,6 +244,8 @@ struct RowLanesAt {
   Index feature = 0;          // the block's first feature in its row
 };
 
+// (The position i is not read: dx_span asks for its head, whole blocks and tail in order, and
+// `at` follows them.)
 inline Mask valid_lanes(RowLanesAt& at, Index /* i */, int lanes) {
   const Mask m = spread_rows(at.valid, static_cast<int>(min_index(at.rows_left, kLanes)),
                              at.rows_left, at.table->lane_row[at.feature]);
