@@ -132,6 +132,23 @@ def test_strided_views_are_read_in_place(view: Any, axis: int) -> None:
     run_case((4, 6, 5, 7), np.float32, [True, False], view=view, axis=axis)
 
 
+WIDE_ROWS = [((40, 1100), np.float32), ((9, 4099), np.float32), ((12, 600), np.float64)]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", WIDE_ROWS, ids=[f"{r}x{f}-{d.__name__}" for (r, f), d in WIDE_ROWS]
+)
+def test_wide_rows(shape: tuple[int, int], dtype: Any) -> None:
+    # Rows whose coefficients outgrow the L1 cache are normalized a tile of columns at a time over
+    # blocks of rows: tiles that end mid row and row counts that leave part of a block.
+    run_case(shape, dtype, [True, False], axis=-1, momentum=0.8)
+
+
+def test_wide_rows_streamed() -> None:
+    # 17 MB of output: streaming stores, each tile its own span.
+    run_case((1040, 4100), np.float32, [False], axis=-1)
+
+
 # Rows of up to 8 features lying back to back are reduced several to a block of 16 lanes, rows of
 # other widths that leave a tail block (9, 12, 24, 33, 40) as groups of rows that fill whole
 # blocks (65: a group would be too wide); row counts that leave part of a block or group, several
