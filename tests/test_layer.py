@@ -276,7 +276,7 @@ def test_masked_rows_of_a_few_features_in_16_bits(policy: str, shape: tuple[int,
 
 
 def _rows_apart(a: Any) -> Any:
-    return a[:, ::2]  # each row two rows' width after the last
+    return a[:, ::2]  # every other row: rows two rows' width apart
 
 
 def test_masked_backward_of_rows_that_are_not_back_to_back() -> None:

@@ -1480,7 +1480,7 @@ void dx_rows(const T* dy, const T* x, T* dx, Index rows, Index features, const A
 
 // Rows whose coefficient arrays outgrow the L1 cache (three of 2048 floats took 24 KB of its
 // 32) go a tile of kWideTileBytes of data at a time, over blocks of kWideRowBlock rows: the
-// tile's coefficients stay in L1 while its rows stream. Row by row, (6272, 4096) inference ran
+// tile's coefficients stay in L1 while its rows stream. As one span, (6272, 4096) inference ran
 // at 46% of the copy probe, (12544, 2048) at 60-77%, against 92-94% at 512 to 1536 features.
 // The dx pass keeps its spans: tiled alike, its (6272, 4096) and (256, 7, 7, 2048) backwards
 // stayed at 72-79%.
