@@ -4,7 +4,8 @@ Every result (y, dx, dgamma, dbeta, moving statistics, inference output) must be
 for OMP_NUM_THREADS = 1, 2, 3: the reductions run in fixed chunks merged in a fixed order, and a
 fused per-feature pass computes exactly what the separate passes compute. The cases cover row
 layouts (channels-last, dense) and plane layouts (NCHW with long and short runs), masks, ghost
-batches and a feature count (3) for which some thread counts fuse and others do not. Each thread
+batches, a feature count (3) for which some thread counts fuse and others do not, and wide rows
+in cache, whose threads split the features instead of the rows. Each thread
 count runs in its own process, since OpenMP reads the variable once.
 """
 
@@ -54,6 +55,12 @@ CASES = {
     "nhwc_forty_ghost": ((16, 10, 10, 40), -1, "float32", 4, False),
     "bfloat16": ((16, 48, 20, 20), 1, "bfloat16", None, False),
     "bfloat16_rows": ((16, 20, 20, 48), -1, "bfloat16", None, False),
+    # Rows of many features in cache: two or three threads split the features, not the rows
+    # (a block of features with a tail, a mask, float64, bfloat16).
+    "wide_rows_split": ((128, 1000), -1, "float32", None, False),
+    "wide_rows_split_mask": ((96, 1024), -1, "float32", None, True),
+    "wide_rows_split_float64": ((64, 1024), -1, "float64", None, False),
+    "wide_rows_split_bfloat16": ((64, 1536), -1, "bfloat16", None, False),
 }
 
 out = {}

@@ -225,6 +225,9 @@ const std::vector<Scenario>& scenarios() {
       {"all rows of 24 masked", {8, 24}, {-1}, 0, 0.0},
       {"rows of 3 masked, dx blocks across rows", {2, 37, 3}, {-1}, 0, 0.7},
       {"wide rows, normalized a tile at a time", {11, 1100}, {-1}},
+      // Two or more threads split these rows' features (statistics and sums in cache).
+      {"wide rows, features split among threads", {40, 1000}, {-1}},
+      {"wide rows, features split among threads, masked", {40, 1000}, {-1}, 0, 0.6},
       {"rows of 16 masked, a block a row", {5, 16}, {-1}, 0, 0.5},
       {"NHWC ghost batches", {6, 2, 3, 4}, {-1}, 2},
       {"NCHW ghost batches + mask", {8, 3, 2, 5}, {1}, 4, 0.5},
