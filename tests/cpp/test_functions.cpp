@@ -255,6 +255,42 @@ BNTEST_CASE(update_moving_false_keeps_weights) {
   BNTEST_CHECK(context.count == std::vector<double>(4, 10.0));
 }
 
+// A context that a renorm call filled (its r and d are not 1 and 0) and a plain call then reuses
+// gives the plain call's backward exactly, as a fresh context does.
+BNTEST_CASE(context_reused_after_renorm) {
+  const Shape shape{48, 6};
+  std::vector<double> x = bntest::normal<double>(288, 2.0, 3.0, 50);
+  std::vector<double> dy = bntest::normal<double>(288, 0.0, 1.0, 51);
+  std::vector<double> y(288), dx_reused(288), dx_fresh(288);
+  std::vector<double> dgamma_reused(6), dbeta_reused(6), dgamma_fresh(6), dbeta_fresh(6);
+  batchnorm::Options renorm;
+  renorm.renorm = true;
+  renorm.rmax = 1.5;
+  renorm.dmax = 0.5;
+  Buffers<double> b(6);
+  std::vector<double> stddev(6, 0.5), renorm_mean(6, -1.0);
+  batchnorm::Weights with_renorm = b.weights();
+  with_renorm.moving_stddev = stddev.data();
+  with_renorm.renorm_mean = renorm_mean.data();
+  with_renorm.renorm_stddev = stddev.data();
+  batchnorm::TrainingContext reused, fresh;
+  batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, renorm, with_renorm, nullptr,
+                           false, reused);
+  BNTEST_CHECK(reused.zscale != std::vector<double>(6, 1.0));
+  const batchnorm::Options plain;
+  for (batchnorm::TrainingContext* context : {&reused, &fresh}) {
+    batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, plain, b.weights(), nullptr,
+                             false, *context);
+  }
+  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx_reused, shape), nullptr, plain,
+                            b.weights(), reused, dgamma_reused.data(), dbeta_reused.data());
+  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx_fresh, shape), nullptr, plain,
+                            b.weights(), fresh, dgamma_fresh.data(), dbeta_fresh.data());
+  BNTEST_CHECK(reused.zscale == fresh.zscale && reused.zshift == fresh.zshift);
+  BNTEST_CHECK(dx_reused == dx_fresh);
+  BNTEST_CHECK(dgamma_reused == dgamma_fresh && dbeta_reused == dbeta_fresh);
+}
+
 // Views with an empty axis among others (slices such as x[:0, :, :0]): no element is read or
 // written, the statistics count nothing, the moving statistics stay, the gradients are zero.
 // The loop nests once reduced an empty axis by a modulo of its size (a division by zero).
@@ -282,9 +318,18 @@ void run_empty_view(const Shape& base_shape, const std::vector<int>& axes, int e
   w.moving_mean = mean.data();
   w.moving_variance = variance.data();
   w.dtype = DType::float64;
+  // A context that held another call's statistics: the empty call's own replace them.
   batchnorm::TrainingContext context;
+  context.count.assign(c, 5.0);
+  context.mean.assign(c, 0.25);
+  context.inv_std.assign(c, 3.0);
+  context.zscale.assign(c, 2.0);
+  context.zshift.assign(c, -1.0);
   batchnorm::train_forward(x, y, nullptr, options, w, nullptr, true, context);
   BNTEST_CHECK(context.count == std::vector<double>(c, 0.0));
+  BNTEST_CHECK(context.mean == std::vector<double>(c, 0.0));
+  BNTEST_CHECK(context.zscale == std::vector<double>(c, 1.0));
+  BNTEST_CHECK(context.zshift == std::vector<double>(c, 0.0));
   BNTEST_CHECK(mean == std::vector<double>(c + 1, 0.5));
   BNTEST_CHECK(variance == std::vector<double>(c + 1, 2.0));
   batchnorm::train_backward(x, x, y, nullptr, options, w, context, dgamma.data(), dbeta.data());

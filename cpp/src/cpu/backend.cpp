@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 
@@ -121,16 +123,35 @@ void apply_affine(const Plan& plan, const T* in, T* out, CoefficientBuffers<Acc>
   cpu::affine(in_place, static_cast<const T*>(out), out, second_shift.data(), c.scale, c.offset);
 }
 
+// `values` as n copies of `value`, writing only the entries that differ from it bit for bit (a
+// signed zero or a NaN included): a loop of calls then only reads them.
+void reset_to(std::vector<double>& values, std::size_t n, double value) {
+  values.resize(n, value);
+  std::uint64_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  for (double& v : values) {
+    std::uint64_t current;
+    std::memcpy(&current, &v, sizeof current);
+    if (current != bits) v = value;
+  }
+}
+
+// Sizes the context for a training forward. count, mean and inv_std keep their sizes without
+// being cleared: every forward path writes them for every statistic, and zeros written here, on
+// the calling thread, made each thread that then wrote a block of features take those cache lines
+// from this core ((128, 1024) training on two threads: 25-26 us with them, 23-24 us without).
+// zscale and zshift must hold 1 and 0 where no renorm or adjustment sets them (the vectorized
+// coefficients leave them so for the backward).
 void reset_context(TrainingContext& context, std::int64_t groups, std::int64_t features,
                    bool has_mask) {
   const auto stats = static_cast<std::size_t>(groups * features);
   context.groups = groups;
   context.features = features;
-  context.count.assign(stats, 0.0);
-  context.mean.assign(stats, 0.0);
-  context.inv_std.assign(stats, 0.0);
-  context.zscale.assign(static_cast<std::size_t>(features), 1.0);
-  context.zshift.assign(static_cast<std::size_t>(features), 0.0);
+  context.count.resize(stats);
+  context.mean.resize(stats);
+  context.inv_std.resize(stats);
+  reset_to(context.zscale, static_cast<std::size_t>(features), 1.0);
+  reset_to(context.zshift, static_cast<std::size_t>(features), 0.0);
   context.has_mask = has_mask;
 }
 
