@@ -39,7 +39,7 @@ inline void sum_over_processes(const Communicator& communicator, std::vector<dou
 // Replaces local (count, mean, biased variance) per statistic with those of the global batch,
 // merged by Chan's formula (never E[x^2] - E[x]^2, so large-mean data stays exact).
 inline void synchronize_moments(const Communicator* communicator, std::vector<double>& count,
-                                std::vector<double>& mean, std::vector<double>& var) {
+                                std::vector<double>& mean, double* var) {
   if (!synchronizing(communicator)) return;
   const std::size_t stats = count.size();
   std::vector<double> send(3 * stats);
@@ -59,6 +59,11 @@ inline void synchronize_moments(const Communicator* communicator, std::vector<do
     mean[k] = total.mean;
     var[k] = total.count > 0.0 ? total.m2 / total.count : 0.0;
   }
+}
+
+inline void synchronize_moments(const Communicator* communicator, std::vector<double>& count,
+                                std::vector<double>& mean, std::vector<double>& var) {
+  synchronize_moments(communicator, count, mean, var.data());
 }
 
 // Replaces per-feature ghost-group sums (number of valid groups, sums of their means and

@@ -167,7 +167,9 @@ struct Cpu {
     const std::int64_t groups = call.stats_plan.groups, features = call.stats_plan.features;
     const std::int64_t stats = groups * features;
     reset_context(context, groups, features, call.mask != nullptr);
-    std::vector<double> var(static_cast<std::size_t>(stats));
+    // Every path writes each statistic's variance before reading it: scratch memory, not zeros
+    // written on this thread (see reset_context).
+    cpu::PartialBuffer<double> var(stats);
     CoefficientBuffers<Acc> k(stats);
     // Within one process, plane layouts finish each feature while its data is in cache.
     if (!synchronizing(call.communicator) &&
@@ -218,7 +220,7 @@ struct Cpu {
     // Ghost batches stay per process: only their averages are synchronized (one collective
     // either way).
     if (!context.ghost_batches) {
-      synchronize_moments(call.communicator, context.count, context.mean, var);
+      synchronize_moments(call.communicator, context.count, context.mean, var.data());
     }
 
     const bool plain = !context.ghost_batches &&
@@ -276,11 +278,12 @@ struct Cpu {
                             context.mean.data(), groups, feature_step)) {
       return;
     }
-    std::vector<double> sum_dy(stats), sum_dy_centered(stats);
     if (groups == 1 && !context.ghost_batches && !synchronizing(call.communicator) &&
         call.sums_plan.row && call.dx_plan.row) {
       // Row layouts in one region: each block of features takes its coefficients, dgamma and
-      // dbeta as soon as its sums are added, then the dx pass.
+      // dbeta as soon as its sums are added, then the dx pass. The sums are written in full
+      // before they are read (scratch memory, as the forward's variances).
+      cpu::PartialBuffer<double> sum_dy(features), sum_dy_centered(features);
       CoefficientBuffers<Acc> k(features);
       const Coefficients<Acc> view = k.view();
       cpu::backward_rows_fused(
@@ -297,6 +300,7 @@ struct Cpu {
           });
       return;
     }
+    std::vector<double> sum_dy(stats), sum_dy_centered(stats);
     cpu::backward_sums(call.sums_plan, call.dy, call.x, context.mean.data(), sum_dy.data(),
                        sum_dy_centered.data());
     // Without ghost batches dx needs the global sums; with them, dx uses its process's ghost
