@@ -63,7 +63,21 @@ CASES = {
     "wide_rows_split_bfloat16": ((64, 1536), -1, "bfloat16", None, False),
 }
 
+# Rows that overlap in memory (a strided view, rows 504 values apart): whole rows per thread, as
+# a block of columns 504 wide would have taken other kernels than the full rows.
+def overlapping(seed):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(40 * 504 + 1000) * 3.0 + 5.0
+    return np.lib.stride_tricks.as_strided(base, (40, 1000), (504 * 8, 8))
+
 out = {}
+layer = batchnorm.BatchNormalization(momentum=0.9, dtype="float64")
+y = layer(overlapping(100), training=True)
+dx = layer.backward(overlapping(101))
+out["overlapping_rows"] = {
+    "y": digest(y), "dx": digest(dx), "dgamma": digest(layer.gradients["gamma"]),
+    "dbeta": digest(layer.gradients["beta"]),
+    "weight2": digest(layer.get_weights()[2]), "weight3": digest(layer.get_weights()[3])}
 for seed, (name, (shape, axis, dtype, vbs, masked)) in enumerate(CASES.items()):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3.0 + 5.0)

@@ -765,14 +765,24 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
 // where whole rows per thread stream better).
 inline constexpr Index kMinSplitColumns = 256;
 inline constexpr Index kMaxSplitBytes = Index{512} << 10;
-// Column blocks start on a multiple of this many features (a cache line of float32 values).
+// Column blocks start on a multiple of this many features: a multiple of the kernels' 16 lanes,
+// so that a block's lanes and tail are the full row's.
 inline constexpr Index kSplitAlign = 16;
 
-// Threads that split a row-mode call's features (one outer item, `bytes` per data operand), or 0
-// where the call splits its rows.
-inline int column_team(const Geometry& geo, Index bytes) {
+// Threads that split a row-mode call's features (one outer item, rows back to back in its
+// `data_operands` data operands, `bytes` per data operand), or 0 where the call splits its rows.
+// Rows back to back keep every column block on the generic row kernels, as the full rows are
+// (at 512 features or more no row grouping applies): rows that overlap in memory (a strided
+// view whose rows are a block's width apart) sent a block to the grouped kernels, whose order
+// of additions differs.
+inline int column_team(const Plan& plan, const Geometry& geo, int data_operands, Index bytes) {
   const int team = geo.team();
   if (team < 2 || geo.outer != 1 || geo.inner < team * kMinSplitColumns) return 0;
+  if (plan.reduced.count == 0) return 0;
+  const detail::LoopDim& rows = plan.reduced.dims[plan.reduced.count - 1];
+  for (int op = 0; op < data_operands; ++op) {
+    if (rows.stride[op] != geo.inner) return 0;
+  }
   return bytes <= team * kMaxSplitBytes ? team : 0;
 }
 
@@ -871,7 +881,7 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
                       const std::uint8_t* mask, double* count, double* mean, double* var,
                       Acc* const (&k)[3], BlockCoefficients&& coefficients) {
   const Geometry sg(stats_plan), ag(apply_plan);
-  if (const int team = column_team(sg, sg.elements() * Index{sizeof(T)})) {
+  if (const int team = column_team(stats_plan, sg, 1, sg.elements() * Index{sizeof(T)})) {
     return train_rows_by_columns(stats_plan, apply_plan, team, x, y, mask, count, mean, var, k,
                                  coefficients);
   }
@@ -904,7 +914,7 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
                          double* sum_dy_centered, Acc* const (&k)[4],
                          BlockCoefficients&& coefficients) {
   const Geometry sg(sums_plan), dg(dx_plan);
-  if (const int team = column_team(sg, sg.elements() * Index{sizeof(T)})) {
+  if (const int team = column_team(sums_plan, sg, 2, sg.elements() * Index{sizeof(T)})) {
     backward_rows_by_columns(sums_plan, dx_plan, team, dy, x, mask, dx, shift, sum_dy,
                              sum_dy_centered, k, coefficients);
     return;
