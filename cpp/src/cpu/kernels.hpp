@@ -753,16 +753,17 @@ void backward_dx(const Plan& plan, const T* dy, const T* x, const std::uint8_t* 
 // ---- row passes split by columns -----------------------------------------------------------
 
 // A row-mode call whose data stay in the caches from one pass to the next (a loop of small calls)
-// splits its features among the threads instead of its rows: each thread reduces its columns over
-// every chunk, merges them, takes their coefficients and writes their output, all from its own
-// core's caches. Split by rows, each block of columns merged the partial results of every chunk,
-// half of them written moments before by the other core: a (128, 1024) training forward on two
-// Zen 4 cores spent 14 us in its statistics, against 10 us where each thread merged only partial
-// results of its own. The chunks and their merge order are those of the row split, so results
-// are bitwise the same.
-// The split applies where every thread gets at least kMinSplitColumns features and where an
-// operand holds at most kMaxSplitBytes per thread (beyond it the data come from memory anyway,
-// where whole rows per thread stream better).
+// splits its features among the threads instead of its rows for its statistics or sums: each
+// thread reduces its columns over every chunk, merges them and takes their coefficients, all in
+// its own core's caches; the normalize and dx passes keep the row split (split by columns, each
+// thread wrote half of every row, and the normalize pass took 1.5-3x the time). Split by rows, each
+// block of columns merged the partial results of every chunk, half of them written moments before
+// by the other core: a (128, 1024) training forward on two Zen 4 cores spent 14 us in its
+// statistics, against 10 us where each thread merged only partial results of its own. The chunks,
+// the row kernels (column_team keeps both splits on the generic ones) and the merge order are those
+// of the row split, so results are bitwise the same. The split applies where every thread gets at
+// least kMinSplitColumns features and where an operand holds at most kMaxSplitBytes per thread
+// (beyond it the data come from memory anyway, where whole rows per thread stream better).
 inline constexpr Index kMinSplitColumns = 256;
 inline constexpr Index kMaxSplitBytes = Index{512} << 10;
 // Column blocks start on a multiple of this many features: a multiple of the kernels' 16 lanes,
