@@ -4,6 +4,7 @@
 // empty views, and the outputs of float data with a large mean.
 #include <algorithm>
 #include <batchnorm/batchnorm.hpp>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -328,6 +329,8 @@ void run_empty_view(const Shape& base_shape, const std::vector<int>& axes, int e
   batchnorm::train_forward(x, y, nullptr, options, w, nullptr, true, context);
   BNTEST_CHECK(context.count == std::vector<double>(c, 0.0));
   BNTEST_CHECK(context.mean == std::vector<double>(c, 0.0));
+  // (No rows: variance 0, so epsilon alone.)
+  BNTEST_CHECK(context.inv_std == std::vector<double>(c, 1.0 / std::sqrt(options.epsilon)));
   BNTEST_CHECK(context.zscale == std::vector<double>(c, 1.0));
   BNTEST_CHECK(context.zshift == std::vector<double>(c, 0.0));
   BNTEST_CHECK(mean == std::vector<double>(c + 1, 0.5));

@@ -515,27 +515,34 @@ BNTEST_CASE(float16_data_in_a_float_layer) {
 }
 
 #ifdef _OPENMP
-// Fixed-size blocks merged in a fixed order: bitwise the same results for any thread count.
+// Fixed-size blocks merged in a fixed order: bitwise the same results for any thread count. The
+// plane layout takes the fused plane passes; the rows, wide enough for 3 threads to split their
+// features, take the column split of the statistics and sums (1 thread: the row split).
 BNTEST_CASE(bitwise_identical_across_thread_counts) {
-  LayerOptions o;
-  o.axes = {1};
-  const Shape shape{16, 8, 64, 64};
-  const auto n = static_cast<std::size_t>(numel(shape));
-  const std::vector<float> x = bntest::normal<float>(n, 3.0, 2.0, 61);
-  const std::vector<float> dy = bntest::normal<float>(n, 0.0, 1.0, 62);
-  auto run = [&](int threads) {
-    omp_set_num_threads(threads);
-    BatchNormalization<float> layer(o);
-    std::vector<float> y = layer(x, shape, true);
-    std::vector<float> dx = layer.backward(dy);
-    return std::make_tuple(y, dx, layer.get_weights(), layer.gradients().gamma);
+  struct Layout {
+    Shape shape;
+    int axis;
   };
-  const auto one = run(1);
-  const auto three = run(3);
-  BNTEST_CHECK(std::get<0>(one) == std::get<0>(three));
-  BNTEST_CHECK(std::get<1>(one) == std::get<1>(three));
-  BNTEST_CHECK(std::get<2>(one) == std::get<2>(three));
-  BNTEST_CHECK(std::get<3>(one) == std::get<3>(three));
+  for (const Layout& layout : {Layout{{16, 8, 64, 64}, 1}, Layout{{128, 1000}, 1}}) {
+    LayerOptions o;
+    o.axes = {layout.axis};
+    const auto n = static_cast<std::size_t>(numel(layout.shape));
+    const std::vector<float> x = bntest::normal<float>(n, 3.0, 2.0, 61);
+    const std::vector<float> dy = bntest::normal<float>(n, 0.0, 1.0, 62);
+    auto run = [&](int threads) {
+      omp_set_num_threads(threads);
+      BatchNormalization<float> layer(o);
+      std::vector<float> y = layer(x, layout.shape, true);
+      std::vector<float> dx = layer.backward(dy);
+      return std::make_tuple(y, dx, layer.get_weights(), layer.gradients().gamma);
+    };
+    const auto one = run(1);
+    const auto three = run(3);
+    BNTEST_CHECK(std::get<0>(one) == std::get<0>(three));
+    BNTEST_CHECK(std::get<1>(one) == std::get<1>(three));
+    BNTEST_CHECK(std::get<2>(one) == std::get<2>(three));
+    BNTEST_CHECK(std::get<3>(one) == std::get<3>(three));
+  }
 }
 #endif
 
