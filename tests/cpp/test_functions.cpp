@@ -256,40 +256,85 @@ BNTEST_CASE(update_moving_false_keeps_weights) {
   BNTEST_CHECK(context.count == std::vector<double>(4, 10.0));
 }
 
-// A context that a renorm call filled (its r and d are not 1 and 0) and a plain call then reuses
-// gives the plain call's backward exactly, as a fresh context does.
-BNTEST_CASE(context_reused_after_renorm) {
-  const Shape shape{48, 6};
-  std::vector<double> x = bntest::normal<double>(288, 2.0, 3.0, 50);
-  std::vector<double> dy = bntest::normal<double>(288, 0.0, 1.0, 51);
-  std::vector<double> y(288), dx_reused(288), dx_fresh(288);
-  std::vector<double> dgamma_reused(6), dbeta_reused(6), dgamma_fresh(6), dbeta_fresh(6);
+// A context that another call filled (a renorm call over ghost batches of another batch size:
+// other groups, counts and r, d not 1 and 0) and that the next call reuses gives that call's
+// results exactly, as a fresh context does, on each path a training call can take: rows, the
+// fused plane passes, ghost batches and statistics synchronized over processes.
+struct ReusedContextCase {
+  const char* name;
+  Shape shape;
+  int axis;
+  std::int64_t virtual_batch_size;
+  bool synchronized;
+};
+
+void run_reused_context(const ReusedContextCase& c) {
+  const std::size_t features = 6;
+  const auto n = static_cast<std::size_t>(bntest::numel(c.shape));
+  std::vector<double> x = bntest::normal<double>(n, 2.0, 3.0, 50);
+  std::vector<double> dy = bntest::normal<double>(n, 0.0, 1.0, 51);
+  Buffers<double> b(features);
+  // Another call first: renorm over ghost batches of 8 on a (40, 6) batch.
+  const Shape other_shape{40, 6};
+  std::vector<double> other_x = bntest::normal<double>(240, -1.0, 0.5, 52), other_y(240);
   batchnorm::Options renorm;
   renorm.renorm = true;
   renorm.rmax = 1.5;
   renorm.dmax = 0.5;
-  Buffers<double> b(6);
-  std::vector<double> stddev(6, 0.5), renorm_mean(6, -1.0);
+  renorm.virtual_batch_size = 8;
+  std::vector<double> stddev(features, 0.5), renorm_mean(features, -1.0);
   batchnorm::Weights with_renorm = b.weights();
   with_renorm.moving_stddev = stddev.data();
   with_renorm.renorm_mean = renorm_mean.data();
   with_renorm.renorm_stddev = stddev.data();
   batchnorm::TrainingContext reused, fresh;
-  batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, renorm, with_renorm, nullptr,
-                           false, reused);
-  BNTEST_CHECK(reused.zscale != std::vector<double>(6, 1.0));
-  const batchnorm::Options plain;
-  for (batchnorm::TrainingContext* context : {&reused, &fresh}) {
-    batchnorm::train_forward(view(x, shape), view(y, shape), nullptr, plain, b.weights(), nullptr,
-                             false, *context);
+  batchnorm::train_forward(view(other_x, other_shape), view(other_y, other_shape), nullptr, renorm,
+                           with_renorm, nullptr, false, reused);
+  BNTEST_CHECK(reused.groups == 5);
+  BNTEST_CHECK(reused.zscale != std::vector<double>(features, 1.0));
+  // A fake two-process communicator: the other process holds the same batch.
+  batchnorm::Communicator twins;
+  twins.size = 2;
+  twins.allgather = [](const double* send, double* receive, std::size_t count) {
+    std::copy(send, send + count, receive);
+    std::copy(send, send + count, receive + count);
+  };
+  const batchnorm::Communicator* communicator = c.synchronized ? &twins : nullptr;
+  batchnorm::Options options;
+  options.axes = {c.axis};
+  options.virtual_batch_size = c.virtual_batch_size;
+  struct Results {
+    std::vector<double> y, dx, dgamma, dbeta;
+  };
+  auto run = [&](batchnorm::TrainingContext& context) {
+    Results r{std::vector<double>(n), std::vector<double>(n), std::vector<double>(features),
+              std::vector<double>(features)};
+    batchnorm::train_forward(view(x, c.shape), view(r.y, c.shape), nullptr, options, b.weights(),
+                             nullptr, false, context, communicator);
+    batchnorm::train_backward(view(dy, c.shape), view(x, c.shape), view(r.dx, c.shape), nullptr,
+                              options, b.weights(), context, r.dgamma.data(), r.dbeta.data(),
+                              communicator);
+    return r;
+  };
+  const Results from_reused = run(reused), from_fresh = run(fresh);
+  const std::string label = std::string("reused context, ") + c.name;
+  if (reused.groups != fresh.groups || reused.count != fresh.count || reused.mean != fresh.mean ||
+      reused.inv_std != fresh.inv_std || reused.zscale != fresh.zscale ||
+      reused.zshift != fresh.zshift) {
+    bntest::report(__FILE__, __LINE__, label + ": the statistics differ");
   }
-  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx_reused, shape), nullptr, plain,
-                            b.weights(), reused, dgamma_reused.data(), dbeta_reused.data());
-  batchnorm::train_backward(view(dy, shape), view(x, shape), view(dx_fresh, shape), nullptr, plain,
-                            b.weights(), fresh, dgamma_fresh.data(), dbeta_fresh.data());
-  BNTEST_CHECK(reused.zscale == fresh.zscale && reused.zshift == fresh.zshift);
-  BNTEST_CHECK(dx_reused == dx_fresh);
-  BNTEST_CHECK(dgamma_reused == dgamma_fresh && dbeta_reused == dbeta_fresh);
+  if (from_reused.y != from_fresh.y || from_reused.dx != from_fresh.dx ||
+      from_reused.dgamma != from_fresh.dgamma || from_reused.dbeta != from_fresh.dbeta) {
+    bntest::report(__FILE__, __LINE__, label + ": y, dx, dgamma or dbeta differ");
+  }
+}
+
+BNTEST_CASE(context_reused_by_another_call) {
+  run_reused_context({"rows", {48, 6}, -1, 0, false});
+  run_reused_context({"planes", {8, 6, 16}, 1, 0, false});
+  run_reused_context({"ghost batches", {48, 6}, -1, 12, false});
+  run_reused_context({"synchronized", {48, 6}, -1, 0, true});
+  run_reused_context({"synchronized planes", {8, 6, 16}, 1, 0, true});
 }
 
 // Views with an empty axis among others (slices such as x[:0, :, :0]): no element is read or
