@@ -860,16 +860,6 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row, Index feat
 // added, then a feature's lanes in lane order: the result depends only on the chunk's rows.
 inline constexpr Index kMaxPackedFeatures = kLanes / 2;
 
-// Whether the rows lie back to back in every data operand along the innermost reduced dim.
-inline bool rows_back_to_back(const LoopNest& red, Index features, int data_operands) {
-  if (red.count == 0) return false;
-  const LoopDim& inner = red.dims[red.count - 1];
-  for (int op = 0; op < data_operands; ++op) {
-    if (inner.stride[op] != features) return false;
-  }
-  return true;
-}
-
 // Lanes of a packed block that hold whole rows.
 inline int packed_lanes(Index features) { return static_cast<int>(kLanes / features * features); }
 

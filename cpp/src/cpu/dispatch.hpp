@@ -30,6 +30,18 @@ Isa active_isa();
 // The threads a call may use: OpenMP's maximum team size (1 in builds without OpenMP).
 int max_threads();
 
+// Whether the rows of a row-mode plan lie back to back, `features` elements apart along the
+// innermost reduced dim, in each of the first `data_operands` operands.
+inline bool rows_back_to_back(const detail::LoopNest& red, std::int64_t features,
+                              int data_operands) {
+  if (red.count == 0) return false;
+  const detail::LoopDim& inner = red.dims[red.count - 1];
+  for (int op = 0; op < data_operands; ++op) {
+    if (inner.stride[op] != features) return false;
+  }
+  return true;
+}
+
 // Folded coefficients: forward out = (in - shift) * scale + offset; backward
 // dx = scale * (dy - valid * (offset + (x - shift) * slope)). P is a value (plane mode: one
 // statistic) or an array (row mode: entry i belongs to feature i mod C, for i < C + 16, so a

@@ -779,11 +779,7 @@ inline constexpr Index kSplitAlign = 16;
 inline int column_team(const Plan& plan, const Geometry& geo, int data_operands, Index bytes) {
   const int team = geo.team();
   if (team < 2 || geo.outer != 1 || geo.inner < team * kMinSplitColumns) return 0;
-  if (plan.reduced.count == 0) return 0;
-  const detail::LoopDim& rows = plan.reduced.dims[plan.reduced.count - 1];
-  for (int op = 0; op < data_operands; ++op) {
-    if (rows.stride[op] != geo.inner) return 0;
-  }
+  if (!rows_back_to_back(plan.reduced, geo.inner, data_operands)) return 0;
   return bytes <= team * kMaxSplitBytes ? team : 0;
 }
 
@@ -801,68 +797,54 @@ inline Plan column_plan(const Plan& plan, Index width) {
   return columns;
 }
 
-// train_rows_fused split by columns among `team` threads (column_team).
-template <class T, class Acc, class BlockCoefficients>
-bool train_rows_by_columns(const Plan& stats_plan, const Plan& apply_plan, int team, const T* x,
-                           T* y, const std::uint8_t* mask, double* count, double* mean, double* var,
-                           Acc* const (&k)[3], BlockCoefficients&& coefficients) {
+// The statistics of a row-mode training forward split by columns among the region's `team`
+// threads (column_team): each thread's chunk moments and their merge for its own columns, after
+// which finished(first, last) runs on that thread for its columns [first, last). Ends with a
+// barrier.
+template <class T, class Finished>
+void column_moments_loops(const SharedLoops& loops, const Plan& plan, const Geometry& geo, int team,
+                          const T* x, const std::uint8_t* mask, double* count, double* mean,
+                          double* var, Finished&& finished) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
-  const Geometry sg(stats_plan), ag(apply_plan);
-  const Index features = sg.inner, chunks = sg.chunks();
-  RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
-  std::atomic<bool> plain{true};
-  parallel_region(team, [&](const SharedLoops& loops) {
-    loops.fixed(team, [&](Index t) {
-      const Index c0 = split_column(features, team, t);
-      const Index width = split_column(features, team, t + 1) - c0;
-      const Plan columns = column_plan(stats_plan, width);
-      PartialBuffer<double> scratch(3 * width), chunk_mean(chunks * width),
-          chunk_m2(chunks * width);
-      double chunk_count[detail::kMaxChunks];
-      for (Index chunk = 0; chunk < chunks; ++chunk) {
-        chunk_count[chunk] = static_cast<double>(kernels.row_moments(
-            columns, x + c0, mask, sg.first_unit(chunk), sg.last_unit(chunk), scratch.data(),
-            chunk_mean.data() + chunk * width, chunk_m2.data() + chunk * width));
-      }
-      merge_row_chunks(kernels, chunk_count, chunk_mean.data(), chunk_m2.data(), width, chunks,
-                       width, count + c0, mean + c0, var + c0);
-      if (!coefficients(c0, c0 + width)) plain.store(false);
-    });
-    // (Every thread reads the same value: the loop above ended with a barrier.)
-    if (!plain.load()) return;
-    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
-    row_affine_loop(loops, apply_plan, ag, x, y, rows);
+  const Index features = geo.inner, chunks = geo.chunks();
+  loops.fixed(team, [&](Index t) {
+    const Index c0 = split_column(features, team, t);
+    const Index width = split_column(features, team, t + 1) - c0;
+    const Plan columns = column_plan(plan, width);
+    PartialBuffer<double> scratch(3 * width), chunk_mean(chunks * width), chunk_m2(chunks * width);
+    double chunk_count[detail::kMaxChunks];
+    for (Index chunk = 0; chunk < chunks; ++chunk) {
+      chunk_count[chunk] = static_cast<double>(kernels.row_moments(
+          columns, x + c0, mask, geo.first_unit(chunk), geo.last_unit(chunk), scratch.data(),
+          chunk_mean.data() + chunk * width, chunk_m2.data() + chunk * width));
+    }
+    merge_row_chunks(kernels, chunk_count, chunk_mean.data(), chunk_m2.data(), width, chunks, width,
+                     count + c0, mean + c0, var + c0);
+    finished(c0, c0 + width);
   });
-  return plain.load();
 }
 
-// backward_rows_fused split by columns among `team` threads (column_team).
-template <class T, class Acc, class BlockCoefficients>
-void backward_rows_by_columns(const Plan& sums_plan, const Plan& dx_plan, int team, const T* dy,
-                              const T* x, const std::uint8_t* mask, T* dx, const double* shift,
-                              double* sum_dy, double* sum_dy_centered, Acc* const (&k)[4],
-                              BlockCoefficients&& coefficients) {
+// The sums of a row-mode training backward split by columns among the region's `team` threads
+// (column_team), as column_moments_loops splits the statistics.
+template <class T, class Finished>
+void column_sums_loops(const SharedLoops& loops, const Plan& plan, const Geometry& geo, int team,
+                       const T* dy, const T* x, const double* shift, double* sum_dy,
+                       double* sum_dy_centered, Finished&& finished) {
   const ChunkKernels<T>& kernels = cpu::kernels<T>();
-  const Geometry sg(sums_plan), dg(dx_plan);
-  const Index features = sg.inner, chunks = sg.chunks();
-  RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
-  parallel_region(team, [&](const SharedLoops& loops) {
-    loops.fixed(team, [&](Index t) {
-      const Index c0 = split_column(features, team, t);
-      const Index width = split_column(features, team, t + 1) - c0;
-      const Plan columns = column_plan(sums_plan, width);
-      PartialBuffer<double> partial(2 * chunks * width);
-      for (Index chunk = 0; chunk < chunks; ++chunk) {
-        double* part = partial.data() + 2 * chunk * width;
-        kernels.row_sums(columns, dy + c0, x + c0, shift + c0, sg.first_unit(chunk),
-                         sg.last_unit(chunk), part, part + width);
-      }
-      add_row_chunk_sums(partial.data(), 2 * width, width, chunks, width, sum_dy + c0,
-                         sum_dy_centered + c0);
-      coefficients(c0, c0 + width);
-    });
-    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
-    row_dx_loop(loops, dx_plan, dg, dy, x, mask, dx, rows);
+  const Index features = geo.inner, chunks = geo.chunks();
+  loops.fixed(team, [&](Index t) {
+    const Index c0 = split_column(features, team, t);
+    const Index width = split_column(features, team, t + 1) - c0;
+    const Plan columns = column_plan(plan, width);
+    PartialBuffer<double> partial(2 * chunks * width);
+    for (Index chunk = 0; chunk < chunks; ++chunk) {
+      double* part = partial.data() + 2 * chunk * width;
+      kernels.row_sums(columns, dy + c0, x + c0, shift + c0, geo.first_unit(chunk),
+                       geo.last_unit(chunk), part, part + width);
+    }
+    add_row_chunk_sums(partial.data(), 2 * width, width, chunks, width, sum_dy + c0,
+                       sum_dy_centered + c0);
+    finished(c0, c0 + width);
   });
 }
 
@@ -882,25 +864,32 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
                       const std::uint8_t* mask, double* count, double* mean, double* var,
                       Acc* const (&k)[3], BlockCoefficients&& coefficients) {
   const Geometry sg(stats_plan), ag(apply_plan);
-  if (const int team = column_team(stats_plan, sg, 1, sg.elements() * Index{sizeof(T)})) {
-    return train_rows_by_columns(stats_plan, apply_plan, team, x, y, mask, count, mean, var, k,
-                                 coefficients);
-  }
-  RowPartials part(sg);
-  // Made here, filled in the region once the coefficients are known: nothing is allocated
-  // inside the region (an exception could not leave it).
+  // Made here (for several outer items, a copy of every array), filled in the region once the
+  // coefficients are known. Inside the region a thread takes only scratch of a few values a
+  // feature (PartialBuffer), from memory it keeps from call to call.
   RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
   std::atomic<bool> plain{true};
-  parallel_region(sg.team(), [&](const SharedLoops& loops) {
-    row_moments_loops(loops, stats_plan, sg, x, mask, part, count, mean, var,
-                      [&](Index first, Index last) {
-                        if (!coefficients(first, last)) plain.store(false);
-                      });
-    // (Every thread reads the same value: the merge loop ended with a barrier.)
+  const auto finished = [&](Index first, Index last) {
+    if (!coefficients(first, last)) plain.store(false);
+  };
+  const auto normalize = [&](const SharedLoops& loops) {
+    // (Every thread reads the same value: the statistics' loops ended with a barrier.)
     if (!plain.load()) return;
     loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
     row_affine_loop(loops, apply_plan, ag, x, y, rows);
-  });
+  };
+  if (const int team = column_team(stats_plan, sg, 1, sg.elements() * Index{sizeof(T)})) {
+    parallel_region(team, [&](const SharedLoops& loops) {
+      column_moments_loops(loops, stats_plan, sg, team, x, mask, count, mean, var, finished);
+      normalize(loops);
+    });
+  } else {
+    RowPartials part(sg);
+    parallel_region(sg.team(), [&](const SharedLoops& loops) {
+      row_moments_loops(loops, stats_plan, sg, x, mask, part, count, mean, var, finished);
+      normalize(loops);
+    });
+  }
   return plain.load();
 }
 
@@ -915,20 +904,25 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
                          double* sum_dy_centered, Acc* const (&k)[4],
                          BlockCoefficients&& coefficients) {
   const Geometry sg(sums_plan), dg(dx_plan);
+  // Made here, filled in the region once the coefficients are known (as in train_rows_fused).
+  RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
+  const auto differentiate = [&](const SharedLoops& loops) {
+    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
+    row_dx_loop(loops, dx_plan, dg, dy, x, mask, dx, rows);
+  };
   if (const int team = column_team(sums_plan, sg, 2, sg.elements() * Index{sizeof(T)})) {
-    backward_rows_by_columns(sums_plan, dx_plan, team, dy, x, mask, dx, shift, sum_dy,
-                             sum_dy_centered, k, coefficients);
+    parallel_region(team, [&](const SharedLoops& loops) {
+      column_sums_loops(loops, sums_plan, sg, team, dy, x, shift, sum_dy, sum_dy_centered,
+                        coefficients);
+      differentiate(loops);
+    });
     return;
   }
   PartialBuffer<double> partial(2 * sg.items() * sg.inner);
-  // Made here, filled in the region once the coefficients are known (nothing is allocated
-  // inside the region).
-  RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
   parallel_region(sg.team(), [&](const SharedLoops& loops) {
     row_sums_loops(loops, sums_plan, sg, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
                    coefficients);
-    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
-    row_dx_loop(loops, dx_plan, dg, dy, x, mask, dx, rows);
+    differentiate(loops);
   });
 }
 
