@@ -86,6 +86,48 @@ def test_functional_matches_the_reference_and_each_context_is_its_own() -> None:
     np.testing.assert_allclose(weights["moving_mean"], ref.moving_mean.reshape(-1), atol=1e-12)
 
 
+def test_statistics_objects_are_reused_only_once_freed() -> None:
+    """A training call's statistics object comes from those Python freed (the pool keeps their
+    vectors): one still held is never handed out again, and a reused one gives the next call its
+    own results, bit for bit, whatever it held (other features, ghost groups, a mask, renorm)."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(2.0, 3.0, (48, 6))
+    dy = rng.normal(size=x.shape)
+    options = F.Options(momentum=0.5)
+
+    def step() -> tuple[bytes, ...]:
+        weights = F.initial_weights(options, x.shape, dtype="float64")
+        y, context = F.forward(x, weights, options, training=True)
+        dx, dgamma, dbeta = F.backward(dy, context)
+        return y.tobytes(), dx.tobytes(), dgamma.tobytes(), dbeta.tobytes()
+
+    layer = batchnorm.BatchNormalization(momentum=0.5, dtype="float64")
+    expected = step()
+    plain = layer(x, training=True), layer.backward(dy)
+    others = [
+        (F.Options(axis=1, virtual_batch_size=4), rng.normal(-5.0, 0.1, (16, 9, 3)), None),
+        (F.Options(virtual_batch_size=8), rng.normal(7.0, 2.0, (48, 6)), None),
+        (F.Options(), rng.normal(1.0, 1.0, (30, 6)), rng.random((30,)) > 0.5),
+        (  # renorm away from the moving statistics: r and d are not 1 and 0
+            F.Options(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.5}),
+            rng.normal(-5.0, 4.0, (40, 6)),
+            None,
+        ),
+    ]
+    for other_options, other_x, mask in others:
+        weights = F.initial_weights(other_options, other_x.shape, dtype="float64")
+        held = [
+            F.forward(other_x, weights, other_options, training=True, mask=mask)[1]
+            for _ in range(3)
+        ]
+        assert len({id(c.statistics) for c in held}) == 3  # none handed out twice while held
+        del held
+        assert step() == expected
+        y = layer(x, training=True)
+        assert y.tobytes() == plain[0].tobytes()
+        assert layer.backward(dy).tobytes() == plain[1].tobytes()
+
+
 def test_layer_used_twice_refuses_an_ambiguous_backward() -> None:
     """Before: the first call's backward silently used the second call's statistics."""
     rng = np.random.default_rng(1)

@@ -566,7 +566,7 @@ def _run_forward(
         # The training backward reads gamma only: keep this call's value (copied first, so that
         # a backward ordered after the forward's statistics is ordered after the copy too).
         kept = _snapshot(weights, _READ_BY_TRAINING_BACKWARD, framework, device)
-        statistics = _core.TrainingContext()
+        statistics = _core.TrainingContext.pooled(weights.features)
         if device.type == "cuda" and framework.allocates_device_memory:
             # The statistics kept for backward live in an array of x's framework too.
             storage = framework.empty((packed_size(options, x.shape),), "float64", device)

@@ -1,11 +1,14 @@
 // Bindings of the layer operations: Options, TrainingContext and the four entry points. The GIL
 // is released around every kernel; weights are updated in place.
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -178,6 +181,63 @@ bool writes_as_is(const ArrayArgument& out, const TensorRef& x,
   return true;
 }
 
+// Statistics objects for the training calls (the plain binding's, TrainingContext.pooled), taken
+// back when Python frees them: a context whose vectors already have a call's sizes is sized again
+// without being written (reset_context), where a new one zero-filled 3 * groups * features
+// doubles on the calling thread, lines which the threads that then wrote the statistics took from
+// its core. A layer's call frees the statistics of its call before the last, so a loop of calls
+// alternates between two of them. At most kKeptContexts wait, none larger than kMaxKeptBytes;
+// they are never freed (nor is the pool: a Python object can outlive the module's static
+// objects at exit).
+class ContextPool {
+ public:
+  static constexpr std::size_t kKeptContexts = 8;
+  static constexpr std::size_t kMaxKeptBytes = std::size_t{1} << 20;
+
+  static ContextPool& instance() {
+    static ContextPool* const pool = new ContextPool;
+    return *pool;
+  }
+
+  // A context for a CPU training call of `features` features: a kept one of that many if there
+  // is one, else the last one kept, else a new one. Its statistics are a former call's, which
+  // the forward overwrites.
+  std::shared_ptr<TrainingContext> take(std::size_t features) {
+    std::unique_ptr<TrainingContext> context;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!kept_.empty()) {
+        auto match = std::find_if(kept_.begin(), kept_.end(),
+                                  [&](const auto& c) { return c->zscale.size() == features; });
+        if (match == kept_.end()) match = kept_.end() - 1;
+        context = std::move(*match);
+        kept_.erase(match);
+      }
+    }
+    if (!context) context = std::make_unique<TrainingContext>();
+    context->device.reset();  // (a host context: the CPU backend fills its vectors)
+    context->device_storage = nullptr;
+    context->device_storage_size = 0;
+    return {context.release(), [](TrainingContext* freed) { instance().keep(freed); }};
+  }
+
+ private:
+  ContextPool() { kept_.reserve(kKeptContexts); }
+
+  void keep(TrainingContext* freed) noexcept {
+    std::unique_ptr<TrainingContext> context(freed);
+    const std::size_t values = context->count.capacity() + context->mean.capacity() +
+                               context->inv_std.capacity() + context->zscale.capacity() +
+                               context->zshift.capacity();
+    if (values * sizeof(double) > kMaxKeptBytes) return;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_.size() < kKeptContexts) kept_.push_back(std::move(context));  // (reserved)
+  }
+
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<TrainingContext>> kept_;
+};
+
 // The plain call, in one binding: NumPy data read through the buffer protocol and host weights.
 // It keeps the weights the backward reads, makes the statistics object and runs the kernel, with
 // positional arguments, instead of the general path's Python objects per call. None where the
@@ -194,7 +254,8 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   const ArrayArgument y_argument(y_array, ArrayArgument::Access::write);
   if (!writes_as_is(y_argument, x, {})) return nb::none();
   const TensorRef& y = y_argument.tensor();
-  const Weights weights = bound.for_input(x, feature_count(x, options));
+  const std::int64_t features = feature_count(x, options);
+  const Weights weights = bound.for_input(x, features);
   if (!training) {
     // A reader of the weights: computed again, holding the guard's lock, where a writer (another
     // thread's training call) was at work or began meanwhile. The lock is given back as soon as
@@ -218,8 +279,10 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
     ReadScope reading(*access);
     return read(&reading);
   }
-  nb::object statistics = nb::cast(TrainingContext());
-  TrainingContext& context = nb::cast<TrainingContext&>(statistics);
+  const std::shared_ptr<TrainingContext> pooled =
+      ContextPool::instance().take(static_cast<std::size_t>(features));
+  nb::object statistics = nb::cast(pooled);
+  TrainingContext& context = *pooled;
   std::optional<WriteScope> writing;  // (the layer's guard; functional's calls have none)
   if (access) writing.emplace(*access, true, name);
   // Copied before the kernel runs: a later update of gamma must not change this call's gradient.
@@ -377,6 +440,16 @@ void bind_operations(nb::module_& m) {
                   nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
                   "A context from the vector pack() made (the backward checks it against its "
                   "input as any other).")
+      .def_static(
+          "pooled",
+          [](std::int64_t features) {
+            return ContextPool::instance().take(
+                static_cast<std::size_t>(std::max<std::int64_t>(features, 0)));
+          },
+          nb::arg("features"),
+          "An empty context for a training forward of `features` features, its vectors those of "
+          "a context Python freed (their values are overwritten by the forward): a call that "
+          "sizes them as before writes nothing on the calling thread.")
       .def_static("in_device_storage", &context_in_storage, nb::arg("storage"), nb::arg("groups"),
                   nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
                   "A context over the statistics a CUDA training forward kept in its "
