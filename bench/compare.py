@@ -360,12 +360,13 @@ def interleaved(
     """Times every library's call once per round, in an order that changes from round to round;
     on the host a call shorter than ROUND_SECONDS runs that long per round (the mean is kept).
 
-    A call is slower right after another library's (PyTorch's threads still hold the cores: a
-    1 ms call of batchnorm took 1.2 ms after a PyTorch op, 1.04-1.09 ms after its own), so the
-    rounds alternate a rotation of the order with the same rotation reversed: each call follows
-    each of its two neighbours in the cycle equally often. Rotations alone put the same library
-    before a given one in two rounds out of three, which made the default call look 1.2x slower
-    than the call into `out=` on (32, 3, 224, 224) when PyTorch's call preceded it."""
+    A call is slower right after another library's, which leaves the caches and the OpenMP team
+    cold (a 1 ms call of batchnorm took 1.2 ms after a PyTorch op, 1.04-1.09 ms after its own),
+    so the rounds alternate a rotation of the order with the same rotation reversed: each call
+    follows each of its two neighbours in the cycle equally often. Rotations alone put the same
+    library before a given one in two rounds out of three, which made the default call look
+    1.2x slower than the call into `out=` on (32, 3, 224, 224) when PyTorch's call preceded
+    it."""
     names = list(calls)
     repeats = dict.fromkeys(names, 1)
     for name in names:  # warm-up: first-touch of outputs, thread pools, tracing, cuDNN plans
