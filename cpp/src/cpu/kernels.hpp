@@ -359,6 +359,12 @@ class RowCoefficients {
       }
     }
   }
+  // Whether fill() reads no entry outside [first, last) of the arrays: with one outer item it
+  // only copies the first kRowWrap entries past the last, so the thread that computed a block
+  // starting at 0 can fill at once, without a step of one thread between two barriers.
+  bool fill_reads_only(Index first, Index last) const {
+    return outer_ == 1 && first == 0 && last >= std::min(features_, kRowWrap);
+  }
   // Array i at outer item o.
   const A* at(int i, Index o) const { return base_[i] + o * width_; }
 
@@ -769,6 +775,9 @@ inline constexpr Index kMaxSplitBytes = Index{512} << 10;
 // Column blocks start on a multiple of this many features: a multiple of the kernels' 16 lanes,
 // so that a block's lanes and tail are the full row's.
 inline constexpr Index kSplitAlign = 16;
+// The fused row passes fill the coefficients' wrap from the first block of columns alone
+// (RowCoefficients::fill_reads_only): both splits' first blocks must hold kRowWrap columns.
+static_assert(kMergeColumns >= kRowWrap && kMinSplitColumns >= kRowWrap);
 
 // Threads that split a row-mode call's features (one outer item, rows back to back in its
 // `data_operands` data operands, `bytes` per data operand), or 0 where the call splits its rows.
@@ -868,14 +877,18 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
   // coefficients are known. Inside the region a thread takes only scratch of a few values a
   // feature (PartialBuffer), from memory it keeps from call to call.
   RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
+  // With one outer item the thread that finishes the first block of columns fills (every path's
+  // first block holds at least kRowWrap columns, or all of them).
+  const bool fill_early = ag.outer == 1;
   std::atomic<bool> plain{true};
   const auto finished = [&](Index first, Index last) {
     if (!coefficients(first, last)) plain.store(false);
+    if (fill_early && rows.fill_reads_only(first, last)) rows.fill(k);
   };
   const auto normalize = [&](const SharedLoops& loops) {
     // (Every thread reads the same value: the statistics' loops ended with a barrier.)
     if (!plain.load()) return;
-    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
+    if (!fill_early) loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; others wait
     row_affine_loop(loops, apply_plan, ag, x, y, rows);
   };
   if (const int team = column_team(stats_plan, sg, 1, sg.elements() * Index{sizeof(T)})) {
@@ -906,14 +919,19 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
   const Geometry sg(sums_plan), dg(dx_plan);
   // Made here, filled in the region once the coefficients are known (as in train_rows_fused).
   RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
+  const bool fill_early = dg.outer == 1;  // (as in train_rows_fused)
+  const auto finished = [&](Index first, Index last) {
+    coefficients(first, last);
+    if (fill_early && rows.fill_reads_only(first, last)) rows.fill(k);
+  };
   const auto differentiate = [&](const SharedLoops& loops) {
-    loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; the others wait
+    if (!fill_early) loops.fixed(1, [&](Index) { rows.fill(k); });  // one thread; others wait
     row_dx_loop(loops, dx_plan, dg, dy, x, mask, dx, rows);
   };
   if (const int team = column_team(sums_plan, sg, 2, sg.elements() * Index{sizeof(T)})) {
     parallel_region(team, [&](const SharedLoops& loops) {
       column_sums_loops(loops, sums_plan, sg, team, dy, x, shift, sum_dy, sum_dy_centered,
-                        coefficients);
+                        finished);
       differentiate(loops);
     });
     return;
@@ -921,7 +939,7 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
   PartialBuffer<double> partial(2 * sg.items() * sg.inner);
   parallel_region(sg.team(), [&](const SharedLoops& loops) {
     row_sums_loops(loops, sums_plan, sg, dy, x, shift, partial.data(), sum_dy, sum_dy_centered,
-                   coefficients);
+                   finished);
     differentiate(loops);
   });
 }
