@@ -128,6 +128,33 @@ def test_statistics_objects_are_reused_only_once_freed() -> None:
         assert layer.backward(dy).tobytes() == plain[1].tobytes()
 
 
+def test_calls_share_the_weights_copy_until_the_weights_change() -> None:
+    """Each plain call keeps a copy of the weights its backward reads; calls in a row share one
+    while the weights keep their bytes, and a change of them (here in place, through
+    set_weights) gives the next call a new copy: the backward of an inference call made after
+    the change reads the new moving statistics."""
+    rng = np.random.default_rng(13)
+    x, dy = rng.normal(size=(16, 4)), rng.normal(size=(16, 4))
+    layer = batchnorm.BatchNormalization(dtype="float64")
+    layer(x)  # builds the layer (the general path)
+    layer(x)
+    kept = layer._last[2][0]
+    layer(x)
+    assert layer._last[2][0] is kept
+    gamma, beta, mean, variance = layer.get_weights()
+    layer.set_weights([gamma, beta, mean + 1.0, variance * 4.0])
+    layer(x)
+    assert layer._last[2][0] is not kept
+    np.testing.assert_allclose(
+        layer.backward(dy), dy * gamma / np.sqrt(variance * 4.0 + 1e-3), rtol=1e-12
+    )
+    layer.set_weights([gamma, beta, mean, variance])  # back to the bytes of the first copy
+    layer(x)
+    np.testing.assert_allclose(
+        layer.backward(dy), dy * gamma / np.sqrt(variance + 1e-3), rtol=1e-12
+    )
+
+
 def test_layer_used_twice_refuses_an_ambiguous_backward() -> None:
     """Before: the first call's backward silently used the second call's statistics."""
     rng = np.random.default_rng(1)

@@ -262,7 +262,7 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
     // the kernel is done, before the GIL is taken again: other threads' Python can hold the GIL
     // for milliseconds, and a training call waiting for the lock would wait that long too.
     const auto read = [&](ReadScope* reading) {
-      nb::object kept = nb::cast(bound.snapshot(kept_slots(false)));
+      nb::object kept = bound.kept_snapshot(kept_slots(false));
       {
         nb::gil_scoped_release released;
         infer_forward(x, y, options, weights);
@@ -286,7 +286,7 @@ nb::object plain_forward_binding(nb::handle x_array, nb::handle y_array, bool tr
   std::optional<WriteScope> writing;  // (the layer's guard; functional's calls have none)
   if (access) writing.emplace(*access, true, name);
   // Copied before the kernel runs: a later update of gamma must not change this call's gradient.
-  nb::object kept = nb::cast(bound.snapshot(kept_slots(true)));
+  nb::object kept = bound.kept_snapshot(kept_slots(true));
   {
     nb::gil_scoped_release released;
     train_forward(x, y, nullptr, options, weights, nullptr, update_moving, context, communicator);

@@ -103,6 +103,7 @@ BoundWeights BoundWeights::snapshot(SlotMask slots) const {
     throw nb::value_error("snapshot: only host weights are copied here");
   }
   BoundWeights copy(*this);
+  copy.last_snapshot_ = nb::object();
   int copied = 0;
   for (int i = 0; i < kSlots; ++i) copied += (slots >> i & 1u) && present(i);
   if (copied == 0) return copy;
@@ -122,6 +123,23 @@ BoundWeights BoundWeights::snapshot(SlotMask slots) const {
     copy.copies_[i] = block;
   }
   return copy;
+}
+
+nb::object BoundWeights::kept_snapshot(SlotMask slots) const {
+  if (last_snapshot_.is_valid() && last_snapshot_slots_ == slots) {
+    const BoundWeights& last = nb::cast<const BoundWeights&>(last_snapshot_);
+    Weights kept = last.weights_, current = weights_;  // (weight_slot takes them writable)
+    const std::size_t bytes = static_cast<std::size_t>(features_) * dtype_size(weights_.dtype);
+    bool same = last.features_ == features_ && kept.dtype == current.dtype;
+    for (int i = 0; same && i < kSlots; ++i) {
+      if (!(slots >> i & 1u) || !present(i) || bytes == 0) continue;
+      same = std::memcmp(*weight_slot(kept, i), *weight_slot(current, i), bytes) == 0;
+    }
+    if (same) return last_snapshot_;
+  }
+  last_snapshot_ = nb::cast(snapshot(slots));
+  last_snapshot_slots_ = slots;
+  return last_snapshot_;
 }
 
 BoundWeights BoundWeights::snapshot(const std::vector<std::string>& names) const {

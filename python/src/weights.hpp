@@ -35,6 +35,11 @@ class BoundWeights {
   BoundWeights snapshot(SlotMask slots) const;
   // The same by Keras' names (ValueError for a name that is no weight).
   BoundWeights snapshot(const std::vector<std::string>& names) const;
+  // snapshot(slots) as a Python Weights object: the one this object made last, for the same
+  // slots, while each vector it copied still holds the same bytes here (a loop of inference
+  // calls copies nothing), else a new one that replaces it. Snapshots are never written, so
+  // calls may share one. Called with the GIL held (it serializes the calls that update it).
+  nb::object kept_snapshot(SlotMask slots) const;
 
   bool has(const std::string& name) const;
   // The array bound under `name`; None where absent or copied by a snapshot.
@@ -58,6 +63,9 @@ class BoundWeights {
   // The slots in the order they were bound (names() and error messages name them so).
   std::array<std::int8_t, kSlots> order_{};
   int bound_ = 0;
+  // kept_snapshot's last result and its slots (none in a snapshot: no chain of them).
+  mutable nb::object last_snapshot_;
+  mutable SlotMask last_snapshot_slots_ = 0;
 };
 
 // The slot of the weight called `name`, or -1 for a name that is no weight.
