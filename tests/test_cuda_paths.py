@@ -182,6 +182,10 @@ class StepRecorder(Recorder):
 
         class Context:
             @staticmethod
+            def pooled(features: int) -> Context:
+                return Context()
+
+            @staticmethod
             def in_device_storage(*args: Any) -> tuple[str, tuple[Any, ...]]:
                 recorder.calls.append(("in_device_storage", *args))
                 return ("device statistics", args)
