@@ -157,7 +157,8 @@ struct Settings {
   DType dtype = DType::float32;
   int threads = 0;  // 0: OpenMP's default
   int reps = 10;
-  int calls = 1;  // calls per timed repetition (--calls)
+  int calls = 1;           // calls per timed repetition (--calls)
+  int read_probe_mib = 0;  // --read-probe: time a read-only pass against the copy instead
   std::string csv;
   bool cuda = false;  // --device cuda
 };
@@ -188,6 +189,9 @@ time varied by more than 25% over the rounds, where that ratio is unreliable.
                       training loop of small calls: what a call costs around its passes
   --isa I             baseline, avx2 or avx512: cap the kernels' instruction set
   --csv FILE          also write the results as CSV (FILE "-" = standard output)
+  --read-probe MIB    instead of the cases: time a parallel pass that only reads MIB MiB against
+                      the copy probe over the same bytes, and print the shares of the probe the
+                      byte model then leaves a row layout, whose passes read the input twice
 )";
   std::exit(error.empty() ? 0 : 2);
 }
@@ -349,6 +353,9 @@ Settings parse(int argc, char** argv) {
       setenv("BATCHNORM_CPU_ISA", value.c_str(), 1);
     } else if (arg == "--csv") {
       s.csv = value;
+    } else if (arg == "--read-probe") {
+      s.read_probe_mib = std::atoi(value.c_str());
+      if (s.read_probe_mib < 1) usage("--read-probe needs a size of at least 1 MiB");
     } else {
       usage("unknown option " + arg);
     }
@@ -646,6 +653,40 @@ void copy_probe(const unsigned char* from, unsigned char* to, std::size_t bytes)
     std::memcpy(to + lo, from + lo, hi - lo);
 #endif
   }
+}
+
+// A parallel pass that only reads `bytes` (it adds them up): what a statistics or sums pass costs
+// at least, besides its arithmetic. Returns the sum, so that the reads cannot be left out.
+std::uint64_t read_probe(const unsigned char* from, std::size_t bytes) {
+  std::uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+  {
+#if defined(_OPENMP)
+    const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
+    const std::size_t threads = static_cast<std::size_t>(omp_get_num_threads());
+#else
+    const std::size_t t = 0, threads = 1;
+#endif
+    const std::size_t lo = bytes * t / threads / 64 * 64;
+    const std::size_t hi = t + 1 == threads ? bytes : bytes * (t + 1) / threads / 64 * 64;
+    std::size_t i = lo;
+#if defined(__SSE2__)
+    __m128i a = _mm_setzero_si128(), b = a, c = a, d = a;  // four chains of additions
+    for (; i + 64 <= hi; i += 64) {
+      const __m128i* in = reinterpret_cast<const __m128i*>(from + i);
+      a = _mm_add_epi64(a, _mm_load_si128(in));
+      b = _mm_add_epi64(b, _mm_load_si128(in + 1));
+      c = _mm_add_epi64(c, _mm_load_si128(in + 2));
+      d = _mm_add_epi64(d, _mm_load_si128(in + 3));
+    }
+    std::uint64_t lanes[2];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes),
+                     _mm_add_epi64(_mm_add_epi64(a, b), _mm_add_epi64(c, d)));
+    total += lanes[0] + lanes[1];
+#endif
+    for (; i < hi; ++i) total += from[i];
+  }
+  return total;
 }
 
 // ---- running a case ----------------------------------------------------------------------
@@ -955,6 +996,40 @@ const char* dtype_text(DType d) { return batchnorm::dtype_name(d); }
 
 }  // namespace
 
+// --read-probe: a read-only pass and the copy probe over the same bytes, alternated, and what
+// their ratio r leaves a row layout under the byte model. Its training forward reads the input
+// twice (statistics, then output) and writes once: with the output pass at the probe's speed it
+// takes (r + 1) / 1.5 of the time the model allows, so at most 1.5 / (1 + r) of the probe; its
+// backward reads dy and x twice and writes dx: at most 2.5 / (1.5 + 2r).
+int run_read_probe(const Settings& s) {
+  const std::size_t bytes = static_cast<std::size_t>(s.read_probe_mib) << 20;
+  Buffer from(bytes), to(bytes);
+  std::memset(from.get(), 1, bytes);
+  const auto* in = static_cast<const unsigned char*>(from.get());
+  auto* out = static_cast<unsigned char*>(to.get());
+  std::uint64_t sink = read_probe(in, bytes);  // (wakes the OpenMP team)
+  copy_probe(in, out, bytes);
+  std::vector<double> reads, copies, ratios;
+  for (int r = 0; r < s.reps; ++r) {
+    auto start = Clock::now();
+    sink += read_probe(in, bytes);
+    reads.push_back(seconds_since(start));
+    start = Clock::now();
+    copy_probe(in, out, bytes);
+    copies.push_back(seconds_since(start));
+    ratios.push_back(reads.back() / copies.back());
+  }
+  const double ratio = median(ratios);
+  std::printf("read-only pass %.3f ms, copy probe %.3f ms over %d MiB (medians of %d rounds)\n",
+              median(reads) * 1e3, median(copies) * 1e3, s.read_probe_mib, s.reps);
+  std::printf("read / copy r = %.2f (median of per-round ratios)\n", ratio);
+  std::printf(
+      "row layouts, input read twice: training forward at most %.0f%% of the probe, "
+      "backward at most %.0f%%\n",
+      100 * 1.5 / (1 + ratio), 100 * 2.5 / (1.5 + 2 * ratio));
+  return sink == 0 ? 1 : 0;  // (every byte is 1: the sum is never 0)
+}
+
 int main(int argc, char** argv) {
   const Settings s = parse(argc, argv);
 #if defined(_OPENMP)
@@ -963,6 +1038,10 @@ int main(int argc, char** argv) {
 #else
   const int threads = 1;
 #endif
+  if (s.read_probe_mib > 0) {
+    std::printf("batchnorm-bench: %s, %d thread(s)\n", cpu_model().c_str(), threads);
+    return run_read_probe(s);
+  }
   std::printf("batchnorm-bench: %s, %d thread(s), kernels %s, %s, %d reps\n", cpu_model().c_str(),
               threads, batchnorm::cpu::isa_name(batchnorm::cpu::active_isa()), dtype_text(s.dtype),
               s.reps);

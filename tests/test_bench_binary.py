@@ -1,10 +1,12 @@
 """The installed `batchnorm-bench` command: a small case runs in every mode with results checked
-against its float64 reference, `--calls` times back-to-back calls, and bad options are refused."""
+against its float64 reference, `--calls` times back-to-back calls, `--read-probe` prints the
+byte model's ceilings for row layouts, and bad options are refused."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -51,3 +53,32 @@ def test_calls_must_be_positive(bench: str, value: str) -> None:
     )
     assert result.returncode == 2
     assert "--calls must be >= 1" in result.stderr
+
+
+def test_read_probe_prints_the_row_ceilings_of_its_ratio(bench: str) -> None:
+    result = subprocess.run(
+        [bench, "--read-probe", "4", "--threads", "1", "--reps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    ratio = re.search(r"read / copy r = ([\d.]+)", result.stdout)
+    ceilings = re.search(
+        r"training forward at most (\d+)% .* backward at most (\d+)%", result.stdout
+    )
+    assert ratio and ceilings, result.stdout
+    r = float(ratio.group(1))
+    assert r > 0.0
+    # The byte model's shares for a pass pair that reads the input twice.
+    assert abs(int(ceilings.group(1)) - 150 / (1 + r)) <= 1.5
+    assert abs(int(ceilings.group(2)) - 250 / (1.5 + 2 * r)) <= 1.5
+
+
+@pytest.mark.parametrize("value", ["0", "x"])
+def test_read_probe_needs_a_size(bench: str, value: str) -> None:
+    result = subprocess.run(
+        [bench, "--read-probe", value], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "--read-probe needs a size of at least 1 MiB" in result.stderr
