@@ -126,6 +126,9 @@ def test_statistics_objects_are_reused_only_once_freed() -> None:
         y = layer(x, training=True)
         assert y.tobytes() == plain[0].tobytes()
         assert layer.backward(dy).tobytes() == plain[1].tobytes()
+    # A pooled object holds no statistics before its forward: a backward would refuse it.
+    empty = batchnorm._core.TrainingContext.pooled(6)
+    assert (empty.groups, empty.features, empty.has_mask) == (0, 0, False)
 
 
 def test_calls_share_the_weights_copy_until_the_weights_change() -> None:
@@ -153,6 +156,30 @@ def test_calls_share_the_weights_copy_until_the_weights_change() -> None:
     np.testing.assert_allclose(
         layer.backward(dy), dy * gamma / np.sqrt(variance + 1e-3), rtol=1e-12
     )
+
+
+@pytest.mark.parametrize(("features", "steps"), [(4, 5), (3, 7), (8, 4), (20, 3)])
+def test_a_row_mask_over_two_feature_axes_normalizes_exactly(features: int, steps: int) -> None:
+    """A Keras-form (B, T) mask of a (B, T, C) input normalized over T and C (axis=[1, 2]): the
+    statistics keep T and C apart (the mask steps along T only) while x and y merge them. With
+    C < 16 no block of the statistics held the coefficients the output pass wraps around, which
+    were once left unwritten (outputs of 1e18 or NaN)."""
+    rng = np.random.default_rng(14)
+    x = rng.normal(1.0, 2.0, (64, steps, features)).astype(np.float32)
+    mask = rng.random((64, steps)) > 0.3
+    options = F.Options(axis=[1, 2])
+    y, context = F.forward(
+        x, F.initial_weights(options, x.shape), options, training=True, mask=mask
+    )
+    valid = mask[:, :, None]
+    count = valid.sum(axis=0)
+    mean = (x * valid).sum(axis=0, dtype=np.float64) / count
+    variance = (((x - mean) ** 2) * valid).sum(axis=0) / count
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(variance + 1e-3), atol=2e-5, rtol=1e-5)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    dx, _, dbeta = F.backward(dy, context)
+    assert np.isfinite(dx).all()
+    np.testing.assert_allclose(dbeta.reshape(steps, features), dy.sum(axis=0), rtol=1e-4)
 
 
 def test_layer_used_twice_refuses_an_ambiguous_backward() -> None:

@@ -199,9 +199,8 @@ class ContextPool {
     return *pool;
   }
 
-  // A context for a CPU training call of `features` features: a kept one of that many if there
-  // is one, else the last one kept, else a new one. Its statistics are a former call's, which
-  // the forward overwrites.
+  // A context for a training call of `features` features: a kept one of that many if there is
+  // one, else the last one kept, else a new one.
   std::shared_ptr<TrainingContext> take(std::size_t features) {
     std::unique_ptr<TrainingContext> context;
     {
@@ -215,9 +214,12 @@ class ContextPool {
       }
     }
     if (!context) context = std::make_unique<TrainingContext>();
-    context->device.reset();  // (a host context: the CPU backend fills its vectors)
-    context->device_storage = nullptr;
-    context->device_storage_size = 0;
+    // No statistics until a forward fills it (a backward refuses it before): the vectors keep
+    // their sizes, which the forward then leaves unwritten where they fit.
+    context->groups = 0;
+    context->features = 0;
+    context->has_mask = false;
+    context->ghost_batches = false;
     return {context.release(), [](TrainingContext* freed) { instance().keep(freed); }};
   }
 
@@ -226,6 +228,11 @@ class ContextPool {
 
   void keep(TrainingContext* freed) noexcept {
     std::unique_ptr<TrainingContext> context(freed);
+    // Statistics a CUDA forward kept on its device are released now, as when a context is
+    // destroyed (the host vectors of such a context are empty).
+    context->device.reset();
+    context->device_storage = nullptr;
+    context->device_storage_size = 0;
     const std::size_t values = context->count.capacity() + context->mean.capacity() +
                                context->inv_std.capacity() + context->zscale.capacity() +
                                context->zshift.capacity();
@@ -447,9 +454,10 @@ void bind_operations(nb::module_& m) {
                 static_cast<std::size_t>(std::max<std::int64_t>(features, 0)));
           },
           nb::arg("features"),
-          "An empty context for a training forward of `features` features, its vectors those of "
-          "a context Python freed (their values are overwritten by the forward): a call that "
-          "sizes them as before writes nothing on the calling thread.")
+          "An empty context (a backward refuses it until a training forward fills it) for a "
+          "forward of `features` features, its vectors those of a context Python freed: a "
+          "forward that sizes them as before writes nothing on the calling thread before its "
+          "statistics.")
       .def_static("in_device_storage", &context_in_storage, nb::arg("storage"), nb::arg("groups"),
                   nb::arg("features"), nb::arg("has_mask"), nb::arg("ghost_batches"),
                   "A context over the statistics a CUDA training forward kept in its "

@@ -877,9 +877,12 @@ bool train_rows_fused(const Plan& stats_plan, const Plan& apply_plan, const T* x
   // coefficients are known. Inside the region a thread takes only scratch of a few values a
   // feature (PartialBuffer), from memory it keeps from call to call.
   RowCoefficients<Acc, 3> rows(k, ag.outer, ag.inner, false);
-  // With one outer item the thread that finishes the first block of columns fills (every path's
-  // first block holds at least kRowWrap columns, or all of them).
-  const bool fill_early = ag.outer == 1;
+  // With one outer item in both plans the thread that finishes the first block of columns fills
+  // (every path's first block holds at least kRowWrap columns, or all of them). The statistics
+  // plan can have several where the apply plan has one: a (B, T) mask of a (B, T, C) input
+  // normalized over T and C keeps the statistics' T and C apart (the mask steps along T only),
+  // while x and y merge them, and no block of C < kRowWrap columns holds what fill() reads.
+  const bool fill_early = ag.outer == 1 && sg.outer == 1;
   std::atomic<bool> plain{true};
   const auto finished = [&](Index first, Index last) {
     if (!coefficients(first, last)) plain.store(false);
@@ -919,7 +922,7 @@ void backward_rows_fused(const Plan& sums_plan, const Plan& dx_plan, const T* dy
   const Geometry sg(sums_plan), dg(dx_plan);
   // Made here, filled in the region once the coefficients are known (as in train_rows_fused).
   RowCoefficients<Acc, 4> rows(k, dg.outer, dg.inner, false);
-  const bool fill_early = dg.outer == 1;  // (as in train_rows_fused)
+  const bool fill_early = dg.outer == 1 && sg.outer == 1;  // (as in train_rows_fused)
   const auto finished = [&](Index first, Index last) {
     coefficients(first, last);
     if (fill_early && rows.fill_reads_only(first, last)) rows.fill(k);
