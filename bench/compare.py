@@ -362,11 +362,11 @@ def interleaved(
 
     A call is slower right after another library's, which leaves the caches and the OpenMP team
     cold (a 1 ms call of batchnorm took 1.2 ms after a PyTorch op, 1.04-1.09 ms after its own),
-    so the rounds alternate a rotation of the order with the same rotation reversed: each call
-    follows each of its two neighbours in the cycle equally often. Rotations alone put the same
-    library before a given one in two rounds out of three, which made the default call look
-    1.2x slower than the call into `out=` on (32, 3, 224, 224) when PyTorch's call preceded
-    it."""
+    so each call goes next to the library that has followed the previous call least often
+    (never the same library twice in a row, across rounds too): every library follows every
+    other about equally often. Rotations of one order put the same library before a given one
+    in two rounds out of three, which made the default call look 1.2x slower than the call into
+    `out=` on (32, 3, 224, 224) when PyTorch's call preceded it."""
     names = list(calls)
     repeats = dict.fromkeys(names, 1)
     for name in names:  # warm-up: first-touch of outputs, thread pools, tracing, cuDNN plans
@@ -376,10 +376,15 @@ def interleaved(
             repeats[name] = max(1, int(ROUND_SECONDS / max(once, 1e-7)))
     timed = {name: repeated(calls[name], repeats[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        shift = r // 2 % len(names)
-        order = names[shift:] + names[:shift]
-        for name in reversed(order) if r % 2 else order:
+    follows: dict[tuple[str | None, str], int] = {}
+    previous: str | None = None
+    for _ in range(reps):
+        left = list(names)
+        while left:
+            name = min(left, key=lambda n: (n == previous, follows.get((previous, n), 0)))
+            left.remove(name)
+            follows[(previous, name)] = follows.get((previous, name), 0) + 1
+            previous = name
             times[name].append(seconds(timed[name]) / repeats[name])
     return times
 
