@@ -20,6 +20,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "batchnorm/batchnorm.hpp"
@@ -189,9 +190,10 @@ time varied by more than 25% over the rounds, where that ratio is unreliable.
                       training loop of small calls: what a call costs around its passes
   --isa I             baseline, avx2 or avx512: cap the kernels' instruction set
   --csv FILE          also write the results as CSV (FILE "-" = standard output)
-  --read-probe MIB    instead of the cases: time a parallel pass that only reads MIB MiB against
-                      the copy probe over the same bytes, and print the shares of the probe the
-                      byte model then leaves a row layout, whose passes read the input twice
+  --read-probe MIB    instead of the cases: time a parallel pass that only reads MIB MiB (more
+                      than the caches hold, such as 128) against the copy probe over the same
+                      bytes, and print the shares of the probe the byte model then leaves a row
+                      layout, whose passes read the input twice
 )";
   std::exit(error.empty() ? 0 : 2);
 }
@@ -625,18 +627,25 @@ double tolerance(DType d) {
 
 // ---- the copy-bandwidth probe ------------------------------------------------------------
 
+// The calling thread's part [lo, hi) of `bytes`, in whole 64-byte lines but for the last part,
+// within a parallel region (all of them outside one).
+std::pair<std::size_t, std::size_t> thread_share(std::size_t bytes) {
+#if defined(_OPENMP)
+  const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
+  const std::size_t threads = static_cast<std::size_t>(omp_get_num_threads());
+#else
+  const std::size_t t = 0, threads = 1;
+#endif
+  const std::size_t lo = bytes * t / threads / 64 * 64;
+  const std::size_t hi = t + 1 == threads ? bytes : bytes * (t + 1) / threads / 64 * 64;
+  return {lo, hi};
+}
+
 // Parallel copy with non-temporal stores (the fastest plain copy on x86: no read-for-ownership).
 void copy_probe(const unsigned char* from, unsigned char* to, std::size_t bytes) {
 #pragma omp parallel
   {
-#if defined(_OPENMP)
-    const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-    const std::size_t threads = static_cast<std::size_t>(omp_get_num_threads());
-#else
-    const std::size_t t = 0, threads = 1;
-#endif
-    const std::size_t lo = bytes * t / threads / 64 * 64;
-    const std::size_t hi = t + 1 == threads ? bytes : bytes * (t + 1) / threads / 64 * 64;
+    const auto [lo, hi] = thread_share(bytes);
 #if defined(__SSE2__)
     std::size_t i = lo;
     for (; i + 64 <= hi; i += 64) {
@@ -661,14 +670,7 @@ std::uint64_t read_probe(const unsigned char* from, std::size_t bytes) {
   std::uint64_t total = 0;
 #pragma omp parallel reduction(+ : total)
   {
-#if defined(_OPENMP)
-    const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-    const std::size_t threads = static_cast<std::size_t>(omp_get_num_threads());
-#else
-    const std::size_t t = 0, threads = 1;
-#endif
-    const std::size_t lo = bytes * t / threads / 64 * 64;
-    const std::size_t hi = t + 1 == threads ? bytes : bytes * (t + 1) / threads / 64 * 64;
+    const auto [lo, hi] = thread_share(bytes);
     std::size_t i = lo;
 #if defined(__SSE2__)
     __m128i a = _mm_setzero_si128(), b = a, c = a, d = a;  // four chains of additions

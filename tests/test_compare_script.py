@@ -4,22 +4,11 @@ after itself, and follows every other about equally often."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script() -> Any:
-    path = ROOT / "bench" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load
 
 
 @pytest.mark.parametrize(("libraries", "reps"), [(3, 15), (3, 25), (4, 15), (5, 9)])
@@ -32,7 +21,7 @@ def test_each_library_follows_every_other_about_equally_often(libraries: int, re
         call()
         return 1.0
 
-    times = _script().interleaved(calls, reps, seconds)
+    times = load("compare").interleaved(calls, reps, seconds)
     assert all(len(times[name]) == reps for name in names)
     timed = order[2 * libraries :]  # (after each library's warm-up call and its timing)
     rounds = [timed[i : i + libraries] for i in range(0, len(timed), libraries)]

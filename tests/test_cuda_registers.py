@@ -5,15 +5,13 @@ bench/cuda_registers.py prints the whole table."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_scripts import load
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAMING = re.compile(r"(row|plane)_(moments|affine|backward_sums|backward_dx)<(\w+),")
 
 if shutil.which("nvcc") is None:
@@ -21,11 +19,7 @@ if shutil.which("nvcc") is None:
 
 
 def _script() -> Any:
-    path = ROOT / "bench" / "cuda_registers.py"
-    spec = importlib.util.spec_from_file_location("cuda_registers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("cuda_registers")
 
 
 def test_occupancy_follows_the_sm90_limits() -> None:
