@@ -996,8 +996,6 @@ std::string cpu_model() {
 
 const char* dtype_text(DType d) { return batchnorm::dtype_name(d); }
 
-}  // namespace
-
 // --read-probe: a read-only pass and the copy probe over the same bytes, alternated, and what
 // their ratio r leaves a row layout under the byte model. Its training forward reads the input
 // twice (statistics, then output) and writes once: with the output pass at the probe's speed it
@@ -1031,6 +1029,8 @@ int run_read_probe(const Settings& s) {
       100 * 1.5 / (1 + ratio), 100 * 2.5 / (1.5 + 2 * ratio));
   return sink == 0 ? 1 : 0;  // (every byte is 1: the sum is never 0)
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const Settings s = parse(argc, argv);

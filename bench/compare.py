@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
@@ -376,14 +377,14 @@ def interleaved(
             repeats[name] = max(1, int(ROUND_SECONDS / max(once, 1e-7)))
     timed = {name: repeated(calls[name], repeats[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
-    follows: dict[tuple[str | None, str], int] = {}
+    follows: Counter[tuple[str | None, str]] = Counter()
     previous: str | None = None
     for _ in range(reps):
         left = list(names)
         while left:
-            name = min(left, key=lambda n: (n == previous, follows.get((previous, n), 0)))
+            name = min(left, key=lambda n: (n == previous, follows[(previous, n)]))
             left.remove(name)
-            follows[(previous, name)] = follows.get((previous, name), 0) + 1
+            follows[(previous, name)] += 1
             previous = name
             times[name].append(seconds(timed[name]) / repeats[name])
     return times
